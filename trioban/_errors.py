@@ -1,0 +1,50 @@
+"""The exceptions trioban raises: one base class, structured attributes."""
+
+from __future__ import annotations
+
+
+class TriobanError(Exception):
+    """Base class of every exception trioban raises on purpose."""
+
+
+class ConfigError(TriobanError, ValueError):
+    """Raised when a configuration value is missing, unknown or invalid.
+
+    ``field`` names the offending setting.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class InternalError(TriobanError):
+    """Raised when one of trioban's own background tasks fails; the cause is chained."""
+
+
+class RelayError(TriobanError):
+    """Base class of the errors a relay raises while awaiting a job's result."""
+
+
+class RelayTimeout(RelayError):
+    """Raised when a relay's result did not arrive in time; the job itself goes on."""
+
+    def __init__(self, message: str = "timed out waiting for the job's result") -> None:
+        super().__init__(message)
+
+
+class RelayDiscard(RelayError):
+    """Raised when the relayed job was discarded or failed; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RelayCancelled(RelayError):
+    """Raised when the relayed job was cancelled; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

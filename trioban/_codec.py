@@ -1,0 +1,63 @@
+"""JSON encoding of args and results, and the notifier payload forms.
+
+Only JSON is ever decoded: nothing here (or anywhere in trioban) unpickles.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import json
+from typing import Any
+
+NOTIFY_LIMIT = 8000
+"""PostgreSQL rejects NOTIFY payloads of 8,000 bytes or more."""
+
+COMPRESS_ABOVE = 1024
+"""Payloads longer than this are sent compressed when that makes them shorter."""
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class PayloadError(ValueError):
+    """Raised when a notifier payload can't be decoded (logged and skipped by readers)."""
+
+
+def dumps(value: Any) -> str:
+    """Encode ``value`` as compact JSON; raise ``TypeError``/``ValueError`` if it isn't JSON."""
+    return _encoder.encode(value)
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON text."""
+    return json.loads(text)
+
+
+def encode_payload(value: Any) -> str:
+    """Encode a notifier payload: plain JSON, or Oban's ``Z:`` + base64(gzip) when large."""
+    text = dumps(value)
+    if len(text) > COMPRESS_ABOVE:
+        packed = "Z:" + base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode("ascii")
+        if len(packed) < len(text):
+            return packed
+    return text
+
+
+def decode_payload(payload: str) -> Any:
+    """Decode any payload form Oban nodes send: JSON, base64(gzip(JSON)) or ``Z:``+base64(gzip).
+
+    >>> decode_payload('{"a":1}')
+    {'a': 1}
+    >>> decode_payload(encode_payload({"big": "x" * 5000})) == {"big": "x" * 5000}
+    True
+    """
+    text = payload.strip()
+    try:
+        if text.startswith(("{", "[")):
+            return json.loads(text)
+        if text.startswith("Z:"):
+            text = text[2:]
+        return json.loads(gzip.decompress(base64.b64decode(text, validate=True)))
+    except (ValueError, binascii.Error, OSError, EOFError) as exc:
+        raise PayloadError(f"undecodable notifier payload {payload[:80]!r}: {exc}") from exc

@@ -1,0 +1,114 @@
+"""Jobs, their states, and the values a worker may return to steer its job."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, final
+
+import attrs
+
+
+class JobState(enum.StrEnum):
+    """The states of Oban's ``oban_job_state`` enum."""
+
+    AVAILABLE = "available"
+    SCHEDULED = "scheduled"
+    SUSPENDED = "suspended"
+    EXECUTING = "executing"
+    RETRYABLE = "retryable"
+    COMPLETED = "completed"
+    DISCARDED = "discarded"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Job:
+    """A job: built unsaved by ``Worker.new()``, returned saved by ``oban.insert()``.
+
+    Timestamps are timezone-aware UTC datetimes. ``conflict`` is true when an insert found an
+    existing unique job instead of creating one.
+    """
+
+    worker: str
+    args: Mapping[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 20
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+    scheduled_at: datetime | None = None
+    id: int | None = None
+    state: JobState = JobState.AVAILABLE
+    attempt: int = 0
+    errors: tuple[Mapping[str, Any], ...] = ()
+    inserted_at: datetime | None = None
+    attempted_at: datetime | None = None
+    attempted_by: tuple[str, ...] = ()
+    completed_at: datetime | None = None
+    discarded_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    conflict: bool = False
+
+    @property
+    def saved(self) -> bool:
+        """Whether the job has been written to the database."""
+        return self.id is not None
+
+
+@final
+@attrs.frozen
+class Cancel:
+    """Return ``Cancel(reason)`` to cancel the job; a relay raises ``RelayCancelled``."""
+
+    reason: str = "cancelled"
+
+
+@final
+@attrs.frozen
+class Discard:
+    """Return ``Discard(reason)`` to discard the job; a relay raises ``RelayDiscard``."""
+
+    reason: str = "discarded"
+
+
+@final
+@attrs.frozen
+class Snooze:
+    """Return ``Snooze(seconds)`` to run the job again later without counting a failed attempt."""
+
+    seconds: float
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, int | float):
+            raise TypeError(f"Snooze(seconds) expects a number, got {self.seconds!r}")
+        if not math.isfinite(self.seconds) or self.seconds < 0:
+            raise ValueError(f"Snooze(seconds) expects a finite number >= 0, got {self.seconds!r}")
+
+
+def utc_datetime(value: datetime, field: str) -> datetime:
+    """Return ``value`` in UTC; naive datetimes are ambiguous and rejected."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected {field} to be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"expected {field} to be timezone-aware, got naive {value.isoformat()}; "
+            "pass e.g. datetime.now(UTC) + timedelta(...)"
+        )
+    return value.astimezone(UTC)
+
+
+def as_str_tuple(value: Sequence[str], field: str) -> tuple[str, ...]:
+    """Validate a sequence of non-empty strings (tags)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"expected {field} to be a list of strings, got {value!r}")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"expected every item of {field} to be a non-empty str, got {item!r}")
+    return tuple(value)

@@ -1,0 +1,262 @@
+"""The ``@worker`` decorator, the registry of workers by dotted name, and ``Worker.new``."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol, final, overload
+
+from . import _codec
+from ._backoff import default_backoff
+from ._errors import TriobanError
+from ._job import Job, JobState, as_str_tuple, utc_datetime
+
+Backoff = Callable[[int], float]
+JobFunction = Callable[[Job], Awaitable[Any]]
+
+MAX_PRIORITY: Final = 9
+_MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
+
+
+class _Relayer(Protocol):
+    async def relay(self, job: Job, *, timeout: float, with_retries: bool) -> Any: ...  # noqa: ASYNC109
+
+
+current_instance: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_instance")
+"""The innermost open trioban instance of this task, set by ``trioban.open()``."""
+
+_registry: dict[str, Worker] = {}
+
+
+class WorkerNotFound(TriobanError):
+    """Raised when a job names a worker that no imported module defines."""
+
+
+def _check_queue(queue: object, field: str = "queue") -> str:
+    if not isinstance(queue, str) or not queue or len(queue) > _MAX_NAME:
+        raise ValueError(
+            f"expected {field} to be a non-empty str of at most {_MAX_NAME} chars, got {queue!r}"
+        )
+    return queue
+
+
+def _check_int(value: object, field: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected {field} to be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"expected {field} to be {bound}, got {value}")
+    return value
+
+
+def _check_seconds(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected {field} to be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected {field} to be a finite number of seconds > 0, got {value}")
+    return float(value)
+
+
+def _check_json_object(value: object, field: str) -> tuple[dict[str, Any], str]:
+    """Validate a JSON object and return it with its encoding (reused at insert)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"expected {field} to be a dict (a JSON object), got {type(value).__name__}"
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise TypeError(f"expected the keys of {field} to be str, got {key!r}")
+    try:
+        encoded = _codec.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
+    return dict(value), encoded
+
+
+@final
+class Worker:
+    """A registered worker: what ``@worker`` returns.
+
+    ``new(args, **opts)`` builds an unsaved job; ``await relay(args, timeout=...)`` inserts one
+    with the innermost open instance and awaits its result.
+    """
+
+    def __init__(
+        self,
+        target: type[Any] | JobFunction,
+        *,
+        queue: str,
+        max_attempts: int,
+        priority: int,
+        tags: Sequence[str],
+        backoff: Backoff,
+        timeout: float | None,
+    ) -> None:
+        self.target = target
+        self.name = f"{target.__module__}.{target.__qualname__}"
+        self.queue = _check_queue(queue)
+        self.max_attempts = _check_int(max_attempts, "max_attempts", 1)
+        self.priority = _check_int(priority, "priority", 0, MAX_PRIORITY)
+        self.tags = as_str_tuple(tags, "tags")
+        if not callable(backoff):
+            raise TypeError(
+                f"expected backoff to be a callable attempt -> seconds, got {backoff!r}"
+            )
+        self.backoff = backoff
+        self.timeout = None if timeout is None else _check_seconds(timeout, "timeout")
+        self.__doc__ = target.__doc__
+        self.__wrapped__ = target
+
+    def __repr__(self) -> str:
+        return f"<trioban.Worker {self.name} queue={self.queue!r}>"
+
+    def new(
+        self,
+        args: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        scheduled_at: datetime | None = None,
+        schedule_in: float | timedelta | None = None,
+        tags: Sequence[str] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Job:
+        """Build an unsaved job for this worker; invalid args or options raise at once."""
+        job_args, args_json = _check_json_object({} if args is None else args, "args")
+        job_meta, _ = _check_json_object({} if meta is None else meta, "meta")
+        when = _schedule(scheduled_at, schedule_in)
+        job = Job(
+            worker=self.name,
+            args=job_args,
+            queue=self.queue if queue is None else _check_queue(queue),
+            priority=self.priority if priority is None else _check_int(priority, "priority", 0, 9),
+            max_attempts=self.max_attempts
+            if max_attempts is None
+            else _check_int(max_attempts, "max_attempts", 1),
+            tags=self.tags if tags is None else as_str_tuple(tags, "tags"),
+            meta=job_meta,
+            scheduled_at=when,
+            state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,
+        )
+        object.__setattr__(job, "_args_json", args_json)
+        return job
+
+    async def relay(
+        self,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 (the API contract takes a timeout)
+        with_retries: bool = False,
+        **opts: Any,
+    ) -> Any:
+        """Insert a job with the innermost open instance and await its result.
+
+        A timeout raises ``RelayTimeout`` and stops only the waiting; the job goes on.
+        """
+        try:
+            instance = current_instance.get()
+        except LookupError:
+            raise TriobanError(
+                f"{self.name}.relay() needs an open instance: call it inside "
+                "`async with trioban.open(conf) as oban:` (or use oban.relay(job))"
+            ) from None
+        job = self.new(args, **opts)
+        return await instance.relay(job, timeout=timeout, with_retries=with_retries)
+
+    async def perform(self, job: Job) -> Any:
+        """Run the worker's code for ``job`` (a fresh instance per job for class workers)."""
+        if isinstance(self.target, type):
+            return await self.target().process(job)
+        return await self.target(job)
+
+
+def _schedule(
+    scheduled_at: datetime | None, schedule_in: float | timedelta | None
+) -> datetime | None:
+    if scheduled_at is not None and schedule_in is not None:
+        raise ValueError("pass either scheduled_at or schedule_in, not both")
+    if scheduled_at is not None:
+        return utc_datetime(scheduled_at, "scheduled_at")
+    if schedule_in is None:
+        return None
+    if isinstance(schedule_in, timedelta):
+        schedule_in = schedule_in.total_seconds()
+    if isinstance(schedule_in, bool) or not isinstance(schedule_in, int | float):
+        raise TypeError(f"expected schedule_in to be seconds or a timedelta, got {schedule_in!r}")
+    if not math.isfinite(schedule_in) or schedule_in < 0:
+        raise ValueError(f"expected schedule_in to be a finite number >= 0, got {schedule_in}")
+    return datetime.now(UTC) + timedelta(seconds=schedule_in)
+
+
+def args_json(job: Job) -> str:
+    """The JSON text of a job's args, cached by ``new()``."""
+    cached: str | None = getattr(job, "_args_json", None)
+    return cached if cached is not None else _codec.dumps(job.args)
+
+
+@overload
+def worker(target: type[Any] | JobFunction, /) -> Worker: ...
+@overload
+def worker(
+    *,
+    queue: str = ...,
+    max_attempts: int = ...,
+    priority: int = ...,
+    tags: Sequence[str] = ...,
+    backoff: Backoff = ...,
+    timeout: float | None = ...,
+) -> Callable[[type[Any] | JobFunction], Worker]: ...
+def worker(
+    target: type[Any] | JobFunction | None = None,
+    /,
+    *,
+    queue: str = "default",
+    max_attempts: int = 20,
+    priority: int = 0,
+    tags: Sequence[str] = (),
+    backoff: Backoff = default_backoff,
+    timeout: float | None = None,
+) -> Worker | Callable[[type[Any] | JobFunction], Worker]:
+    """Register an ``async def f(job)`` or a class with ``async def process(self, job)``.
+
+    Options are validated at decoration time. ``timeout`` (seconds) cancels a job that runs
+    too long, recorded as an error; ``backoff(attempt) -> seconds`` spaces out retries.
+    """
+
+    def register(target: type[Any] | JobFunction) -> Worker:
+        _check_target(target)
+        built = Worker(
+            target,
+            queue=queue,
+            max_attempts=max_attempts,
+            priority=priority,
+            tags=tags,
+            backoff=backoff,
+            timeout=timeout,
+        )
+        existing = _registry.get(built.name)
+        if existing is not None and existing.target is not target:
+            raise ValueError(f"another worker is already registered as {built.name!r}")
+        _registry[built.name] = built
+        return built
+
+    return register if target is None else register(target)
+
+
+def _check_target(target: object) -> None:
+    if isinstance(target, type):
+        if not inspect.iscoroutinefunction(getattr(target, "process", None)):
+            raise TypeError(
+                f"worker class {target.__qualname__} needs an `async def process(self, job)`"
+            )
+    elif not inspect.iscoroutinefunction(target):
+        raise TypeError(f"@worker expects an async function or a class, got {target!r}")
+
+
+def lookup(name: str) -> Worker | None:
+    """The registered worker called ``name``, if its module has been imported."""
+    return _registry.get(name)

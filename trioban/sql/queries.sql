@@ -1,0 +1,161 @@
+-- Named statements. Each block starts with "-- name: <name>" and a one-line description.
+-- {prefix} is replaced by the validated, quoted schema name; values are always %(name)s.
+-- Common columns of a job row, in trioban._sql.JOB_COLUMNS order, are selected by "{job}".
+
+-- name: insert_jobs
+-- Insert a batch in one statement; the same statement notifies each queue given available jobs,
+-- so a rolled-back insert announces nothing. A NULL state means "available unless scheduled".
+WITH input AS (
+  SELECT * FROM unnest(
+    %(states)s::text[], %(queues)s::text[], %(workers)s::text[], %(args)s::text[],
+    %(metas)s::text[], %(tags)s::text[], %(max_attempts)s::int[], %(priorities)s::int[],
+    %(scheduled_ats)s::timestamp[]
+  ) WITH ORDINALITY AS r(state, queue, worker, args, meta, tags, max_attempts, priority,
+                         scheduled_at, ord)
+), inserted AS (
+  INSERT INTO {prefix}.oban_jobs
+    (state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at)
+  SELECT
+    coalesce(r.state, CASE WHEN r.scheduled_at > timezone('UTC', now())
+                           THEN 'scheduled' ELSE 'available' END)::{prefix}.oban_job_state,
+    r.queue, r.worker, r.args::jsonb, r.meta::jsonb,
+    ARRAY(SELECT jsonb_array_elements_text(r.tags::jsonb)),
+    r.max_attempts, r.priority, coalesce(r.scheduled_at, timezone('UTC', now()))
+  FROM input r
+  ORDER BY r.ord
+  RETURNING id, state, queue, inserted_at, scheduled_at
+), notified AS (
+  SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text)
+  FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS q
+)
+-- Referencing "notified" makes PostgreSQL evaluate it; ids follow input order (ORDER BY ord).
+SELECT id, state::text, inserted_at, scheduled_at FROM inserted
+WHERE (SELECT count(*) FROM notified) >= 0
+ORDER BY id
+
+-- name: fetch_jobs
+-- Claim up to %(demand)s available jobs of one queue for this producer.
+WITH candidates AS (
+  SELECT id FROM {prefix}.oban_jobs
+  WHERE state = 'available' AND queue = %(queue)s AND attempt < max_attempts
+  ORDER BY priority, scheduled_at, id
+  LIMIT %(demand)s
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE {prefix}.oban_jobs AS j
+SET state = 'executing',
+    attempt = j.attempt + 1,
+    attempted_at = timezone('UTC', now()),
+    attempted_by = ARRAY[%(node)s::text, %(producer)s::text]
+FROM candidates AS c
+WHERE j.id = c.id
+RETURNING {job}
+
+-- name: ack_jobs
+-- Record the outcomes of finished jobs in one statement. The fence (still executing, same
+-- attempted_at) stops a stale ack from overwriting a job that was rescued and run again.
+-- Relay notices go out in the same statement, only for rows actually updated.
+WITH acks AS (
+  SELECT * FROM unnest(
+    %(ids)s::bigint[], %(attempted_ats)s::timestamp[], %(states)s::text[],
+    %(schedule_ins)s::float8[], %(errors)s::text[], %(metas)s::text[],
+    %(extra_attempts)s::int[], %(notices)s::text[]
+  ) AS a(id, attempted_at, state, schedule_in, error, meta, extra_attempts, notice)
+), updated AS (
+  UPDATE {prefix}.oban_jobs AS j SET
+    state = a.state::{prefix}.oban_job_state,
+    completed_at = CASE WHEN a.state = 'completed'
+                        THEN timezone('UTC', now()) ELSE j.completed_at END,
+    discarded_at = CASE WHEN a.state = 'discarded'
+                        THEN timezone('UTC', now()) ELSE j.discarded_at END,
+    cancelled_at = CASE WHEN a.state = 'cancelled'
+                        THEN timezone('UTC', now()) ELSE j.cancelled_at END,
+    scheduled_at = CASE WHEN a.schedule_in IS NULL THEN j.scheduled_at
+                        ELSE timezone('UTC', now()) + make_interval(secs => a.schedule_in) END,
+    errors = CASE WHEN a.error IS NULL THEN j.errors
+                  ELSE array_append(j.errors, a.error::jsonb) END,
+    meta = CASE WHEN a.meta IS NULL THEN j.meta
+                ELSE coalesce(j.meta, '{}'::jsonb) || a.meta::jsonb END,
+    max_attempts = j.max_attempts + a.extra_attempts
+  FROM acks AS a
+  WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.attempted_at
+  RETURNING j.id, a.notice
+), notified AS (
+  SELECT pg_notify(%(relay_channel)s, notice) FROM updated WHERE notice IS NOT NULL
+)
+SELECT id FROM updated WHERE (SELECT count(*) FROM notified) >= 0
+
+-- name: stage_jobs
+-- Make due scheduled/retryable jobs available and wake the producers of their queues.
+WITH due AS (
+  SELECT id FROM {prefix}.oban_jobs
+  WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= timezone('UTC', now())
+  ORDER BY scheduled_at, id
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+), staged AS (
+  UPDATE {prefix}.oban_jobs AS j SET state = 'available'
+  FROM due WHERE j.id = due.id
+  RETURNING j.queue
+), notified AS (
+  SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text)
+  FROM (SELECT DISTINCT queue FROM staged) AS q
+)
+SELECT count(*) FROM staged WHERE (SELECT count(*) FROM notified) >= 0
+
+-- name: get_job
+-- One job by id.
+SELECT {job} FROM {prefix}.oban_jobs AS j WHERE j.id = %(id)s
+
+-- name: get_relay_state
+-- What a relay waiter needs of its job when it polls: state, errors, meta.
+SELECT state::text, errors, meta FROM {prefix}.oban_jobs WHERE id = %(id)s
+
+-- name: retry_job
+-- Make a finished or waiting job available again, granting one more attempt if needed.
+WITH retried AS (
+  UPDATE {prefix}.oban_jobs AS j SET
+    state = 'available',
+    scheduled_at = timezone('UTC', now()),
+    max_attempts = greatest(j.max_attempts, j.attempt + 1),
+    completed_at = NULL, discarded_at = NULL, cancelled_at = NULL
+  WHERE j.id = %(id)s AND j.state NOT IN ('available', 'executing')
+  RETURNING j.queue
+), notified AS (
+  SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM retried
+)
+SELECT count(*) FROM retried WHERE (SELECT count(*) FROM notified) >= 0
+
+-- name: cancel_jobs
+-- Cancel jobs that aren't finished; executing ones are returned so their nodes can stop them.
+WITH target AS (
+  SELECT id, state FROM {prefix}.oban_jobs
+  WHERE id = ANY(%(ids)s::bigint[])
+    AND state NOT IN ('completed', 'discarded', 'cancelled')
+  FOR UPDATE
+), cancelled AS (
+  UPDATE {prefix}.oban_jobs AS j SET state = 'cancelled', cancelled_at = timezone('UTC', now())
+  FROM target AS t
+  WHERE j.id = t.id AND t.state <> 'executing'
+  RETURNING j.id
+)
+SELECT t.id, t.state::text FROM target AS t
+WHERE (SELECT count(*) FROM cancelled) >= 0
+
+-- name: heartbeat_producer
+-- Record that a producer is alive; the lifeline rescues jobs of producers that stop.
+INSERT INTO {prefix}.trioban_producers (uuid, node, queue)
+VALUES (%(uuid)s, %(node)s, %(queue)s)
+ON CONFLICT (uuid) DO UPDATE SET updated_at = timezone('UTC', now())
+
+-- name: delete_producer
+-- Forget a producer that stopped cleanly.
+DELETE FROM {prefix}.trioban_producers WHERE uuid = %(uuid)s
+
+-- name: notify
+-- Publish payloads on one channel; notifications are delivered only when the transaction commits.
+SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload
+
+-- name: schema_version
+-- The installed trioban schema version, or NULL.
+SELECT version FROM {prefix}.trioban_schema WHERE component = 'trioban'

@@ -55,6 +55,8 @@ class Job:
     discarded_at: datetime | None = None
     cancelled_at: datetime | None = None
     conflict: bool = False
+    # The args' JSON text, encoded once by Worker.new() and reused at insert.
+    _args_json: str | None = attrs.field(default=None, repr=False, eq=False, alias="_args_json")
 
     @property
     def saved(self) -> bool:

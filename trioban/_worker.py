@@ -25,7 +25,7 @@ class _Relayer(Protocol):
     async def relay(self, job: Job, *, timeout: float, with_retries: bool) -> Any: ...  # noqa: ASYNC109
 
 
-current_instance: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_instance")
+CURRENT: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_instance")
 """The innermost open trioban instance of this task, set by ``trioban.open()``."""
 
 _registry: dict[str, Worker] = {}
@@ -141,8 +141,8 @@ class Worker:
             meta=job_meta,
             scheduled_at=when,
             state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,
+            _args_json=args_json,
         )
-        object.__setattr__(job, "_args_json", args_json)
         return job
 
     async def relay(
@@ -158,7 +158,7 @@ class Worker:
         A timeout raises ``RelayTimeout`` and stops only the waiting; the job goes on.
         """
         try:
-            instance = current_instance.get()
+            instance = CURRENT.get()
         except LookupError:
             raise TriobanError(
                 f"{self.name}.relay() needs an open instance: call it inside "
@@ -194,7 +194,7 @@ def _schedule(
 
 def args_json(job: Job) -> str:
     """The JSON text of a job's args, cached by ``new()``."""
-    cached: str | None = getattr(job, "_args_json", None)
+    cached = job._args_json
     return cached if cached is not None else _codec.dumps(job.args)
 
 

@@ -107,9 +107,9 @@ SELECT count(*) FROM staged WHERE (SELECT count(*) FROM notified) >= 0
 -- One job by id.
 SELECT {job} FROM {prefix}.oban_jobs AS j WHERE j.id = %(id)s
 
--- name: get_relay_state
--- What a relay waiter needs of its job when it polls: state, errors, meta.
-SELECT state::text, errors, meta FROM {prefix}.oban_jobs WHERE id = %(id)s
+-- name: get_relay_states
+-- What the relay poller needs of pending relays' jobs: state, errors, meta.
+SELECT id, state::text, errors, meta FROM {prefix}.oban_jobs WHERE id = ANY(%(ids)s::bigint[])
 
 -- name: retry_job
 -- Make a finished or waiting job available again, granting one more attempt if needed.
@@ -127,20 +127,28 @@ WITH retried AS (
 SELECT count(*) FROM retried WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: cancel_jobs
--- Cancel jobs that aren't finished; executing ones are returned so their nodes can stop them.
+-- Cancel unfinished jobs, executing ones included (their nodes are signalled to stop them, and
+-- their late acks are fenced out). Relayed jobs' waiters are told in the same statement.
 WITH target AS (
   SELECT id, state FROM {prefix}.oban_jobs
-  WHERE id = ANY(%(ids)s::bigint[])
-    AND state NOT IN ('completed', 'discarded', 'cancelled')
+  WHERE id = ANY(%(ids)s::bigint[]) AND state NOT IN ('completed', 'discarded', 'cancelled')
   FOR UPDATE
 ), cancelled AS (
-  UPDATE {prefix}.oban_jobs AS j SET state = 'cancelled', cancelled_at = timezone('UTC', now())
+  UPDATE {prefix}.oban_jobs AS j SET
+    state = 'cancelled',
+    cancelled_at = timezone('UTC', now()),
+    errors = array_append(j.errors, jsonb_build_object(
+      'at', timezone('UTC', now()), 'attempt', j.attempt, 'error', %(reason)s::text))
   FROM target AS t
-  WHERE j.id = t.id AND t.state <> 'executing'
-  RETURNING j.id
+  WHERE j.id = t.id
+  RETURNING j.id, j.meta
+), notified AS (
+  SELECT pg_notify(%(relay_channel)s, json_build_object(
+    'ref', meta->>'relay', 'id', id, 'state', 'cancelled', 'reason', %(reason)s::text)::text)
+  FROM cancelled WHERE meta ? 'relay'
 )
 SELECT t.id, t.state::text FROM target AS t
-WHERE (SELECT count(*) FROM cancelled) >= 0
+WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: heartbeat_producer
 -- Record that a producer is alive; the lifeline rescues jobs of producers that stop.

@@ -1,0 +1,36 @@
+"""A trioban node in its own process, for multi-node tests.
+
+Usage: python -m tests.node DSN QUEUE:LIMIT[,QUEUE:LIMIT] [--seconds N]
+Runs until its stdin closes (or N seconds pass), printing "ready" once started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import trio
+from trioban._config import parse_queues
+
+import trioban
+from tests import workers  # noqa: F401 (registers the workers)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dsn")
+    parser.add_argument("queues")
+    parser.add_argument("--seconds", type=float, default=600.0)
+    opts = parser.parse_args()
+    conf = trioban.Config(
+        dsn=opts.dsn, queues=parse_queues(opts.queues, "queues"), stage_interval=0.2
+    )
+    async with trioban.open(conf) as oban:
+        print("ready", oban.config.node, flush=True)
+        with trio.move_on_after(opts.seconds):
+            # Runs until the parent closes our stdin.
+            await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,0 +1,323 @@
+"""The life of a job against a real PostgreSQL: insert, fetch, run, ack, retry, schedule."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import trioban
+from trioban import Config, JobState, RelayCancelled, RelayDiscard
+
+from . import workers
+from .workers import echo, flaky, record, sleeper, steer, too_slow, wait_gate
+
+
+@asynccontextmanager
+async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
+    settings.setdefault("queues", {"default": 10})
+    settings.setdefault("stage_interval", 0.1)
+    async with trioban.open(Config(dsn=dsn, **settings)) as oban:
+        yield oban
+
+
+async def test_insert_returns_saved_job_and_it_completes(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            job = await oban.insert(echo.new({"value": 7}, tags=["a"], meta={"m": 1}))
+            assert job.id is not None
+            assert job.state is JobState.AVAILABLE
+            assert job.inserted_at is not None
+            assert await oban.relay(echo.new({"value": 8}), timeout=5) == 8
+            stored = await oban.get_job(job.id)
+            assert stored is not None
+            assert stored.tags == ("a",)
+            assert stored.meta == {"m": 1}
+            assert stored.args == {"value": 7}
+            assert await oban.get_job(10**12) is None
+
+
+async def test_every_result_type_maps_to_its_state(dsn: str) -> None:
+    with trio.fail_after(15):
+        async with running(dsn) as oban:
+            assert await oban.relay(steer.new({"kind": "value"}), timeout=5) == {
+                "kind": "value",
+                "attempt": 1,
+            }
+            assert await oban.relay(echo.new({}), timeout=5) is None
+            with pytest.raises(RelayCancelled, match="told to cancel"):
+                await oban.relay(steer.new({"kind": "cancel"}), timeout=5)
+            with pytest.raises(RelayDiscard, match="told to discard"):
+                await oban.relay(steer.new({"kind": "discard"}), timeout=5)
+            # Snooze: rescheduled, not counted as a failure; the relay keeps waiting.
+            snoozed = await oban.dispatch(steer.new({"kind": "snooze"}))
+            assert await snoozed.result(timeout=5) == {"kind": "snooze", "attempt": 2}
+            assert snoozed.job.id is not None
+            job = await oban.get_job(snoozed.job.id)
+            assert job is not None
+            assert (job.state, job.attempt, job.max_attempts, job.errors) == (
+                JobState.COMPLETED, 2, 21, ()
+            )  # fmt: skip
+            # An exception: retryable with the traceback recorded.
+            failing = await oban.dispatch(steer.new({"kind": "raise"}, max_attempts=5))
+            with pytest.raises(RelayDiscard, match="boom from the worker"):
+                await failing.result(timeout=5)
+            assert failing.job.id is not None
+            job = await oban.get_job(failing.job.id)
+            assert job is not None
+            assert job.state in (JobState.RETRYABLE, JobState.AVAILABLE, JobState.EXECUTING)
+            assert "RuntimeError: boom from the worker" in job.errors[0]["error"]
+            assert "Traceback" in job.errors[0]["error"]
+            assert job.errors[0]["attempt"] == 1
+
+
+async def test_unserialisable_result_fails_the_job_clearly(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(steer.new({"kind": "unserialisable"}, max_attempts=1))
+            with pytest.raises(RelayDiscard, match="not JSON-serialisable"):
+                await relay.result(timeout=5)
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None
+            assert job.state is JobState.DISCARDED
+
+
+async def test_retries_with_backoff_until_success_or_exhaustion(dsn: str) -> None:
+    with trio.fail_after(15):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(flaky.new({"succeed_on": 3}))
+            assert await relay.result(timeout=10, with_retries=True) == "ok on 3"
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None
+            assert job.attempt == 3
+            assert [e["attempt"] for e in job.errors] == [1, 2]
+            exhausted = await oban.dispatch(flaky.new({"succeed_on": 99}))
+            with pytest.raises(RelayDiscard, match="failing attempt 3"):
+                await exhausted.result(timeout=10, with_retries=True)
+            assert exhausted.job.id is not None
+            job = await oban.get_job(exhausted.job.id)
+            assert job is not None
+            assert (job.state, job.attempt, len(job.errors)) == (JobState.DISCARDED, 3, 3)
+
+
+async def test_default_backoff_schedules_the_retry_in_the_future(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(steer.new({"kind": "raise"}))
+            with pytest.raises(RelayDiscard):
+                await relay.result(timeout=5)
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None and job.scheduled_at is not None and job.attempted_at
+            assert job.state is JobState.RETRYABLE
+            delay = (job.scheduled_at - job.attempted_at).total_seconds()
+            assert 15 <= delay <= 20  # 15 + 2**1, jittered by 10%
+
+
+async def test_scheduled_jobs_wait_until_due_then_run(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            future = await oban.insert(echo.new({"value": 1}, schedule_in=3600))
+            assert future.state is JobState.SCHEDULED
+            relay = await oban.dispatch(echo.new({"value": 2}, schedule_in=3600))
+            assert relay.job.state is JobState.SCHEDULED
+            # Postgres time doesn't follow the Trio clock: make it due by rewriting the row.
+            async with oban.transaction() as conn:
+                await conn.execute(
+                    "UPDATE oban_jobs SET scheduled_at = scheduled_at - interval '2 hours' "
+                    "WHERE id = %s",
+                    [relay.job.id],
+                )
+            assert await relay.result(timeout=5) == 2
+            assert future.id is not None
+            still = await oban.get_job(future.id)
+            assert still is not None and still.state is JobState.SCHEDULED
+
+
+async def test_priority_orders_execution(dsn: str) -> None:
+    workers.seen.clear()
+    with trio.fail_after(10):
+        async with running(dsn, queues={"default": 1}) as oban:
+            await oban.pause_queue("default", local_only=True)
+            jobs = [record.new({"tag": f"p{p}"}, priority=p) for p in (5, 0, 9, 3, 0)]
+            await oban.insert_all(jobs)
+            last = await oban.dispatch(record.new({"tag": "last"}, priority=9))
+            await oban.resume_queue("default", local_only=True)
+            await last.result(timeout=5)
+    assert workers.seen == ["p0", "p0", "p3", "p5", "p9", "last"]
+
+
+async def test_insert_all_is_one_statement_in_order(dsn: str) -> None:
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as oban:
+            jobs = await oban.insert_all([echo.new({"value": i}) for i in range(2000)])
+            assert [j.args["value"] for j in jobs] == list(range(2000))
+            ids = [j.id for j in jobs]
+            assert ids == sorted(ids)
+            assert len(set(ids)) == 2000
+            assert await oban.insert_all([]) == []
+            with pytest.raises(TypeError, match="list of jobs"):
+                await oban.insert_all(echo.new({}))  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="already saved"):
+                await oban.insert(jobs[0])
+
+
+async def test_transactional_insert_commits_or_rolls_back(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban, oban.listen(["insert"]) as messages:
+            with pytest.raises(RuntimeError, match="abort"):
+                async with oban.transaction() as conn:
+                    rolled = await oban.insert(echo.new({"value": 1}), conn=conn)
+                    raise RuntimeError("abort")
+            assert rolled.id is not None
+            assert await oban.get_job(rolled.id) is None
+            async with oban.transaction() as conn:
+                kept = await oban.insert(echo.new({"value": 2}), conn=conn)
+                assert kept.id is not None
+            assert await oban.get_job(kept.id) is not None
+            # Only the committed insert was announced.
+            channel, payload = await messages.receive()
+            assert (channel, payload) == ("insert", {"queue": "default"})
+            with trio.move_on_after(0.3):
+                extra = await messages.receive()
+                pytest.fail(f"a rolled-back insert was announced: {extra}")
+
+
+async def test_concurrency_limit_is_respected(dsn: str) -> None:
+    workers.concurrency.update(now=0, max=0)
+    gate = workers.gates["limit"] = trio.Event()
+    with trio.fail_after(15):
+        async with running(dsn, queues={"default": 3}) as oban:
+            relays = [await oban.dispatch(wait_gate.new({"gate": "limit"})) for _ in range(12)]
+            while workers.concurrency["now"] < 3:
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)  # give an over-eager producer the chance to exceed the limit
+            assert oban.check_queue("default").running.__len__() == 3
+            gate.set()
+            outcomes = await oban.await_many(relays, timeout=10)
+            assert [o.unwrap() for o in outcomes] == ["opened"] * 12
+    assert workers.concurrency["max"] == 3
+
+
+async def test_graceful_shutdown_finishes_short_jobs(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, shutdown_grace=5) as oban:
+            relay = await oban.dispatch(sleeper.new({"seconds": 0.3}))
+            while not oban.check_queue("default").running:
+                await trio.sleep(0.01)
+        async with running(dsn, queues={}) as oban:
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None and job.state is JobState.COMPLETED
+
+
+async def test_shutdown_leaves_overdue_jobs_executing(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, shutdown_grace=0.2) as oban:
+            relay = await oban.dispatch(sleeper.new({"seconds": 60}))
+            while not oban.check_queue("default").running:
+                await trio.sleep(0.01)
+            started = trio.current_time()
+        assert trio.current_time() - started < 2
+        async with running(dsn, queues={}) as oban:
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None and job.state is JobState.EXECUTING
+
+
+async def test_unknown_worker_is_discarded_and_the_node_keeps_running(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            async with oban.transaction() as conn:
+                cur = await conn.execute(
+                    "INSERT INTO oban_jobs (worker, args) VALUES ('nowhere.Missing', '{}') "
+                    "RETURNING id"
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                await conn.execute(
+                    "SELECT pg_notify('public.oban_insert', '{\"queue\":\"default\"}')"
+                )
+            assert await oban.relay(echo.new({"value": "alive"}), timeout=5) == "alive"
+            for _ in range(100):
+                job = await oban.get_job(row[0])
+                assert job is not None
+                if job.state is JobState.DISCARDED:
+                    break
+                await trio.sleep(0.05)
+            assert job.state is JobState.DISCARDED
+            assert "unknown worker 'nowhere.Missing'" in job.errors[-1]["error"]
+
+
+async def test_worker_timeout_is_an_error_and_retried(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(too_slow.new({}))
+            with pytest.raises(RelayDiscard, match="exceeded its worker's timeout of 0.2s"):
+                await relay.result(timeout=5, with_retries=True)
+            assert relay.job.id is not None
+            job = await oban.get_job(relay.job.id)
+            assert job is not None
+            assert (job.state, job.attempt) == (JobState.DISCARDED, 2)
+
+
+async def test_retry_job_runs_a_finished_job_again(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(steer.new({"kind": "discard"}))
+            with pytest.raises(RelayDiscard):
+                await relay.result(timeout=5)
+            assert relay.job.id is not None
+            assert await oban.retry_job(relay.job.id) is True
+            with pytest.raises(RelayDiscard):
+                await relay.result(timeout=5)
+            job = await oban.get_job(relay.job.id)
+            assert job is not None and job.attempt == 2
+            with pytest.raises(TypeError, match="job id"):
+                await oban.retry_job("1")  # type: ignore[arg-type]
+
+
+async def test_cancel_job_before_it_runs(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            job = await oban.insert(echo.new({}))
+            assert job.id is not None
+            assert await oban.cancel_job(job.id) is True
+            assert await oban.cancel_job(job.id) is False
+            stored = await oban.get_job(job.id)
+            assert stored is not None and stored.state is JobState.CANCELLED
+
+
+async def test_open_rejects_bad_input(dsn: str) -> None:
+    with pytest.raises(TypeError, match="trioban.Config"):
+        async with trioban.open({"dsn": dsn}):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(trioban.ConfigError, match="dsn"):
+        async with trioban.open(Config(dsn=None)):
+            pass
+
+
+async def test_a_users_exception_comes_out_unchanged(dsn: str) -> None:
+    class Mine(Exception):
+        pass
+
+    with trio.fail_after(10), pytest.raises(Mine):
+        async with running(dsn):
+            raise Mine
+
+
+async def test_insert_only_instance_runs_no_producers(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            job = await oban.insert(echo.new({}))
+            assert job.id is not None
+            with pytest.raises(ValueError, match="insert-only"):
+                oban.check_queue("default")
+            await trio.sleep(0.3)
+            stored = await oban.get_job(job.id)
+            assert stored is not None and stored.state is JobState.AVAILABLE

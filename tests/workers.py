@@ -1,0 +1,83 @@
+"""Workers shared by the engine tests and by the node processes they start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+import trioban
+from trioban import Cancel, Discard, Job, Snooze, worker
+
+# In-process probes: tests read these to see what the workers did.
+seen: list[Any] = []
+gates: dict[str, trio.Event] = {}
+concurrency = {"now": 0, "max": 0}
+
+
+@worker(queue="default")
+async def echo(job: Job) -> Any:
+    return job.args.get("value")
+
+
+@worker(queue="default")
+async def record(job: Job) -> None:
+    seen.append(job.args["tag"])
+
+
+@worker(queue="default")
+async def steer(job: Job) -> Any:
+    """Returns what args ask for: a value, Cancel, Discard, Snooze or an exception."""
+    kind = job.args["kind"]
+    if kind == "cancel":
+        return Cancel("told to cancel")
+    if kind == "discard":
+        return Discard("told to discard")
+    if kind == "snooze" and job.attempt == 1:
+        return Snooze(0)
+    if kind == "raise":
+        raise RuntimeError("boom from the worker")
+    if kind == "unserialisable":
+        return {"x": object()}
+    return {"kind": kind, "attempt": job.attempt}
+
+
+@worker(queue="default", max_attempts=3, backoff=lambda attempt: 0)
+async def flaky(job: Job) -> str:
+    if job.attempt < job.args["succeed_on"]:
+        raise ValueError(f"failing attempt {job.attempt}")
+    return f"ok on {job.attempt}"
+
+
+@worker(queue="default")
+async def wait_gate(job: Job) -> str:
+    """Runs until the test opens its gate (or the job is cancelled)."""
+    concurrency["now"] += 1
+    concurrency["max"] = max(concurrency["max"], concurrency["now"])
+    try:
+        await gates.setdefault(job.args["gate"], trio.Event()).wait()
+    finally:
+        concurrency["now"] -= 1
+    return "opened"
+
+
+@worker(queue="default")
+async def sleeper(job: Job) -> str:
+    await trio.sleep(job.args["seconds"])
+    return "slept"
+
+
+@worker(queue="default", timeout=0.2, max_attempts=2, backoff=lambda attempt: 0)
+async def too_slow(job: Job) -> str:
+    await trio.sleep(10)
+    return "never"
+
+
+@worker(queue="default")
+async def count_run(job: Job) -> None:
+    """Records each execution in a side table: the multi-node exactly-once proof."""
+    oban = trioban.current_instance()
+    async with oban.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO runs (job_id, node) VALUES (%s, %s)", [job.id, oban.config.node]
+        )

@@ -1,0 +1,75 @@
+"""The acker: writes job outcomes in batches, one statement per batch.
+
+Each write runs in a shielded, time-bounded scope, so cancellation can't tear a batch in half;
+a failed write is retried with backoff until it succeeds or the instance is torn down. Natural batching:
+while one batch is being written, the next accumulates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from . import _store
+
+if TYPE_CHECKING:
+    from ._executor import Ack
+    from ._pg import Pool
+
+log = logging.getLogger("trioban.acker")
+
+BUFFER: Final = 10_000
+"""Acks waiting to be written before job tasks wait for the acker (~2 MB at most)."""
+BATCH: Final = 1_000
+WRITE_TIMEOUT: Final = 10.0
+_RETRY_MAX: Final = 2.0
+
+
+class Acker:
+    """Owns the ack channel; ``send`` is called by job tasks, ``run`` writes."""
+
+    def __init__(self, pool: Pool, prefix: str) -> None:
+        self._pool = pool
+        self._prefix = prefix
+        self._send, self._receive = trio.open_memory_channel["Ack"](BUFFER)
+        self.written = 0
+
+    async def send(self, ack: Ack) -> None:
+        """Queue ``ack`` for writing (shielded: a finished job's outcome is never dropped)."""
+        with trio.CancelScope(shield=True):
+            await self._send.send(ack)
+
+    def close(self) -> None:
+        """No more acks: ``run`` writes what is queued, then returns."""
+        self._send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until ``close()`` and the queue is empty."""
+        task_status.started()
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._write(batch)
+
+    async def _write(self, batch: list[Ack]) -> None:
+        delay = 0.05
+        while True:
+            # Each attempt is shielded and bounded; the pause between attempts is not, so a
+            # shutdown during an outage ends here and the jobs stay `executing` for rescue.
+            with trio.move_on_after(WRITE_TIMEOUT, shield=True):
+                try:
+                    await _store.ack(self._pool, self._prefix, batch)
+                except Exception as exc:
+                    log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
+                else:
+                    self.written += len(batch)
+                    return
+            await trio.sleep(delay)
+            delay = min(_RETRY_MAX, delay * 2)

@@ -1,0 +1,154 @@
+"""Run one job in its own cancel scope and turn what happened into an ack."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import traceback
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import attrs
+import trio
+
+from . import _codec
+from ._job import Cancel, Discard, Job, Snooze
+from ._relay import META_REF, META_RESULT, build_notice
+from ._worker import Worker, lookup
+
+log = logging.getLogger("trioban.executor")
+
+_TRACEBACK_LIMIT: Final = 8000
+
+
+@attrs.frozen
+class Ack:
+    """A job's outcome, as written back (in batches) by the acker."""
+
+    id: int
+    attempted_at: datetime
+    state: str
+    schedule_in: float | None = None
+    error: str | None = None
+    meta: str | None = None
+    extra_attempts: int = 0
+    notice: str | None = None
+
+
+@attrs.define
+class Running:
+    """A job being executed, with the scope that cancels it."""
+
+    job: Job
+    scope: trio.CancelScope
+    cancel_reason: str | None = None
+
+
+async def resolve(name: str) -> Worker | None:
+    """The worker called ``name``, importing its module once if it isn't registered yet."""
+    found = lookup(name)
+    if found is not None or "." not in name:
+        return found
+    module = name.rsplit(".", 1)[0]
+    try:
+        await trio.to_thread.run_sync(importlib.import_module, module)
+    except Exception as exc:
+        log.warning("cannot import %s for worker %s: %s", module, name, exc)
+    return lookup(name)
+
+
+def _error(job: Job, text: str) -> str:
+    at = datetime.now(UTC).replace(tzinfo=None).isoformat()
+    return _codec.dumps({"at": at, "attempt": job.attempt, "error": text[:_TRACEBACK_LIMIT]})
+
+
+def _exception_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+async def execute(running: Running) -> Ack:
+    """Run ``running.job`` and return its ack. Cancelled propagates (shutdown: no ack)."""
+    job = running.job
+    worker = await resolve(job.worker)
+    if worker is None:
+        reason = (
+            f"unknown worker {job.worker!r}: no imported module registers it; import the "
+            f"module defining it on every node that runs queue {job.queue!r}"
+        )
+        return _failed(job, reason, final=True)
+    if worker.timeout is not None:
+        running.scope.deadline = trio.current_time() + worker.timeout
+    try:
+        with running.scope:
+            result = await worker.perform(job)
+    except Exception as exc:
+        return _failed(job, _exception_text(exc), backoff=worker.backoff(job.attempt))
+    if running.scope.cancelled_caught:
+        if running.cancel_reason is not None:
+            return _ended(job, "cancelled", running.cancel_reason)
+        text = f"TimeoutError: job exceeded its worker's timeout of {worker.timeout}s"
+        return _failed(job, text, backoff=worker.backoff(job.attempt))
+    return _outcome(job, worker, result)
+
+
+def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
+    if isinstance(result, Cancel):
+        return _ended(job, "cancelled", result.reason)
+    if isinstance(result, Discard):
+        return _ended(job, "discarded", result.reason)
+    if isinstance(result, Snooze):
+        return _ack(job, "scheduled", schedule_in=result.seconds, extra_attempts=1)
+    ref = job.meta.get(META_REF)
+    if ref is None:
+        return _ack(job, "completed")
+    try:
+        meta = _codec.dumps({META_RESULT: result})
+    except (TypeError, ValueError) as exc:
+        text = f"the result of {worker.name} is not JSON-serialisable: {exc}"
+        return _failed(job, text, backoff=worker.backoff(job.attempt))
+    notice = build_notice(str(ref), _job_id(job), "completed", result=result)
+    return _ack(job, "completed", meta=meta, notice=notice)
+
+
+def _failed(job: Job, text: str, *, backoff: float = 0.0, final: bool = False) -> Ack:
+    if final or job.attempt >= job.max_attempts:
+        return _ended(job, "discarded", text)
+    return _ack(
+        job, "retryable", schedule_in=max(0.0, backoff), error=_error(job, text), reason=text
+    )
+
+
+def _ended(job: Job, state: str, reason: str) -> Ack:
+    return _ack(job, state, error=_error(job, reason), reason=reason)
+
+
+def _ack(
+    job: Job,
+    state: str,
+    *,
+    schedule_in: float | None = None,
+    error: str | None = None,
+    meta: str | None = None,
+    extra_attempts: int = 0,
+    notice: str | None = None,
+    reason: str = "",
+) -> Ack:
+    ref = job.meta.get(META_REF)
+    if notice is None and ref is not None and state != "scheduled":
+        notice = build_notice(str(ref), _job_id(job), state, reason=reason)
+    assert job.attempted_at is not None
+    return Ack(
+        id=_job_id(job),
+        attempted_at=job.attempted_at.replace(tzinfo=None),
+        state=state,
+        schedule_in=schedule_in,
+        error=error,
+        meta=meta,
+        extra_attempts=extra_attempts,
+        notice=notice,
+    )
+
+
+def _job_id(job: Job) -> int:
+    assert job.id is not None
+    return job.id

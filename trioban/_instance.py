@@ -1,0 +1,437 @@
+"""``trioban.open()``: the instance that owns every task, and its public methods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import attrs
+import outcome
+import trio
+
+from . import _codec, _pg, _schema, _stager, _store
+from ._acker import Acker
+from ._config import Config
+from ._errors import ConfigError, InternalError, RelayTimeout, TriobanError
+from ._job import Job
+from ._notifier import Notifier, check_channel
+from ._producer import Producer, QueueInfo
+from ._relay import META_REF, Registry, Relay, new_ref
+from ._relay import await_many as _await_many
+from ._worker import CURRENT
+
+log = logging.getLogger("trioban")
+
+SIGNAL = "signal"
+
+
+@final
+class Oban:
+    """A running trioban instance, handed out by ``trioban.open()``."""
+
+    def __init__(self, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry) -> None:
+        self.config = conf
+        self._pool = pool
+        self._notifier = notifier
+        self._relays = relays
+        self._producers: dict[str, Producer] = {}
+
+    def __repr__(self) -> str:
+        return f"<trioban.Oban node={self.config.node!r} prefix={self.config.prefix!r}>"
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def insert(self, job: Job, *, conn: _pg.Connection | None = None) -> Job:
+        """Insert one job and return it saved (with ``id`` and ``state``).
+
+        Pass ``conn`` (from ``oban.transaction()``) to insert inside that transaction: the job
+        and its notification exist only if the transaction commits.
+        """
+        (saved,) = await self.insert_all([job], conn=conn)
+        return saved
+
+    async def insert_all(
+        self, jobs: Iterable[Job], *, conn: _pg.Connection | None = None
+    ) -> list[Job]:
+        """Insert many jobs with one statement; returns them saved, in the order given."""
+        batch = _check_jobs(jobs)
+        if conn is not None:
+            return await _store.insert(conn, self.config.prefix, batch)
+        async with self._pool.connection() as pooled:
+            return await _store.insert(pooled, self.config.prefix, batch)
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """The job with ``job_id``, or None if there is none."""
+        return await _store.get_job(self._pool, self.config.prefix, _check_id(job_id))
+
+    async def retry_job(self, job_id: int) -> bool:
+        """Make a finished or waiting job available now; False if it was available/executing."""
+        return await _store.retry_job(self._pool, self.config.prefix, _check_id(job_id))
+
+    async def cancel_job(self, job_id: int, reason: str = "cancelled") -> bool:
+        """Cancel a job; one executing on any node is stopped through its cancel scope.
+
+        Returns False when the job was already finished (or doesn't exist).
+        """
+        return bool(await self.cancel_all_jobs([job_id], reason=reason))
+
+    async def cancel_all_jobs(self, job_ids: Iterable[int], *, reason: str = "cancelled") -> int:
+        """Cancel several jobs (see ``cancel_job``); returns how many were cancelled."""
+        ids = [_check_id(job_id) for job_id in job_ids]
+        touched = await _store.cancel_jobs(self._pool, self.config.prefix, ids, reason)
+        executing = [job_id for job_id, state in touched if state == "executing"]
+        if executing:
+            await self._signal({"action": "pkill", "job_ids": executing, "reason": reason})
+        return len(touched)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_pg.Connection]:
+        """A pooled connection inside a transaction, for ``insert(job, conn=...)``.
+
+        The transaction commits when the block exits normally and rolls back on an exception.
+        """
+        async with self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    # -- relay ------------------------------------------------------------------------------
+
+    async def dispatch(self, job: Job) -> Relay:
+        """Insert ``job`` and return a ``Relay`` whose ``result()`` awaits its outcome."""
+        (checked,) = _check_jobs([job])
+        ref = new_ref()
+        waiter = self._relays.register(ref)  # before the insert: a fast job can't be missed
+        try:
+            saved = await self.insert(attrs.evolve(checked, meta={**checked.meta, META_REF: ref}))
+        except BaseException:
+            self._relays.discard(ref)
+            raise
+        assert saved.id is not None
+        waiter.job_id = saved.id
+        return Relay._create(self._relays, ref, saved)
+
+    async def relay(
+        self,
+        job: Job,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 (the API contract takes a timeout)
+        with_retries: bool = False,
+    ) -> Any:
+        """Insert ``job`` and await its result (see ``Relay.result``).
+
+        A timeout raises ``RelayTimeout`` and stops only the waiting; the job goes on.
+        """
+        with trio.move_on_after(_check_timeout(timeout)) as scope:
+            relay = await self.dispatch(job)
+        if scope.cancelled_caught:
+            raise RelayTimeout(f"timed out inserting the job within {timeout}s")
+        remaining = max(0.0, scope.deadline - trio.current_time())
+        return await relay.result(timeout=remaining, with_retries=with_retries)
+
+    async def await_many(
+        self,
+        relays: Sequence[Relay],
+        timeout: float = 5.0,  # noqa: ASYNC109 (the API contract takes a timeout)
+    ) -> list[outcome.Outcome[Any]]:
+        """Await several relays under one deadline: one ``outcome.Outcome`` each, in order.
+
+        Unfinished relays at the deadline get ``outcome.Error(RelayTimeout())``; a job's
+        failure is an ``outcome.Error``, never an exception from this call.
+        """
+        for relay in relays:
+            if not isinstance(relay, Relay):
+                raise TypeError(f"await_many expects Relay objects, got {relay!r}")
+        return await _await_many(relays, _check_timeout(timeout))
+
+    # -- notifier ---------------------------------------------------------------------------
+
+    async def notify(
+        self, channel: str, payload: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Publish a JSON object (or a list of them, in one round trip) on ``channel``.
+
+        Listeners on every node sharing the database and prefix receive it once the sending
+        transaction commits. A payload over PostgreSQL's 8,000-byte limit raises ValueError.
+        """
+        check_channel(channel)
+        items = [payload] if isinstance(payload, Mapping) else list(payload)
+        texts = [_encode_message(item) for item in items]
+        await _store.notify(self._pool, self.config.prefix, channel, texts)
+
+    def listen(
+        self, channels: Iterable[str]
+    ) -> Any:  # an async context manager of a trio.MemoryReceiveChannel[tuple[str, Any]]
+        """``async with oban.listen(["gossip"]) as messages: async for channel, payload in ...``.
+
+        The block is entered once the LISTEN is in place. The receive channel is bounded; a
+        consumer that falls more than ``trioban.LISTEN_BUFFER`` messages behind loses new ones
+        (a warning is logged).
+        """
+        if isinstance(channels, str):
+            raise TypeError("listen() expects a list of channel names, e.g. ['gossip']")
+        return self._notifier.listen(channels)
+
+    def notifier_status(self) -> str:
+        """``"connected"`` or ``"disconnected"`` (reconnecting in the background)."""
+        return "connected" if self._notifier.connected else "disconnected"
+
+    # -- queues -----------------------------------------------------------------------------
+
+    def check_queue(self, queue: str) -> QueueInfo:
+        """This node's view of ``queue``: limit, paused, running job ids."""
+        return self._producer(queue).info()
+
+    async def pause_queue(self, queue: str, *, local_only: bool = False) -> None:
+        """Stop fetching new jobs of ``queue`` (running jobs finish) on every node."""
+        await self._queue_action("pause", queue, local_only)
+
+    async def resume_queue(self, queue: str, *, local_only: bool = False) -> None:
+        """Resume fetching jobs of ``queue`` on every node."""
+        await self._queue_action("resume", queue, local_only)
+
+    async def scale_queue(self, queue: str, *, limit: int, local_only: bool = False) -> None:
+        """Change the concurrency limit of ``queue`` on every node."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"expected limit to be a positive int, got {limit!r}")
+        await self._queue_action("scale", queue, local_only, limit=limit)
+
+    async def install(self) -> None:
+        """Create or upgrade the schema under this instance's prefix (idempotent)."""
+        async with self._pool.connection() as conn:
+            await _schema.install(conn, self.config.prefix)
+
+    def _producer(self, queue: str) -> Producer:
+        producer = self._producers.get(queue)
+        if producer is None:
+            known = ", ".join(sorted(self._producers)) or "none (an insert-only instance)"
+            raise ValueError(f"queue {queue!r} does not run on this node; its queues: {known}")
+        return producer
+
+    async def _queue_action(self, action: str, queue: str, local_only: bool, **extra: Any) -> None:
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"expected queue to be a non-empty str, got {queue!r}")
+        message = {"action": action, "queue": queue, **extra}
+        if queue in self._producers:
+            self._apply_signal(message)
+        if not local_only:
+            await self._signal(message)
+
+    async def _signal(self, message: dict[str, Any]) -> None:
+        await self.notify(SIGNAL, {**message, "origin": self.config.node})
+
+    def _on_signal(self, message: Any) -> None:
+        if isinstance(message, dict) and message.get("origin") != self.config.node:
+            self._apply_signal(message)
+
+    def _apply_signal(self, message: dict[str, Any]) -> None:
+        action = message.get("action")
+        if action == "pkill":
+            for job_id in message.get("job_ids", ()):
+                for producer in self._producers.values():
+                    producer.cancel_job(job_id, str(message.get("reason", "cancelled")))
+            return
+        producer = self._producers.get(str(message.get("queue")))
+        if producer is None:
+            return
+        if action == "pause":
+            producer.pause()
+        elif action == "resume":
+            producer.resume()
+        elif action == "scale" and isinstance(message.get("limit"), int) and message["limit"] > 0:
+            producer.scale(message["limit"])
+
+    @classmethod
+    def _create(cls, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry) -> Oban:
+        return cls(conf, pool, notifier, relays)
+
+
+def current_instance() -> Oban:
+    """The innermost open instance: inside ``trioban.open()``'s block or one of its jobs."""
+    try:
+        instance = CURRENT.get()
+    except LookupError:
+        raise TriobanError(
+            "no open trioban instance here: call this inside `async with trioban.open(conf)` "
+            "or from a job that instance runs"
+        ) from None
+    assert isinstance(instance, Oban)
+    return instance
+
+
+def _check_jobs(jobs: Iterable[Job]) -> list[Job]:
+    if isinstance(jobs, Job):
+        raise TypeError("insert_all expects a list of jobs; use insert(job) for one")
+    batch = list(jobs)
+    for job in batch:
+        if not isinstance(job, Job):
+            raise TypeError(f"expected a Job built by Worker.new(), got {job!r}")
+        if job.id is not None:
+            raise ValueError(f"job {job.id} is already saved; build a new one with Worker.new()")
+    return batch
+
+
+def _check_id(job_id: int) -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+        raise TypeError(f"expected a job id (a positive int), got {job_id!r}")
+    return job_id
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise ValueError(f"expected timeout to be a number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _encode_message(item: Mapping[str, Any]) -> str:
+    if not isinstance(item, Mapping):
+        raise TypeError(f"expected a notifier payload to be a dict, got {type(item).__name__}")
+    text = _codec.encode_payload(item)
+    if len(text.encode()) >= _codec.NOTIFY_LIMIT:
+        raise ValueError(
+            f"notifier payload is {len(text.encode())} bytes even compressed; PostgreSQL's "
+            f"limit is {_codec.NOTIFY_LIMIT}: store the data in a table and send its key"
+        )
+    return text
+
+
+@asynccontextmanager
+async def open(conf: Config) -> AsyncIterator[Oban]:
+    """Start a trioban instance: schema verified, notifier, queues and services running.
+
+    The block is entered once every service is ready. Leaving it stops the queues from
+    fetching, gives running jobs ``conf.shutdown_grace`` seconds, cancels the rest (they stay
+    ``executing`` for the lifeline to rescue), writes every pending ack and closes connections.
+    An exception raised inside the block comes out unchanged; a failure of one of trioban's own
+    tasks comes out as a ``TriobanError``.
+    """
+    if not isinstance(conf, Config):
+        raise TypeError(f"trioban.open() expects a trioban.Config, got {conf!r}")
+    if conf.dsn is None:
+        raise ConfigError(
+            "dsn",
+            "no database: pass Config(dsn='postgresql://...') (the embedded server "
+            "is not available in this build)",
+        )
+    body_error: BaseException | None = None
+    try:
+        async with _pg.open_pool(conf.dsn, size=conf.pool_size) as pool:
+            await _prepare_schema(pool, conf)
+            async with _running(conf, pool) as oban:
+                try:
+                    yield oban
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+    except BaseExceptionGroup as group:
+        collapsed = _collapse(group, body_error)
+        if collapsed is group:
+            raise
+        # The user's own exception keeps its cause; ours points at the group.
+        raise collapsed from (group if collapsed is not body_error else collapsed.__cause__)
+
+
+@asynccontextmanager
+async def _running(conf: Config, pool: _pg.Pool) -> AsyncIterator[Oban]:
+    notifier = Notifier(conf.dsn or "", conf.prefix)
+    relays = Registry(pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
+    acker = Acker(pool, conf.prefix)
+    oban = Oban._create(conf, pool, notifier, relays)
+    producers = oban._producers
+    for queue, limit in conf.queues.items():
+        producers[queue] = Producer(
+            pool=pool, acker=acker, prefix=conf.prefix, node=conf.node, queue=queue, limit=limit
+        )
+    _subscribe(notifier, oban, relays, producers)
+    # Set before any task starts, so jobs inherit it (a job may relay or insert in turn).
+    token = CURRENT.set(oban)
+    try:
+        async with _services(conf, pool, oban, notifier, relays, acker) as running:
+            yield running
+    finally:
+        CURRENT.reset(token)
+
+
+@asynccontextmanager
+async def _services(
+    conf: Config, pool: _pg.Pool, oban: Oban, notifier: Notifier, relays: Registry, acker: Acker
+) -> AsyncIterator[Oban]:
+    producers = oban._producers
+    async with trio.open_nursery() as services:
+        await services.start(notifier.run)
+        await services.start(relays.run)
+        async with trio.open_nursery() as acking:
+            await acking.start(acker.run)
+            grace = trio.Event()
+            async with trio.open_nursery() as queues:
+                for producer in producers.values():
+                    await queues.start(producer.run, grace)
+                if producers:
+                    await services.start(
+                        _stager.run, pool, conf.prefix, conf.stage_interval, producers.values()
+                    )
+                try:
+                    yield oban
+                finally:
+                    await _stop_queues(producers.values(), grace, conf.shutdown_grace)
+            acker.close()
+        services.cancel_scope.cancel()
+
+
+def _subscribe(
+    notifier: Notifier, oban: Oban, relays: Registry, producers: dict[str, Producer]
+) -> None:
+    def on_insert(payload: Any) -> None:
+        producer = producers.get(payload.get("queue")) if isinstance(payload, dict) else None
+        if producer is not None:
+            producer.wake()
+
+    def on_reconnect() -> None:
+        relays.poll_soon()
+        for producer in producers.values():
+            producer.wake()
+
+    if producers:
+        notifier.subscribe("insert", on_insert)
+    notifier.subscribe("relay", relays.deliver)
+    notifier.subscribe(SIGNAL, oban._on_signal)
+    notifier.on_reconnect(on_reconnect)
+
+
+async def _stop_queues(producers: Iterable[Producer], grace: trio.Event, seconds: float) -> None:
+    for producer in producers:
+        producer.stop()
+    with trio.move_on_after(seconds):
+        for producer in producers:
+            await producer.wait_idle()
+    grace.set()
+
+
+async def _prepare_schema(pool: _pg.Pool, conf: Config) -> None:
+    async with pool.connection() as conn:
+        if conf.install:
+            await _schema.install(conn, conf.prefix)
+        else:
+            await _schema.verify(conn, conf.prefix)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _collapse(
+    group: BaseExceptionGroup[BaseException], body: BaseException | None
+) -> BaseException:
+    """What to raise for an exception group from the instance's nurseries (STYLE rule 8)."""
+    leaves = _leaves(group)
+    if body is not None and all(leaf is body for leaf in leaves):
+        return body
+    if all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return group
+    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if len(errors) == 1 and isinstance(errors[0], TriobanError) and body is None:
+        return errors[0]
+    return InternalError(f"a trioban task failed: {errors[0]!r}")

@@ -1,0 +1,197 @@
+"""The notifier: one LISTEN connection, one reader task, table dispatch to bounded channels.
+
+Channels are scoped to the instance's prefix (``<prefix>.oban_<name>``). Notifications are
+delivered only after the sending transaction commits. When the connection drops, the reader
+reconnects with jittered backoff, listens again on every channel, and tells subscribers so
+they can catch up on what they may have missed (producers fetch, relays poll).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import psycopg
+import trio
+from psycopg import sql
+
+from . import _codec, _pg
+from ._sql import IDENTIFIER, channel
+
+log = logging.getLogger("trioban.notifier")
+
+Handler = Callable[[Any], None]
+"""A subscriber: called with the decoded payload; must not block (e.g. ``send_nowait``)."""
+
+LISTEN_BUFFER: Final = 1000
+"""Messages a ``listen()`` consumer may fall behind by before new ones are dropped (~1 MB)."""
+
+_BACKOFF_MIN: Final = 0.05
+_BACKOFF_MAX: Final = 5.0
+
+
+def check_channel(name: str) -> str:
+    """Validate a notifier channel name (it becomes part of a PostgreSQL identifier)."""
+    if not isinstance(name, str) or not IDENTIFIER.match(name) or len(name) > 50:
+        raise ValueError(
+            f"expected a channel name matching {IDENTIFIER.pattern} (at most 50 chars), "
+            f"got {name!r}"
+        )
+    return name
+
+
+class Notifier:
+    """Listens on the instance's channels and hands each payload to its subscribers."""
+
+    def __init__(self, dsn: str, prefix: str) -> None:
+        self._dsn = dsn
+        self._prefix = prefix
+        self._handlers: dict[str, list[Handler]] = {}
+        self._reconnect_hooks: list[Callable[[], None]] = []
+        self._listening: set[str] = set()
+        self._read_scope: trio.CancelScope | None = None
+        self._listened = trio.Event()
+        self.connected = False
+
+    def subscribe(self, name: str, handler: Handler) -> None:
+        """Call ``handler(payload)`` for every message on channel ``name``."""
+        self._handlers.setdefault(channel(self._prefix, check_channel(name)), []).append(handler)
+        self._refresh()
+
+    def unsubscribe(self, name: str, handler: Handler) -> None:
+        """Stop calling ``handler`` for channel ``name``."""
+        full = channel(self._prefix, name)
+        handlers = self._handlers.get(full, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self._handlers.pop(full, None)
+
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after every reconnection (messages may have been missed)."""
+        self._reconnect_hooks.append(hook)
+
+    def _refresh(self) -> None:
+        # A new channel needs a LISTEN: interrupt the idle read so the reader issues it.
+        if self._read_scope is not None and not self._handlers.keys() <= self._listening:
+            self._read_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read notifications until cancelled, reconnecting whenever the connection drops."""
+        delay = _BACKOFF_MIN
+        first = True
+        while True:
+            try:
+                conn = await _pg.connect(self._dsn, autocommit=True)
+            except (psycopg.Error, OSError) as exc:
+                if first:
+                    raise
+                log.warning("notifier cannot connect (%s); retrying in %.2fs", exc, delay)
+                await trio.sleep(delay)
+                delay = min(_BACKOFF_MAX, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+                continue
+            try:
+                await self._read(conn, task_status if first else None, reconnected=not first)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("notifier connection lost (%s); reconnecting", exc)
+            finally:
+                self._set_connected(False)
+                self._listening.clear()
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await conn.close()
+            first = False
+            delay = _BACKOFF_MIN
+
+    async def _read(
+        self, conn: _pg.Connection, task_status: trio.TaskStatus[None] | None, reconnected: bool
+    ) -> None:
+        self._set_connected(True)
+        await self._listen(conn)
+        if task_status is not None:
+            task_status.started()
+        if reconnected:
+            for hook in self._reconnect_hooks:
+                hook()
+        while True:
+            with trio.CancelScope() as self._read_scope:
+                async for note in conn.notifies():
+                    self._dispatch(note.channel, note.payload)
+            self._read_scope = None
+            await self._listen(conn)
+
+    async def _listen(self, conn: _pg.Connection) -> None:
+        wanted = set(self._handlers)
+        for name in wanted - self._listening:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+        for name in self._listening - wanted:
+            await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(name)))
+        self._listening = wanted
+        self._listened.set()
+        self._listened = trio.Event()
+
+    async def wait_listening(self, names: Iterable[str]) -> None:
+        """Wait until the connection is listening on every channel in ``names``."""
+        full = {channel(self._prefix, name) for name in names}
+        while not (self.connected and full <= self._listening):
+            await self._listened.wait()
+
+    def _dispatch(self, full_channel: str, payload: str) -> None:
+        handlers = self._handlers.get(full_channel)
+        if not handlers:
+            return
+        try:
+            decoded = _codec.decode_payload(payload)
+        except _codec.PayloadError as exc:
+            log.warning("skipping a message on %s: %s", full_channel, exc)
+            return
+        for handler in tuple(handlers):
+            try:
+                handler(decoded)
+            except Exception:
+                log.exception("notifier subscriber %r failed on %s", handler, full_channel)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self.connected:
+            self.connected = connected
+            log.info("notifier %s", "connected" if connected else "disconnected")
+
+    @asynccontextmanager
+    async def listen(
+        self, names: Iterable[str]
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, Any]]]:
+        """Receive ``(channel, payload)`` for ``names`` until the block exits.
+
+        The channel buffers ``LISTEN_BUFFER`` messages; when the consumer falls further behind,
+        new messages are dropped and counted in a logged warning.
+        """
+        wanted = [check_channel(name) for name in names]
+        if not wanted:
+            raise ValueError("listen() needs at least one channel name")
+        send, receive = trio.open_memory_channel[tuple[str, Any]](LISTEN_BUFFER)
+        dropped = 0
+
+        def handler_for(name: str) -> Handler:
+            def handle(payload: Any) -> None:
+                nonlocal dropped
+                try:
+                    send.send_nowait((name, payload))
+                except trio.WouldBlock:
+                    dropped += 1
+                    if dropped in (1, 10, 100) or dropped % 1000 == 0:
+                        log.warning("listen(): consumer is behind; %d messages dropped", dropped)
+
+            return handle
+
+        handlers = [(name, handler_for(name)) for name in wanted]
+        try:
+            for name, handler in handlers:
+                self.subscribe(name, handler)
+            await self.wait_listening(wanted)
+            with send, receive:
+                yield receive
+        finally:
+            for name, handler in handlers:
+                self.unsubscribe(name, handler)

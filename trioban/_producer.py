@@ -1,0 +1,168 @@
+"""A producer: runs one queue on this node within its concurrency limit.
+
+It fetches when woken (an insert notification for its queue, the stager's tick, a finished job
+while more may be waiting), claims up to its free slots with ``FOR UPDATE SKIP LOCKED``, and runs
+each job in its own task and cancel scope inside the producer's nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from . import _store
+from ._executor import Running, execute
+from ._sql import query
+
+if TYPE_CHECKING:
+    from ._acker import Acker
+    from ._job import Job
+    from ._pg import Pool
+
+log = logging.getLogger("trioban.producer")
+
+
+@attrs.frozen
+class QueueInfo:
+    """A queue's state on one node, as ``check_queue`` reports it."""
+
+    queue: str
+    node: str
+    limit: int
+    paused: bool
+    running: tuple[int, ...]
+
+
+class Producer:
+    """The runner of one queue on this node."""
+
+    def __init__(
+        self, *, pool: Pool, acker: Acker, prefix: str, node: str, queue: str, limit: int
+    ) -> None:
+        self.queue = queue
+        self.limit = limit
+        self.paused = False
+        self.uuid = str(uuid.uuid4())
+        self.running: dict[int, Running] = {}
+        self._pool = pool
+        self._acker = acker
+        self._prefix = prefix
+        self._node = node
+        self._wakeup = trio.Event()
+        self._idle = trio.Event()
+        self._more = True  # jobs may be waiting: a wakeup or a freed slot should fetch
+        self._wakes = 0  # counts wakeups, so one that lands during a fetch isn't lost
+        self._stopping = False
+
+    def info(self) -> QueueInfo:
+        """This queue's limit, pause state and running job ids."""
+        running = tuple(sorted(self.running))
+        return QueueInfo(self.queue, self._node, self.limit, self.paused, running)
+
+    def wake(self, _payload: Any = None) -> None:
+        """Fetch soon (an insert notification, a stager tick)."""
+        self._more = True
+        self._wakes += 1
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        """Stop fetching; running jobs go on."""
+        self._stopping = True
+        self._wakeup.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no job of this producer is running."""
+        while self.running:
+            await self._idle.wait()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.wake()
+
+    def scale(self, limit: int) -> None:
+        self.limit = limit
+        self.wake()
+
+    def cancel_job(self, job_id: int, reason: str) -> bool:
+        """Cancel a running job through its scope; False if it isn't running here."""
+        running = self.running.get(job_id)
+        if running is None:
+            return False
+        running.cancel_reason = reason
+        running.scope.cancel()
+        return True
+
+    async def run(
+        self, grace: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Fetch and run jobs until ``stop()``; then wait for running jobs until ``grace``.
+
+        Jobs still running when ``grace`` is set are cancelled and left ``executing``, for the
+        lifeline to rescue.
+        """
+        await self._heartbeat()
+        async with trio.open_nursery() as jobs:
+            task_status.started()
+            while not self._stopping:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                if not self._stopping:
+                    await self._fetch(jobs)
+            if self.running:
+                async with trio.open_nursery() as waiter:
+                    waiter.start_soon(_cancel_when, grace, jobs.cancel_scope)
+                    await self._idle.wait()
+                    waiter.cancel_scope.cancel()
+        if jobs.cancel_scope.cancelled_caught:
+            log.warning("queue %s: jobs left executing at shutdown", self.queue)
+
+    async def _fetch(self, jobs: trio.Nursery) -> None:
+        demand = self.limit - len(self.running)
+        if self.paused or demand <= 0 or not self._more:
+            return
+        wakes = self._wakes
+        try:
+            fetched = await _store.fetch(
+                self._pool, self._prefix, self.queue, demand, self._node, self.uuid
+            )
+        except Exception as exc:
+            log.warning(
+                "queue %s: fetch failed (%s); the stager's tick will retry", self.queue, exc
+            )
+            return
+        self._more = len(fetched) == demand or self._wakes != wakes
+        for job in fetched:
+            assert job.id is not None
+            running = self.running[job.id] = Running(job, trio.CancelScope())
+            self._idle = trio.Event()
+            jobs.start_soon(self._execute, running)
+
+    async def _execute(self, running: Running) -> None:
+        job: Job = running.job
+        try:
+            ack = await execute(running)
+            await self._acker.send(ack)
+        finally:
+            assert job.id is not None
+            del self.running[job.id]
+            if not self.running:
+                self._idle.set()
+        if self._more and not self._stopping:
+            self._wakeup.set()
+
+    async def _heartbeat(self) -> None:
+        params = {"uuid": self.uuid, "node": self._node, "queue": self.queue}
+        async with self._pool.connection() as conn:
+            await conn.execute(query("heartbeat_producer", self._prefix), params)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

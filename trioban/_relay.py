@@ -1,0 +1,243 @@
+"""Relay: await a job's result from any node.
+
+A waiter is registered under a fresh ref before the job is inserted (the ref travels in the
+job's meta), so a job that finishes in microseconds can't be missed. The executing node stores
+the result with the job and publishes a notice in the same statement as its ack; the notifier
+routes it here by ref. A poller re-reads the rows of pending relays at an interval, and at once
+after the notifier reconnects, so a missed notice only delays a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import outcome
+import trio
+
+from . import _codec
+from ._errors import RelayCancelled, RelayDiscard, RelayError, RelayTimeout
+from ._job import Job
+
+if TYPE_CHECKING:
+    from ._pg import Pool
+
+log = logging.getLogger("trioban.relay")
+
+META_REF: Final = "relay"
+"""The key of ``job.meta`` holding a relayed job's ref."""
+META_RESULT: Final = "result"
+"""The key of ``job.meta`` holding a relayed job's result."""
+CHANNEL: Final = "relay"
+
+POLL_INTERVAL: Final = 1.0
+"""Seconds between polls of pending relays' rows (the fallback for missed notices)."""
+
+_FINAL: Final = frozenset({"completed", "cancelled", "discarded"})
+
+
+@attrs.frozen
+class Notice:
+    """A job's outcome as a relay sees it."""
+
+    state: str
+    result: Any = None
+    reason: str = ""
+    stored: bool = False  # the result was too large to publish: read it from the job row
+
+
+def build_notice(ref: str, job_id: int, state: str, result: Any = None, reason: str = "") -> str:
+    """The notification text for a relayed job's outcome, small enough for NOTIFY."""
+    body: dict[str, Any] = {"ref": ref, "id": job_id, "state": state}
+    if state == "completed":
+        body["result"] = result
+    elif reason:
+        body["reason"] = reason[:2000]
+    text = _codec.encode_payload(body)
+    if len(text.encode()) < _codec.NOTIFY_LIMIT:
+        return text
+    return _codec.dumps({"ref": ref, "id": job_id, "state": state, "stored": True})
+
+
+def last_error(errors: Sequence[Mapping[str, Any]] | None) -> str:
+    """The text of a job's most recent error."""
+    if not errors:
+        return ""
+    return str(errors[-1].get("error", ""))
+
+
+def notice_from_row(state: str, errors: Sequence[Any] | None, meta: Mapping[str, Any]) -> Notice:
+    """The notice a job row amounts to (used by the poller and for stored results)."""
+    return Notice(state=state, result=(meta or {}).get(META_RESULT), reason=last_error(errors))
+
+
+class _Waiter:
+    """A per-ref slot holding the latest notice; a final notice is never overwritten."""
+
+    __slots__ = ("event", "job_id", "notice")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.notice: Notice | None = None
+        self.job_id: int | None = None
+
+    def offer(self, notice: Notice) -> None:
+        if self.notice is not None and self.notice.state in _FINAL:
+            return
+        self.notice = notice
+        self.event.set()
+
+    def take(self) -> Notice | None:
+        notice, self.notice = self.notice, None
+        self.event = trio.Event()
+        return notice
+
+
+class Registry:
+    """Waiters by ref, fed by the notifier and by the poller."""
+
+    def __init__(self, pool: Pool, get_state: Callable[[Pool, list[int]], Any]) -> None:
+        self._pool = pool
+        self._get_state = get_state
+        self._waiters: dict[str, _Waiter] = {}
+        self._poll_now = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    def register(self, ref: str) -> _Waiter:
+        waiter = self._waiters.get(ref)
+        if waiter is None:
+            waiter = self._waiters[ref] = _Waiter()
+        return waiter
+
+    def discard(self, ref: str) -> None:
+        self._waiters.pop(ref, None)
+
+    def deliver(self, payload: Any) -> None:
+        """Notifier handler for the relay channel."""
+        waiter = self._waiters.get(payload.get("ref", "")) if isinstance(payload, dict) else None
+        if waiter is None:
+            return
+        notice = Notice(
+            state=str(payload.get("state")),
+            result=payload.get("result"),
+            reason=str(payload.get("reason", "")),
+            stored=bool(payload.get("stored")),
+        )
+        waiter.offer(notice)
+
+    def poll_soon(self) -> None:
+        """Poll pending relays at once (after a reconnect, or for a stored result)."""
+        self._poll_now.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll the rows of pending relays until cancelled."""
+        task_status.started()
+        while True:
+            with trio.move_on_after(POLL_INTERVAL):
+                await self._poll_now.wait()
+            self._poll_now = trio.Event()
+            try:
+                await self._poll()
+            except Exception:
+                log.warning("relay poll failed; retrying", exc_info=True)
+
+    async def _poll(self) -> None:
+        pending = {w.job_id: w for w in self._waiters.values() if w.job_id is not None}
+        if not pending:
+            return
+        rows = await self._get_state(self._pool, list(pending))
+        for job_id, state, errors, meta in rows:
+            if state in _FINAL or state == "retryable":
+                pending[job_id].offer(notice_from_row(state, errors, meta))
+
+    async def wait(self, waiter: _Waiter, job_id: int, with_retries: bool) -> Any:
+        """Wait for the relay's outcome and map it to a value or a ``RelayError``."""
+        waiter.job_id = job_id
+        while True:
+            await waiter.event.wait()
+            notice = waiter.take()
+            if notice is None:
+                continue
+            if notice.stored:
+                self.poll_soon()  # the row holds the result; the poller reads it
+                continue
+            if notice.state == "completed":
+                return notice.result
+            if notice.state == "cancelled":
+                raise RelayCancelled(notice.reason or "cancelled")
+            if notice.state == "discarded" or (notice.state == "retryable" and not with_retries):
+                raise RelayDiscard(notice.reason or notice.state)
+
+
+@final
+class Relay:
+    """A dispatched job whose result can be awaited: returned by ``oban.dispatch()``."""
+
+    def __init__(self, registry: Registry, ref: str, job: Job) -> None:
+        self.ref = ref
+        self.job = job
+        self._registry = registry
+        # A relay that is never awaited must not keep its waiter forever.
+        weakref.finalize(self, registry.discard, ref)
+
+    @classmethod
+    def _create(cls, registry: Registry, ref: str, job: Job) -> Relay:
+        return cls(registry, ref, job)
+
+    def __repr__(self) -> str:
+        return f"<trioban.Relay ref={self.ref} job={self.job.id}>"
+
+    async def result(
+        self,
+        timeout: float = 30.0,  # noqa: ASYNC109 (the API contract takes a timeout)
+        with_retries: bool = False,
+    ) -> Any:
+        """Wait for the job's result.
+
+        Raises ``RelayTimeout`` when ``timeout`` seconds pass, ``RelayCancelled`` or
+        ``RelayDiscard`` when the job ends so. A timeout, or the caller's own cancel scope,
+        stops only the waiting: the job goes on, and ``result()`` may be called again.
+        """
+        registry = self._registry
+        assert self.job.id is not None
+        waiter = registry.register(self.ref)
+        if waiter.notice is None and waiter.job_id is None:
+            registry.poll_soon()  # a second call: the outcome may already be in the row
+        try:
+            with trio.move_on_after(timeout):
+                return await registry.wait(waiter, self.job.id, with_retries)
+            raise RelayTimeout(f"no result for job {self.job.id} within {timeout}s")
+        finally:
+            registry.discard(self.ref)
+
+
+def new_ref() -> str:
+    """A fresh relay ref."""
+    return uuid.uuid4().hex
+
+
+async def await_many(
+    relays: Sequence[Relay],
+    timeout: float,  # noqa: ASYNC109 (the API contract takes a timeout)
+) -> list[outcome.Outcome[Any]]:
+    """Await several relays under one deadline; one outcome per relay, in the order given."""
+    results: list[outcome.Outcome[Any] | None] = [None] * len(relays)
+
+    async def collect(index: int, relay: Relay) -> None:
+        try:
+            results[index] = outcome.Value(await relay.result(timeout=float("inf")))
+        except RelayError as exc:
+            results[index] = outcome.Error(exc)
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for index, relay in enumerate(relays):
+                nursery.start_soon(collect, index, relay)
+    expired = f"no result within {timeout}s"
+    return [outcome.Error(RelayTimeout(expired)) if r is None else r for r in results]

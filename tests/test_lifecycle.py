@@ -113,7 +113,9 @@ async def test_default_backoff_schedules_the_retry_in_the_future(dsn: str) -> No
                 await relay.result(timeout=5)
             assert relay.job.id is not None
             job = await oban.get_job(relay.job.id)
-            assert job is not None and job.scheduled_at is not None and job.attempted_at
+            assert job is not None
+            assert job.scheduled_at is not None
+            assert job.attempted_at
             assert job.state is JobState.RETRYABLE
             delay = (job.scheduled_at - job.attempted_at).total_seconds()
             assert 15 <= delay <= 20  # 15 + 2**1, jittered by 10%
@@ -136,7 +138,8 @@ async def test_scheduled_jobs_wait_until_due_then_run(dsn: str) -> None:
             assert await relay.result(timeout=5) == 2
             assert future.id is not None
             still = await oban.get_job(future.id)
-            assert still is not None and still.state is JobState.SCHEDULED
+            assert still is not None
+            assert still.state is JobState.SCHEDULED
 
 
 async def test_priority_orders_execution(dsn: str) -> None:
@@ -188,14 +191,19 @@ async def test_transactional_insert_commits_or_rolls_back(dsn: str) -> None:
                 pytest.fail(f"a rolled-back insert was announced: {extra}")
 
 
+async def _insert_then_fail(oban: trioban.Oban, inserted: list[trioban.Job]) -> None:
+    async with oban.transaction() as conn:
+        inserted.append(await oban.insert(echo.new({"value": 1}), conn=conn))
+        raise RuntimeError("abort")
+
+
 async def test_concurrency_limit_is_respected(dsn: str) -> None:
-    workers.concurrency.update(now=0, max=0)
+    workers.concurrency.update(now=0, max=0, started=0)
     gate = workers.gates["limit"] = trio.Event()
     with trio.fail_after(15):
         async with running(dsn, queues={"default": 3}) as oban:
             relays = [await oban.dispatch(wait_gate.new({"gate": "limit"})) for _ in range(12)]
-            while workers.concurrency["now"] < 3:
-                await trio.sleep(0.01)
+            await workers.wait_started(3)
             await trio.sleep(0.2)  # give an over-eager producer the chance to exceed the limit
             assert oban.check_queue("default").running.__len__() == 3
             gate.set()
@@ -207,27 +215,29 @@ async def test_concurrency_limit_is_respected(dsn: str) -> None:
 async def test_graceful_shutdown_finishes_short_jobs(dsn: str) -> None:
     with trio.fail_after(10):
         async with running(dsn, shutdown_grace=5) as oban:
+            workers.concurrency["started"] = 0
             relay = await oban.dispatch(sleeper.new({"seconds": 0.3}))
-            while not oban.check_queue("default").running:
-                await trio.sleep(0.01)
+            await workers.wait_started(1)
         async with running(dsn, queues={}) as oban:
             assert relay.job.id is not None
             job = await oban.get_job(relay.job.id)
-            assert job is not None and job.state is JobState.COMPLETED
+            assert job is not None
+            assert job.state is JobState.COMPLETED
 
 
 async def test_shutdown_leaves_overdue_jobs_executing(dsn: str) -> None:
     with trio.fail_after(10):
         async with running(dsn, shutdown_grace=0.2) as oban:
+            workers.concurrency["started"] = 0
             relay = await oban.dispatch(sleeper.new({"seconds": 60}))
-            while not oban.check_queue("default").running:
-                await trio.sleep(0.01)
+            await workers.wait_started(1)
             started = trio.current_time()
         assert trio.current_time() - started < 2
         async with running(dsn, queues={}) as oban:
             assert relay.job.id is not None
             job = await oban.get_job(relay.job.id)
-            assert job is not None and job.state is JobState.EXECUTING
+            assert job is not None
+            assert job.state is JobState.EXECUTING
 
 
 async def test_unknown_worker_is_discarded_and_the_node_keeps_running(dsn: str) -> None:
@@ -258,7 +268,7 @@ async def test_worker_timeout_is_an_error_and_retried(dsn: str) -> None:
     with trio.fail_after(10):
         async with running(dsn) as oban:
             relay = await oban.dispatch(too_slow.new({}))
-            with pytest.raises(RelayDiscard, match="exceeded its worker's timeout of 0.2s"):
+            with pytest.raises(RelayDiscard, match=r"exceeded its worker's timeout of 0\.2s"):
                 await relay.result(timeout=5, with_retries=True)
             assert relay.job.id is not None
             job = await oban.get_job(relay.job.id)
@@ -277,7 +287,8 @@ async def test_retry_job_runs_a_finished_job_again(dsn: str) -> None:
             with pytest.raises(RelayDiscard):
                 await relay.result(timeout=5)
             job = await oban.get_job(relay.job.id)
-            assert job is not None and job.attempt == 2
+            assert job is not None
+            assert job.attempt == 2
             with pytest.raises(TypeError, match="job id"):
                 await oban.retry_job("1")  # type: ignore[arg-type]
 
@@ -290,11 +301,12 @@ async def test_cancel_job_before_it_runs(dsn: str) -> None:
             assert await oban.cancel_job(job.id) is True
             assert await oban.cancel_job(job.id) is False
             stored = await oban.get_job(job.id)
-            assert stored is not None and stored.state is JobState.CANCELLED
+            assert stored is not None
+            assert stored.state is JobState.CANCELLED
 
 
 async def test_open_rejects_bad_input(dsn: str) -> None:
-    with pytest.raises(TypeError, match="trioban.Config"):
+    with pytest.raises(TypeError, match=r"trioban\.Config"):
         async with trioban.open({"dsn": dsn}):  # type: ignore[arg-type]
             pass
     with pytest.raises(trioban.ConfigError, match="dsn"):
@@ -320,4 +332,5 @@ async def test_insert_only_instance_runs_no_producers(dsn: str) -> None:
                 oban.check_queue("default")
             await trio.sleep(0.3)
             stored = await oban.get_job(job.id)
-            assert stored is not None and stored.state is JobState.AVAILABLE
+            assert stored is not None
+            assert stored.state is JobState.AVAILABLE

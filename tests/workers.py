@@ -12,7 +12,21 @@ from trioban import Cancel, Discard, Job, Snooze, worker
 # In-process probes: tests read these to see what the workers did.
 seen: list[Any] = []
 gates: dict[str, trio.Event] = {}
-concurrency = {"now": 0, "max": 0}
+concurrency = {"now": 0, "max": 0, "started": 0}
+_started = trio.Event()
+
+
+def _note_start() -> None:
+    global _started
+    concurrency["started"] += 1
+    _started.set()
+    _started = trio.Event()
+
+
+async def wait_started(count: int) -> None:
+    """Wait until ``count`` gate or sleeper jobs have started (since the last reset)."""
+    while concurrency["started"] < count:
+        await _started.wait()
 
 
 @worker(queue="default")
@@ -54,6 +68,7 @@ async def wait_gate(job: Job) -> str:
     """Runs until the test opens its gate (or the job is cancelled)."""
     concurrency["now"] += 1
     concurrency["max"] = max(concurrency["max"], concurrency["now"])
+    _note_start()
     try:
         await gates.setdefault(job.args["gate"], trio.Event()).wait()
     finally:
@@ -63,6 +78,7 @@ async def wait_gate(job: Job) -> str:
 
 @worker(queue="default")
 async def sleeper(job: Job) -> str:
+    _note_start()
     await trio.sleep(job.args["seconds"])
     return "slept"
 

@@ -1,8 +1,8 @@
 """The acker: writes job outcomes in batches, one statement per batch.
 
 Each write runs in a shielded, time-bounded scope, so cancellation can't tear a batch in half;
-a failed write is retried with backoff until it succeeds or the instance is torn down. Natural batching:
-while one batch is being written, the next accumulates.
+a failed write is retried with backoff until it succeeds or the instance is torn down.
+Batching is natural: while one batch is being written, the next accumulates.
 """
 
 from __future__ import annotations

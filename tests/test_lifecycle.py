@@ -173,10 +173,10 @@ async def test_insert_all_is_one_statement_in_order(dsn: str) -> None:
 async def test_transactional_insert_commits_or_rolls_back(dsn: str) -> None:
     with trio.fail_after(10):
         async with running(dsn, queues={}) as oban, oban.listen(["insert"]) as messages:
+            inserted: list[trioban.Job] = []
             with pytest.raises(RuntimeError, match="abort"):
-                async with oban.transaction() as conn:
-                    rolled = await oban.insert(echo.new({"value": 1}), conn=conn)
-                    raise RuntimeError("abort")
+                await _insert_then_fail(oban, inserted)
+            rolled = inserted[0]
             assert rolled.id is not None
             assert await oban.get_job(rolled.id) is None
             async with oban.transaction() as conn:
@@ -189,6 +189,12 @@ async def test_transactional_insert_commits_or_rolls_back(dsn: str) -> None:
             with trio.move_on_after(0.3):
                 extra = await messages.receive()
                 pytest.fail(f"a rolled-back insert was announced: {extra}")
+
+
+async def _insert_then_fail(oban: trioban.Oban, inserted: list[trioban.Job]) -> None:
+    async with oban.transaction() as conn:
+        inserted.append(await oban.insert(echo.new({"value": 1}), conn=conn))
+        raise RuntimeError("abort")
 
 
 async def _insert_then_fail(oban: trioban.Oban, inserted: list[trioban.Job]) -> None:

@@ -97,3 +97,14 @@ async def count_run(job: Job) -> None:
         await conn.execute(
             "INSERT INTO runs (job_id, node) VALUES (%s, %s)", [job.id, oban.config.node]
         )
+
+
+@worker(queue="default")
+async def big_result(job: Job) -> str:
+    return "x" * int(job.args["size"])
+
+
+@worker(queue="other")
+async def whoami(job: Job) -> str:
+    """Returns the node that ran it."""
+    return trioban.current_instance().config.node

@@ -333,7 +333,7 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
 
 @asynccontextmanager
 async def _running(conf: Config, pool: _pg.Pool) -> AsyncIterator[Oban]:
-    notifier = Notifier(conf.dsn or "", conf.prefix)
+    notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
     relays = Registry(pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
     acker = Acker(pool, conf.prefix)
     oban = Oban._create(conf, pool, notifier, relays)

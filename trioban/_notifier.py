@@ -17,6 +17,7 @@ from typing import Any, Final
 import psycopg
 import trio
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from . import _codec, _pg
 from ._sql import IDENTIFIER, channel
@@ -46,8 +47,9 @@ def check_channel(name: str) -> str:
 class Notifier:
     """Listens on the instance's channels and hands each payload to its subscribers."""
 
-    def __init__(self, dsn: str, prefix: str) -> None:
-        self._dsn = dsn
+    def __init__(self, dsn: str, prefix: str, node: str) -> None:
+        # Named so operators (and tests) can find the LISTEN connection in pg_stat_activity.
+        self._dsn = make_conninfo(dsn, application_name=f"trioban-notifier {node}"[:63])
         self._prefix = prefix
         self._handlers: dict[str, list[Handler]] = {}
         self._reconnect_hooks: list[Callable[[], None]] = []

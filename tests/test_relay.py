@@ -1,0 +1,219 @@
+"""Relay: persistent, distributed async/await, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import gc
+import resource
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import outcome
+import pytest
+import trio
+
+import trioban
+from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout
+from trioban._relay import _Waiter
+
+from . import workers
+from .nodes import node_processes
+from .workers import big_result, echo, flaky, steer, wait_gate, whoami
+
+
+@asynccontextmanager
+async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
+    settings.setdefault("queues", {"default": 20})
+    settings.setdefault("stage_interval", 0.1)
+    async with trioban.open(Config(dsn=dsn, **settings)) as oban:
+        yield oban
+
+
+async def _terminate_notifier(oban: trioban.Oban) -> int:
+    """Kill the notifier's connection from the server side, as a restart would."""
+    async with oban.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            [f"trioban-notifier {oban.config.node}"],
+        )
+        return len(await cur.fetchall())
+
+
+async def test_relay_returns_the_result_and_api_shapes(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            assert await oban.relay(echo.new({"value": 42}), timeout=5) == 42
+            relay = await oban.dispatch(echo.new({"value": {"a": [1, 2]}}))
+            assert isinstance(relay, trioban.Relay)
+            assert relay.job.id is not None
+            assert isinstance(relay.ref, str)
+            assert await relay.result(timeout=5) == {"a": [1, 2]}
+            # result() may be called again: the outcome is read back from the job row.
+            assert await relay.result(timeout=5) == {"a": [1, 2]}
+            assert await echo.relay({"value": 5}, timeout=5) == 5
+            assert len(oban._relays) == 0
+
+
+async def test_a_job_that_finishes_before_result_is_called_is_not_missed(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relays = [await oban.dispatch(echo.new({"value": i})) for i in range(50)]
+            await trio.sleep(0.5)  # every job has finished before anyone waits
+            assert [await r.result(timeout=5) for r in relays] == list(range(50))
+
+
+async def test_relay_outcomes(dsn: str) -> None:
+    with trio.fail_after(20):
+        async with running(dsn) as oban:
+            with pytest.raises(RelayCancelled) as cancelled:
+                await oban.relay(steer.new({"kind": "cancel"}), timeout=5)
+            assert cancelled.value.reason == "told to cancel"
+            with pytest.raises(RelayDiscard) as discarded:
+                await oban.relay(steer.new({"kind": "discard"}), timeout=5)
+            assert discarded.value.reason == "told to discard"
+            # An error: at once without with_retries, the final outcome with it.
+            with pytest.raises(RelayDiscard, match="failing attempt 1"):
+                await oban.relay(flaky.new({"succeed_on": 2}), timeout=5)
+            assert await oban.relay(flaky.new({"succeed_on": 2}), with_retries=True) == "ok on 2"
+            with pytest.raises(RelayDiscard, match="failing attempt 3"):
+                await oban.relay(flaky.new({"succeed_on": 9}), timeout=5, with_retries=True)
+            assert await oban.relay(steer.new({"kind": "snooze"}), timeout=5) == {
+                "kind": "snooze",
+                "attempt": 2,
+            }
+            assert issubclass(RelayTimeout, trioban.RelayError)
+
+
+async def test_results_larger_than_notify_limit_arrive_whole(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            result = await oban.relay(big_result.new({"size": 100_000}), timeout=5)
+            assert result == "x" * 100_000
+
+
+async def test_timeout_stops_the_waiting_not_the_job(dsn: str) -> None:
+    gate = workers.gates["timeout"] = trio.Event()
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "timeout"}))
+            with pytest.raises(RelayTimeout):
+                await relay.result(timeout=0.2)
+            assert len(oban._relays) == 0
+            with trio.move_on_after(0.2):
+                await relay.result(timeout=5)
+            assert len(oban._relays) == 0
+            gate.set()
+            assert await relay.result(timeout=5) == "opened"
+
+
+async def test_relay_from_insert_only_instance_runs_on_a_node_process(dsn: str) -> None:
+    with trio.fail_after(60):
+        async with running(dsn, queues={}) as oban, node_processes(dsn, "other:5", 1):
+            node = await oban.relay(whoami.new({}), timeout=10)
+            assert node != oban.config.node
+            assert node.endswith(tuple("0123456789"))
+            assert await oban.relay(whoami.new({}), timeout=10) == node
+
+
+async def test_relay_survives_a_killed_notifier_connection(dsn: str) -> None:
+    gate = workers.gates["killed"] = trio.Event()
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as caller, running(dsn) as worker_node:
+            relay = await caller.dispatch(wait_gate.new({"gate": "killed"}))
+            assert await _terminate_notifier(caller) == 1
+            gate.set()  # the job finishes while the caller's notifier is down
+            assert await relay.result(timeout=10) == "opened"
+            assert worker_node.notifier_status() == "connected"
+            # The caller's notifier reconnects by itself, and relays keep working.
+            assert await caller.relay(echo.new({"value": 1}), timeout=10) == 1
+            assert caller.notifier_status() == "connected"
+
+
+async def test_missed_notice_is_found_by_polling(dsn: str) -> None:
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as caller:
+            # Stop the caller hearing relay notices at all: only the poller can deliver.
+            caller._notifier.unsubscribe("relay", caller._relays.deliver)
+            relay = await caller.dispatch(echo.new({"value": "polled"}))
+            async with running(dsn):
+                assert await relay.result(timeout=10) == "polled"
+
+
+async def test_500_concurrent_relays_from_one_nursery(dsn: str) -> None:
+    results: dict[int, Any] = {}
+
+    async def one(i: int, oban: trioban.Oban) -> None:
+        results[i] = await oban.relay(echo.new({"value": i}), timeout=20)
+
+    with trio.fail_after(30):
+        async with running(dsn) as oban:
+            async with trio.open_nursery() as nursery:
+                for i in range(500):
+                    nursery.start_soon(one, i, oban)
+            assert len(oban._relays) == 0
+    assert results == {i: i for i in range(500)}
+
+
+async def test_await_many_returns_outcomes_in_order(dsn: str) -> None:
+    with trio.fail_after(30):
+        async with running(dsn) as oban:
+            relays = [await oban.dispatch(echo.new({"value": i})) for i in range(1000)]
+            relays.append(await oban.dispatch(steer.new({"kind": "discard"})))
+            start = trio.current_time()
+            outcomes = await oban.await_many(relays, timeout=20)
+            assert trio.current_time() - start < 10  # done when the last result is in
+            assert [o.unwrap() for o in outcomes[:-1]] == list(range(1000))
+            assert isinstance(outcomes[-1], outcome.Error)
+            assert isinstance(outcomes[-1].error, RelayDiscard)
+            assert len(oban._relays) == 0
+
+
+async def test_await_many_returns_partial_results_at_the_deadline(dsn: str) -> None:
+    workers.gates["never"] = trio.Event()
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relays = []
+            for i in range(6):
+                job = wait_gate.new({"gate": "never"}) if i % 2 else echo.new({"value": i})
+                relays.append(await oban.dispatch(job))
+            outcomes = await oban.await_many(relays, timeout=1)
+            assert [o.unwrap() for o in outcomes[::2]] == [0, 2, 4]
+            for late in outcomes[1::2]:
+                assert isinstance(late, outcome.Error)
+                assert isinstance(late.error, RelayTimeout)
+            assert len(oban._relays) == 0
+            with pytest.raises(TypeError, match="Relay objects"):
+                await oban.await_many([1], timeout=1)  # type: ignore[list-item]
+            with pytest.raises(ValueError, match="timeout"):
+                await oban.await_many(relays, timeout=-1)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def test_10000_abandoned_relays_leak_nothing(dsn: str) -> None:
+    workers.gates["leak"] = trio.Event()
+
+    async def abandon(oban: trioban.Oban, count: int, by_timeout: bool) -> None:
+        for _ in range(count):
+            relay = await oban.dispatch(wait_gate.new({"gate": "leak"}))
+            if by_timeout:
+                with pytest.raises(RelayTimeout):
+                    await relay.result(timeout=0)
+            else:
+                with trio.move_on_after(0):
+                    await relay.result(timeout=30)
+
+    with trio.fail_after(120):
+        async with running(dsn, queues={}) as oban:
+            await abandon(oban, 200, True)  # warm up
+            gc.collect()
+            baseline = _rss_mb()
+            async with trio.open_nursery() as nursery:
+                for task in range(10):
+                    nursery.start_soon(abandon, oban, 1000, task % 2 == 0)
+            gc.collect()
+            assert len(oban._relays) == 0
+            assert not [o for o in gc.get_objects() if isinstance(o, _Waiter)]
+            assert _rss_mb() - baseline < 20

@@ -20,6 +20,7 @@ from .workers import echo, flaky, record, sleeper, steer, too_slow, wait_gate
 async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
     settings.setdefault("queues", {"default": 10})
     settings.setdefault("stage_interval", 0.1)
+    settings.setdefault("shutdown_grace", 0.5)
     async with trioban.open(Config(dsn=dsn, **settings)) as oban:
         yield oban
 

@@ -25,6 +25,7 @@ from .workers import big_result, echo, flaky, steer, wait_gate, whoami
 async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
     settings.setdefault("queues", {"default": 20})
     settings.setdefault("stage_interval", 0.1)
+    settings.setdefault("shutdown_grace", 0.5)
     async with trioban.open(Config(dsn=dsn, **settings)) as oban:
         yield oban
 
@@ -118,7 +119,10 @@ async def test_relay_from_insert_only_instance_runs_on_a_node_process(dsn: str) 
 async def test_relay_survives_a_killed_notifier_connection(dsn: str) -> None:
     gate = workers.gates["killed"] = trio.Event()
     with trio.fail_after(20):
-        async with running(dsn, queues={}) as caller, running(dsn) as worker_node:
+        async with (
+            running(dsn, queues={}, node="caller") as caller,
+            running(dsn, node="worker") as worker_node,
+        ):
             relay = await caller.dispatch(wait_gate.new({"gate": "killed"}))
             assert await _terminate_notifier(caller) == 1
             gate.set()  # the job finishes while the caller's notifier is down

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, final
@@ -37,6 +38,8 @@ class Oban:
         self._notifier = notifier
         self._relays = relays
         self._producers: dict[str, Producer] = {}
+        # Identifies this instance's own signals (several instances may share a node name).
+        self._origin = uuid.uuid4().hex
 
     def __repr__(self) -> str:
         return f"<trioban.Oban node={self.config.node!r} prefix={self.config.prefix!r}>"
@@ -218,10 +221,10 @@ class Oban:
             await self._signal(message)
 
     async def _signal(self, message: dict[str, Any]) -> None:
-        await self.notify(SIGNAL, {**message, "origin": self.config.node})
+        await self.notify(SIGNAL, {**message, "origin": self._origin})
 
     def _on_signal(self, message: Any) -> None:
-        if isinstance(message, dict) and message.get("origin") != self.config.node:
+        if isinstance(message, dict) and message.get("origin") != self._origin:
             self._apply_signal(message)
 
     def _apply_signal(self, message: dict[str, Any]) -> None:

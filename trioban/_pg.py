@@ -1,0 +1,275 @@
+"""The Trio-native PostgreSQL driver and pool: the only module that knows psycopg internals.
+
+psycopg's I/O is a set of generators (``psycopg.generators``) that yield "wait for read/write"
+and are resumed when the socket is ready. ``Connection`` subclasses ``psycopg.AsyncConnection``
+and drives them with Trio's own waits, instead of asyncio's. Undocumented seams this relies on
+(psycopg is pinned to the tested minor version; tests/test_pg.py checks each seam):
+
+- ``AsyncConnection.wait(gen, interval, timeout)`` and ``psycopg.errors._WaitTimeout``;
+- ``AsyncConnection.lock`` (an asyncio.Lock, replaced by a trio.Lock);
+- ``AsyncConnection._connect_gen``, ``_cancel_gen``, ``_get_connection_params`` and
+  ``psycopg._conninfo_attempts.conninfo_attempts`` (``connect()`` is re-implemented: psycopg's
+  calls asyncio directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import select
+from collections import deque
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar
+
+import attrs
+import psycopg
+import trio
+from psycopg import errors as e
+from psycopg import pq
+from psycopg._conninfo_attempts import conninfo_attempts
+from psycopg._enums import Ready, Wait
+from psycopg.conninfo import make_conninfo, timeout_from_conninfo
+
+from ._errors import TriobanError
+
+log = logging.getLogger("trioban.pg")
+
+RV = TypeVar("RV")
+_ACTIVE: Final = pq.TransactionStatus.ACTIVE
+_IDLE: Final = pq.TransactionStatus.IDLE
+_CANCEL_TIMEOUT: Final = 5.0
+_ROLLBACK_TIMEOUT: Final = 5.0
+
+
+class DatabaseUnavailable(TriobanError):
+    """Raised when no connection to PostgreSQL can be made."""
+
+
+def _poll(fileno: int, wait: int) -> int:
+    """Readiness of ``fileno`` for ``wait`` right now, without blocking."""
+    poller = select.poll()
+    poller.register(
+        fileno, (select.POLLIN if wait & Wait.R else 0) | (select.POLLOUT if wait & Wait.W else 0)
+    )
+    ready = 0
+    for _, events in poller.poll(0):
+        if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            ready |= Ready.R
+        if events & select.POLLOUT:
+            ready |= Ready.W
+    return ready
+
+
+async def _ready(fileno: int, wait: int) -> int:
+    """Wait until ``fileno`` is ready for what ``wait`` asks; return what it is ready for."""
+    if wait == Wait.R:
+        await trio.lowlevel.wait_readable(fileno)
+        return Ready.R
+    if wait == Wait.W:
+        await trio.lowlevel.wait_writable(fileno)
+        return Ready.W
+    # Read or write: a socket is nearly always writable; while it isn't, keep checking both
+    # so a server that is itself blocked sending to us can't deadlock the exchange.
+    while not (ready := _poll(fileno, wait)):
+        with trio.move_on_after(0.01):
+            await trio.lowlevel.wait_writable(fileno)
+    return ready
+
+
+async def _drive(gen: Generator[Any, int, RV], fileno: int) -> RV:
+    try:
+        wait = next(gen)
+        while True:
+            wait = gen.send(await _ready(fileno, wait))
+    except StopIteration as done:
+        result: RV = done.value
+        return result
+    except OSError as exc:
+        raise e.OperationalError("connection socket closed") from exc
+
+
+async def _drive_conn(gen: Generator[tuple[int, int], int, RV]) -> RV:
+    try:
+        fileno, wait = next(gen)
+        while True:
+            fileno, wait = gen.send(await _ready(fileno, wait))
+    except StopIteration as done:
+        result: RV = done.value
+        return result
+    except OSError as exc:
+        raise e.OperationalError("connection socket closed") from exc
+
+
+class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
+    """A psycopg async connection whose waits are Trio's (use ``connect()``)."""
+
+    def __init__(self, pgconn: pq.abc.PGconn, **kwargs: Any) -> None:
+        super().__init__(pgconn, **kwargs)
+        self.lock = trio.Lock()  # type: ignore[assignment]
+        self.created_at = trio.current_time()
+
+    async def wait(  # type: ignore[override]
+        self, gen: Generator[Any, int, RV], interval: float = 0.1, timeout: float | None = None
+    ) -> RV:
+        """Drive a psycopg generator with Trio; cancelling it cancels the query on the server."""
+        try:
+            if timeout is None:
+                return await _drive(gen, self.pgconn.socket)
+            with trio.move_on_after(timeout):
+                return await _drive(gen, self.pgconn.socket)
+            raise e._WaitTimeout("wait timeout expired")
+        except trio.Cancelled:
+            if self.pgconn.transaction_status == _ACTIVE:
+                await self._cancel_and_settle(gen)
+            raise
+
+    async def _cancel_and_settle(self, gen: Generator[Any, int, Any]) -> None:
+        # Shielded and bounded: the caller is being cancelled, but the connection must end up
+        # idle (or closed), never stuck in a query the next user would inherit.
+        with trio.move_on_after(_CANCEL_TIMEOUT, shield=True) as scope:
+            try:
+                await self._send_cancel()
+                await _drive(gen, self.pgconn.socket)
+            except Exception as exc:
+                log.warning("cancelling a query failed (%s); closing the connection", exc)
+                self.pgconn.finish()
+        if scope.cancelled_caught:
+            log.warning("query not cancelled within %ss; closing the connection", _CANCEL_TIMEOUT)
+            self.pgconn.finish()
+
+    async def _send_cancel(self) -> None:
+        if psycopg.capabilities.has_cancel_safe():
+            await _drive_conn(self._cancel_gen())
+        else:
+            await trio.to_thread.run_sync(self.cancel)
+
+    @classmethod
+    async def connect_trio(cls, conninfo: str, *, autocommit: bool = True) -> Connection:
+        """Open a connection, trying each host the conninfo names in turn."""
+        params = await cls._get_connection_params(conninfo)
+        timeout = timeout_from_conninfo(params)
+        attempts = await trio.to_thread.run_sync(conninfo_attempts, params)
+        errors: list[str] = []
+        for attempt in attempts:
+            try:
+                with trio.fail_after(timeout if timeout else math.inf):
+                    conn = await _drive_conn(cls._connect_gen(make_conninfo("", **attempt)))
+            except (e.Error, trio.TooSlowError) as exc:
+                errors.append(str(exc) or type(exc).__name__)
+                continue
+            conn._autocommit = bool(autocommit)
+            return conn
+        raise e.OperationalError("; ".join(errors) or "no host to connect to")
+
+
+async def connect(conninfo: str, *, autocommit: bool = True) -> Connection:
+    """Open a Trio-driven connection (autocommit by default)."""
+    return await Connection.connect_trio(conninfo, autocommit=autocommit)
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a pool: its size and how many connections are idle or in use."""
+
+    size: int
+    idle: int
+    in_use: int
+    waiting: int
+
+
+class Pool:
+    """A bounded pool of autocommit connections (use ``open_pool()``)."""
+
+    def __init__(self, conninfo: str, size: int, max_lifetime: float) -> None:
+        self._conninfo = conninfo
+        self._size = size
+        self._max_lifetime = max_lifetime
+        self._slots = trio.Semaphore(size)
+        self._idle: deque[Connection] = deque()
+        self._in_use: set[Connection] = set()
+        self._closed = False
+
+    def statistics(self) -> PoolStatistics:
+        """The pool's current numbers."""
+        waiting = self._slots.statistics().tasks_waiting
+        return PoolStatistics(self._size, len(self._idle), len(self._in_use), waiting)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """Check out a connection; it returns to the pool clean (idle) or is discarded."""
+        if self._closed:
+            raise TriobanError("the connection pool is closed")
+        async with self._slots:
+            conn = await self._checkout()
+            self._in_use.add(conn)
+            try:
+                yield conn
+            finally:
+                self._in_use.discard(conn)
+                await self._checkin(conn)
+
+    async def _checkout(self) -> Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+        return await self._connect()
+
+    async def _connect(self) -> Connection:
+        delay = 0.05
+        while True:
+            try:
+                return await connect(self._conninfo)
+            except (psycopg.Error, OSError) as exc:
+                if delay > 2:
+                    raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+                log.warning("connecting failed (%s); retrying in %.2fs", exc, delay)
+                await trio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311
+                delay *= 2
+
+    async def _checkin(self, conn: Connection) -> None:
+        if conn.closed or conn.broken or self._closed:
+            await _close(conn)
+            return
+        if conn.pgconn.transaction_status != _IDLE:
+            with trio.move_on_after(_ROLLBACK_TIMEOUT, shield=True):
+                try:
+                    await conn.rollback()
+                except Exception as exc:
+                    log.warning("rollback on return failed (%s); discarding", exc)
+            if conn.closed or conn.pgconn.transaction_status != _IDLE:
+                await _close(conn)
+                return
+        if trio.current_time() - conn.created_at > self._max_lifetime:
+            await _close(conn)
+            return
+        self._idle.append(conn)
+
+    async def aclose(self) -> None:
+        """Close every idle connection; ones in use are closed as they come back."""
+        self._closed = True
+        while self._idle:
+            await _close(self._idle.pop())
+
+
+async def _close(conn: Connection) -> None:
+    with trio.CancelScope(shield=True):
+        try:
+            await conn.close()
+        except Exception as exc:  # closing a dead connection may fail; it's gone either way
+            log.debug("closing a connection failed: %s", exc)
+
+
+@asynccontextmanager
+async def open_pool(
+    conninfo: str, *, size: int = 10, max_lifetime: float = 3600.0
+) -> AsyncIterator[Pool]:
+    """A connection pool of at most ``size`` connections, closed when the block exits."""
+    pool = Pool(conninfo, size, max_lifetime)
+    try:
+        yield pool
+    finally:
+        with trio.CancelScope(shield=True):
+            await pool.aclose()

@@ -9,6 +9,7 @@ import base64
 import binascii
 import gzip
 import json
+from collections.abc import Mapping
 from typing import Any
 
 NOTIFY_LIMIT = 8000
@@ -17,7 +18,28 @@ NOTIFY_LIMIT = 8000
 COMPRESS_ABOVE = 1024
 """Payloads longer than this are sent compressed when that makes them shorter."""
 
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def _default(value: Any) -> Any:
+    # Read-only mappings (a job's args and meta) encode as objects.
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_encoder = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
+)
+# JSONEncoder.encode() builds a new C encoder on every call; on the insert hot path that is
+# most of the cost, so build it once (markers=None: a circular value hits the recursion limit,
+# reported as ValueError below).
+_c_encode = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, False,
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)  # fmt: skip
 
 
 class PayloadError(ValueError):
@@ -26,7 +48,12 @@ class PayloadError(ValueError):
 
 def dumps(value: Any) -> str:
     """Encode ``value`` as compact JSON; raise ``TypeError``/``ValueError`` if it isn't JSON."""
-    return _encoder.encode(value)
+    if _c_encode is None or isinstance(value, str):
+        return _encoder.encode(value)
+    try:
+        return "".join(_c_encode(value, 0))
+    except RecursionError:
+        raise ValueError("circular reference (or nesting too deep) in a JSON value") from None
 
 
 def loads(text: str | bytes) -> Any:

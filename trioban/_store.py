@@ -47,8 +47,17 @@ def job_from_row(row: Sequence[Any]) -> Job:
     )
 
 
-def _naive(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None)
+def _row_json(job: Job) -> str:
+    """One job as a JSON object for the insert statement, reusing its encoded args."""
+    state = "null" if job.state in _AUTO_STATES else f'"{job.state.value}"'
+    at = job.scheduled_at
+    scheduled = "null" if at is None else f'"{at.astimezone(UTC).replace(tzinfo=None).isoformat()}"'
+    return (
+        f'{{"state":{state},"queue":{_codec.dumps(job.queue)},"worker":{_codec.dumps(job.worker)},'
+        f'"args":{args_json(job)},"meta":{_codec.dumps(job.meta) if job.meta else "{}"},'
+        f'"tags":{_codec.dumps(job.tags) if job.tags else "[]"},'
+        f'"max_attempts":{job.max_attempts},"priority":{job.priority},"scheduled_at":{scheduled}}}'
+    )
 
 
 async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
@@ -56,15 +65,8 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     if not jobs:
         return []
     params = {
-        "states": [None if j.state in _AUTO_STATES else j.state.value for j in jobs],
-        "queues": [j.queue for j in jobs],
-        "workers": [j.worker for j in jobs],
-        "args": [args_json(j) for j in jobs],
-        "metas": [_codec.dumps(j.meta) for j in jobs],
-        "tags": [_codec.dumps(j.tags) for j in jobs],
-        "max_attempts": [j.max_attempts for j in jobs],
-        "priorities": [j.priority for j in jobs],
-        "scheduled_ats": [_naive(j.scheduled_at) for j in jobs],
+        "jobs": "[" + ",".join(map(_row_json, jobs)) + "]",
+        "queues": list({job.queue for job in jobs}),
         "channel": channel(prefix, "insert"),
     }
     cur = await conn.execute(query("insert_jobs", prefix), params)

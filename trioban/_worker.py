@@ -7,6 +7,7 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Final, Protocol, final, overload
 
 from . import _codec
@@ -29,6 +30,7 @@ CURRENT: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_inst
 """The innermost open trioban instance of this task, set by ``trioban.open()``."""
 
 _registry: dict[str, Worker] = {}
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 class WorkerNotFound(TriobanError):
@@ -60,20 +62,22 @@ def _check_seconds(value: object, field: str) -> float:
     return float(value)
 
 
-def _check_json_object(value: object, field: str) -> tuple[dict[str, Any], str]:
-    """Validate a JSON object and return it with its encoding (reused at insert)."""
-    if not isinstance(value, Mapping):
+def _check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str]:
+    """Validate a JSON object; return a read-only copy and its encoding (reused at insert)."""
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise TypeError(
             f"expected {field} to be a dict (a JSON object), got {type(value).__name__}"
         )
-    for key in value:
-        if not isinstance(key, str):
+    copy = dict(value)
+    for key in copy:
+        if type(key) is not str:
             raise TypeError(f"expected the keys of {field} to be str, got {key!r}")
     try:
-        encoded = _codec.dumps(value)
+        encoded = _codec.dumps(copy)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
-    return dict(value), encoded
+    # Read-only, so the encoding cached for insert can't go stale.
+    return MappingProxyType(copy), encoded
 
 
 @final
@@ -127,8 +131,10 @@ class Worker:
     ) -> Job:
         """Build an unsaved job for this worker; invalid args or options raise at once."""
         job_args, args_json = _check_json_object({} if args is None else args, "args")
-        job_meta, _ = _check_json_object({} if meta is None else meta, "meta")
-        when = _schedule(scheduled_at, schedule_in)
+        job_meta = _check_json_object(meta, "meta")[0] if meta else _EMPTY
+        when = None
+        if scheduled_at is not None or schedule_in is not None:
+            when = _schedule(scheduled_at, schedule_in)
         job = Job(
             worker=self.name,
             args=job_args,

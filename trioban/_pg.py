@@ -30,7 +30,7 @@ from psycopg import errors as e
 from psycopg import pq
 from psycopg._conninfo_attempts import conninfo_attempts
 from psycopg._enums import Ready, Wait
-from psycopg.conninfo import make_conninfo, timeout_from_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 
 from ._errors import TriobanError
 
@@ -67,11 +67,9 @@ async def _ready(fileno: int, wait: int) -> int:
     if wait == Wait.R:
         await trio.lowlevel.wait_readable(fileno)
         return Ready.R
-    if wait == Wait.W:
-        await trio.lowlevel.wait_writable(fileno)
-        return Ready.W
-    # Read or write: a socket is nearly always writable; while it isn't, keep checking both
-    # so a server that is itself blocked sending to us can't deadlock the exchange.
+    # A socket asked for writing is nearly always writable: a zero-timeout poll is much
+    # cheaper than a trip through the scheduler. While it isn't, keep checking both ways, so
+    # a server that is itself blocked sending to us can't deadlock the exchange.
     while not (ready := _poll(fileno, wait)):
         with trio.move_on_after(0.01):
             await trio.lowlevel.wait_writable(fileno)
@@ -162,6 +160,14 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
             conn._autocommit = bool(autocommit)
             return conn
         raise e.OperationalError("; ".join(errors) or "no host to connect to")
+
+
+def with_options(conninfo: str, **settings: str) -> str:
+    """``conninfo`` with server settings added to its ``options`` (e.g. synchronous_commit)."""
+    params = conninfo_to_dict(conninfo)
+    extra = " ".join(f"-c {name}={value}" for name, value in settings.items())
+    params["options"] = f"{params.get('options', '')} {extra}".strip()
+    return make_conninfo("", **params)
 
 
 async def connect(conninfo: str, *, autocommit: bool = True) -> Connection:

@@ -1,0 +1,45 @@
+"""trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
+
+Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), lint, typecheck,
+bench (the benchmark of PERFORMANCE.md's workloads).
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+LINT_TOOLS = ["ruff>=0.6", "flake8-async>=24.1"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite against a real PostgreSQL."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and flake8-async."""
+    session.install(*LINT_TOOLS)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("flake8", "--select=ASYNC", "trioban")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and the tests."""
+    session.install("-e", ".[test]", "mypy>=1.11")
+    session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark: one JSON line per workload (pass e.g. -- --only W1,W4)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 import trio
-from trioban._config import parse_queues
 
 import trioban
 from tests import workers  # noqa: F401 (registers the workers)
+from trioban._config import parse_queues
 
 
 async def main() -> None:

@@ -16,14 +16,16 @@ def _default_node() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _frozen(queues: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(queues))
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Settings of a trioban instance."""
 
     dsn: str | None = None
-    queues: Mapping[str, int] = attrs.field(
-        factory=dict, converter=lambda q: MappingProxyType(dict(q))
-    )
+    queues: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen)
     prefix: str = "public"
     node: str = attrs.field(factory=_default_node)
     name: str = "oban"

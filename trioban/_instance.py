@@ -234,15 +234,15 @@ class Oban:
                 for producer in self._producers.values():
                     producer.cancel_job(job_id, str(message.get("reason", "cancelled")))
             return
-        producer = self._producers.get(str(message.get("queue")))
-        if producer is None:
+        target = self._producers.get(str(message.get("queue")))
+        if target is None:
             return
         if action == "pause":
-            producer.pause()
+            target.pause()
         elif action == "resume":
-            producer.resume()
+            target.resume()
         elif action == "scale" and isinstance(message.get("limit"), int) and message["limit"] > 0:
-            producer.scale(message["limit"])
+            target.scale(message["limit"])
 
     @classmethod
     def _create(cls, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry) -> Oban:
@@ -384,7 +384,8 @@ async def _services(
                 try:
                     yield oban
                 finally:
-                    await _stop_queues(producers.values(), grace, conf.shutdown_grace)
+                    # Not shielded on purpose: a cancelled caller gets a fast stop instead.
+                    await _stop_queues(producers.values(), grace, conf.shutdown_grace)  # noqa: ASYNC102
             acker.close()
         services.cancel_scope.cancel()
 
@@ -393,7 +394,7 @@ def _subscribe(
     notifier: Notifier, oban: Oban, relays: Registry, producers: dict[str, Producer]
 ) -> None:
     def on_insert(payload: Any) -> None:
-        producer = producers.get(payload.get("queue")) if isinstance(payload, dict) else None
+        producer = producers.get(str(payload.get("queue"))) if isinstance(payload, dict) else None
         if producer is not None:
             producer.wake()
 

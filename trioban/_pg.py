@@ -108,8 +108,11 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
         self.lock = trio.Lock()  # type: ignore[assignment]
         self.created_at = trio.current_time()
 
-    async def wait(  # type: ignore[override]
-        self, gen: Generator[Any, int, RV], interval: float = 0.1, timeout: float | None = None
+    async def wait(
+        self,
+        gen: Generator[Any, int, RV],
+        interval: float = 0.1,
+        timeout: float | None = None,  # noqa: ASYNC109 (psycopg's signature)
     ) -> RV:
         """Drive a psycopg generator with Trio; cancelling it cancels the query on the server."""
         try:
@@ -120,7 +123,7 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
             raise e._WaitTimeout("wait timeout expired")
         except trio.Cancelled:
             if self.pgconn.transaction_status == _ACTIVE:
-                await self._cancel_and_settle(gen)
+                await self._cancel_and_settle(gen)  # noqa: ASYNC102  # shielded inside
             raise
 
     async def _cancel_and_settle(self, gen: Generator[Any, int, Any]) -> None:
@@ -214,7 +217,7 @@ class Pool:
                 yield conn
             finally:
                 self._in_use.discard(conn)
-                await self._checkin(conn)
+                await self._checkin(conn)  # noqa: ASYNC102  # shielded inside
 
     async def _checkout(self) -> Connection:
         while self._idle:

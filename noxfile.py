@@ -12,7 +12,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
-LINT_TOOLS = ["ruff>=0.6", "flake8-async>=24.1"]
+LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1"]
 FLAKE8_ASYNC = "ASYNC102,ASYNC111,ASYNC112,ASYNC113,ASYNC118,ASYNC119,ASYNC120,ASYNC121,ASYNC122"
 
 

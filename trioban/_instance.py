@@ -150,17 +150,26 @@ class Oban:
     # -- notifier ---------------------------------------------------------------------------
 
     async def notify(
-        self, channel: str, payload: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+        self,
+        channel: str,
+        payload: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+        *,
+        conn: _pg.Connection | None = None,
     ) -> None:
         """Publish a JSON object (or a list of them, in one round trip) on ``channel``.
 
         Listeners on every node sharing the database and prefix receive it once the sending
-        transaction commits. A payload over PostgreSQL's 8,000-byte limit raises ValueError.
+        transaction commits: with ``conn`` (from ``oban.transaction()``), only if it commits.
+        A payload over PostgreSQL's 8,000-byte limit, even compressed, raises ValueError.
         """
         check_channel(channel)
         items = [payload] if isinstance(payload, Mapping) else list(payload)
         texts = [_encode_message(item) for item in items]
-        await _store.notify(self._pool, self.config.prefix, channel, texts)
+        if conn is not None:
+            await _store.notify(conn, self.config.prefix, channel, texts)
+            return
+        async with self._pool.connection() as pooled:
+            await _store.notify(pooled, self.config.prefix, channel, texts)
 
     def listen(
         self, channels: Iterable[str]

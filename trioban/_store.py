@@ -169,8 +169,7 @@ async def cancel_jobs(
         return [(int(id_), str(state)) for id_, state in await cur.fetchall()]
 
 
-async def notify(pool: Pool, prefix: str, name: str, payloads: Sequence[str]) -> None:
+async def notify(conn: Connection, prefix: str, name: str, payloads: Sequence[str]) -> None:
     """Publish ``payloads`` on notifier channel ``name`` in one round trip."""
     params = {"channel": channel(prefix, name), "payloads": list(payloads)}
-    async with pool.connection() as conn:
-        await conn.execute(query("notify", prefix), params)
+    await conn.execute(query("notify", prefix), params)

@@ -133,6 +133,8 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
             try:
                 await self._send_cancel()
                 await _drive(gen, self.pgconn.socket)
+            except e.QueryCanceled:
+                pass  # what we asked for: the connection is idle (or aborted, in a transaction)
             except Exception as exc:
                 log.warning("cancelling a query failed (%s); closing the connection", exc)
                 self.pgconn.finish()

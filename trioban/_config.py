@@ -1,48 +1,280 @@
-"""Configuration (interim minimal version; replaced by the full loader)."""
+"""Configuration: one validated, immutable ``Config``, from keywords, the environment or TOML."""
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
 import socket
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any, Final
 
 import attrs
 
 from ._errors import ConfigError
+
+IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+"""What a prefix (PostgreSQL schema) or channel name must match."""
+
+_MAX_QUEUE_LIMIT: Final = 10_000
+
+
+def validate_identifier(field: str, value: object) -> str:
+    """Return ``value`` if it is a safe SQL identifier, else raise ``ConfigError``."""
+    if not isinstance(value, str) or not IDENTIFIER.match(value):
+        raise ConfigError(
+            field, f"expected a name matching {IDENTIFIER.pattern} (lowercase), got {value!r}"
+        )
+    return value
 
 
 def _default_node() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _frozen(queues: Mapping[str, int]) -> Mapping[str, int]:
-    return MappingProxyType(dict(queues))
+def _text(field: str, value: object, *, limit: int = 255) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise ConfigError(
+            field, f"expected a non-empty str of at most {limit} chars, got {value!r}"
+        )
+    return value
+
+
+def _number(field: str, value: object, *, low: float, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(field, f"expected a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < low or (low_open and value == low):
+        rule = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ConfigError(field, f"expected a finite number {rule}, got {value!r}")
+    return float(value)
+
+
+def _integer(field: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"expected an int, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(field, f"expected an int between {low} and {high}, got {value}")
+    return value
+
+
+def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("queues", f"expected a mapping of queue name to limit, got {value!r}")
+    checked: dict[str, int] = {}
+    for name, limit in value.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > 127
+            or not name.isprintable()
+            or (any(ch.isspace() for ch in name))
+        ):
+            raise ConfigError("queues", f"expected queue names without spaces, got {name!r}")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not (1 <= limit <= _MAX_QUEUE_LIMIT)
+        ):
+            raise ConfigError(
+                "queues",
+                f"expected queues[{name!r}] to be an int between 1 and {_MAX_QUEUE_LIMIT}, "
+                f"got {limit!r}",
+            )
+        checked[name] = limit
+    return MappingProxyType(checked)
+
+
+def _check(rule: Callable[[str, Any], object]) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """An attrs validator applying ``rule(field_name, value)``."""
+
+    def validate(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        rule(attribute.name, value)
+
+    return validate
+
+
+def _dsn(field: str, value: object) -> None:
+    if value is not None:
+        _text(field, value, limit=10_000)
+
+
+def _flag(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(field, f"expected True or False, got {value!r}")
+
+
+def _positive(field: str, value: object) -> None:
+    _number(field, value, low=0.0, low_open=True)
+
+
+def _non_negative(field: str, value: object) -> None:
+    _number(field, value, low=0.0, low_open=False)
+
+
+def _pool_size(field: str, value: object) -> None:
+    _integer(field, value, 1, 1000)
+
+
+def _name(field: str, value: object) -> None:
+    _text(field, value, limit=63)
 
 
 @attrs.frozen(kw_only=True)
 class Config:
-    """Settings of a trioban instance."""
+    """Settings of a trioban instance; every value is validated when the ``Config`` is built.
 
-    dsn: str | None = None
-    queues: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen)
-    prefix: str = "public"
-    node: str = attrs.field(factory=_default_node)
-    name: str = "oban"
-    install: bool = True
-    pool_size: int = 10
-    shutdown_grace: float = 15.0
-    stage_interval: float = 1.0
-    fetch_debounce: float = 0.0
-    heartbeat_interval: float = 5.0
-    rescue_after: float = 60.0
+    Attributes:
+        dsn: PostgreSQL connection string (``None``: the embedded server, when installed).
+        queues: queue name -> concurrency limit on this node; ``{}`` is an insert-only instance.
+        prefix: the PostgreSQL schema holding the tables; it also scopes notifier channels.
+        node: this process's name in the cluster (default ``<hostname>-<pid>``).
+        name: the instance's name among instances sharing a prefix.
+        install: install or upgrade the schema on ``open()`` (else only verify it).
+        pool_size: connections in the pool used for inserts and queries.
+        shutdown_grace: seconds running jobs get to finish when the instance closes.
+        stage_interval: seconds between stager runs (also the fallback poll for producers).
+        heartbeat_interval: seconds between producer heartbeats.
+        rescue_after: seconds without a heartbeat after which a producer's jobs are rescued.
+
+    >>> Config(dsn="postgresql:///app", queus={"default": 10})
+    Traceback (most recent call last):
+    ...
+    trioban._errors.ConfigError: queus: unknown setting 'queus'; did you mean 'queues'?
+    """
+
+    dsn: str | None = attrs.field(default=None, validator=_check(_dsn))
+    queues: Mapping[str, int] = attrs.field(factory=dict, converter=_queues)
+    prefix: str = attrs.field(default="public", validator=_check(validate_identifier))
+    node: str = attrs.field(factory=_default_node, validator=_check(_text))
+    name: str = attrs.field(default="oban", validator=_check(_name))
+    install: bool = attrs.field(default=True, validator=_check(_flag))
+    pool_size: int = attrs.field(default=10, validator=_check(_pool_size))
+    shutdown_grace: float = attrs.field(default=15.0, validator=_check(_non_negative))
+    stage_interval: float = attrs.field(default=1.0, validator=_check(_positive))
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_check(_positive))
+    rescue_after: float = attrs.field(default=60.0, validator=_check(_positive))
+
+    def __new__(cls, *args: Any, **settings: Any) -> Config:
+        # Runs before attrs' typed __init__, so an unknown keyword gets a ConfigError with a
+        # suggestion instead of a bare TypeError; type checkers still see attrs' signature.
+        _reject_unknown(settings)
+        return super().__new__(cls)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rescue_after <= self.heartbeat_interval:
+            raise ConfigError(
+                "rescue_after",
+                f"expected more than heartbeat_interval ({self.heartbeat_interval:g}s), "
+                f"got {self.rescue_after:g}s",
+            )
+
+    def evolve(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied, validated like the original."""
+        _reject_unknown(changes)
+        return attrs.evolve(self, **changes)
+
+    @classmethod
+    def build(cls, **settings: Any) -> Config:
+        """``Config(**settings)``, raising ``ConfigError`` (with a suggestion) for unknown keys."""
+        _reject_unknown(settings)
+        return cls(**settings)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, prefix: str = "TRIOBAN_", **overrides: Any
+    ) -> Config:
+        """Settings from ``TRIOBAN_*`` variables (``TRIOBAN_QUEUES="default:10,math:5"``).
+
+        Keyword ``overrides`` win over the environment, which wins over the defaults.
+        """
+        env = os.environ if environ is None else environ
+        settings: dict[str, Any] = {}
+        for key, raw in env.items():
+            if not key.startswith(prefix):
+                continue
+            field = key[len(prefix) :].lower()
+            if field not in _FIELDS:
+                hint = _suggest(field)
+                raise ConfigError(
+                    key,
+                    f"unknown setting {key!r}"
+                    + (f"; did you mean {prefix}{hint.upper()}?" if hint else ""),
+                )
+            settings[field] = _parse_env(key, field, raw)
+        return cls.build(**(settings | _explicit(overrides)))
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str], *, section: str = "trioban", **overrides: Any
+    ) -> Config:
+        """Settings from a TOML file's ``[trioban]`` table, or ``[tool.trioban]`` of pyproject.
+
+        Keyword ``overrides`` win over the file, which wins over the defaults.
+        """
+        file = Path(path)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(
+                "path", f"cannot read {file}: {exc.strerror}; check the path"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("path", f"{file} is not valid TOML: {exc}") from None
+        table = data.get(section, data.get("tool", {}).get(section))
+        if not isinstance(table, dict):
+            raise ConfigError("path", f"{file} has no [{section}] or [tool.{section}] table")
+        return cls.build(**(dict(table) | _explicit(overrides)))
+
+
+_FIELDS: Final = frozenset(field.name for field in attrs.fields(Config))
+
+
+def _suggest(name: str) -> str | None:
+    found = difflib.get_close_matches(name, sorted(_FIELDS), n=1)
+    return found[0] if found else None
+
+
+def _reject_unknown(settings: Mapping[str, Any]) -> None:
+    for key in settings:
+        if key not in _FIELDS:
+            hint = _suggest(key)
+            raise ConfigError(
+                key, f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+            )
+
+
+def _explicit(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides that were really given: None means "not set", so it doesn't erase a value."""
+    return {key: value for key, value in overrides.items() if value is not None}
 
 
 def parse_queues(text: str, field: str) -> dict[str, int]:
+    """Parse ``"default:10,math:5"`` into ``{"default": 10, "math": 5}``."""
     queues: dict[str, int] = {}
     for item in text.split(","):
-        name, _, limit = item.strip().partition(":")
-        if not name or not limit.isdigit():
-            raise ConfigError(field, f"expected 'name:limit' items, got {item!r}")
-        queues[name] = int(limit)
+        name, sep, limit = item.strip().partition(":")
+        if not name or not sep or not limit.strip().isdigit():
+            raise ConfigError(field, f"expected 'name:limit' items like 'default:10', got {item!r}")
+        queues[name.strip()] = int(limit)
     return queues
+
+
+def _parse_env(key: str, field: str, raw: str) -> Any:
+    kind = attrs.fields_dict(Config)[field].default
+    if field == "queues":
+        return parse_queues(raw, key) if raw.strip() else {}
+    if field == "install":
+        lowered = raw.strip().lower()
+        if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+            raise ConfigError(key, f"expected 1/0, true/false or yes/no, got {raw!r}")
+        return lowered in {"1", "true", "yes", "on"}
+    if isinstance(kind, int | float) and not isinstance(kind, bool):
+        try:
+            return type(kind)(raw)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {raw!r}") from None
+    return raw

@@ -1,0 +1,153 @@
+"""Config: validation naming the field, did-you-mean, environment and TOML loaders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from trioban import Config, ConfigError
+from trioban._config import parse_queues
+
+
+def test_defaults() -> None:
+    conf = Config()
+    assert conf.dsn is None
+    assert dict(conf.queues) == {}
+    assert (conf.prefix, conf.install, conf.pool_size) == ("public", True, 10)
+    assert conf.shutdown_grace == 15.0
+    assert conf.node.endswith(f"-{os.getpid()}")
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "words"),
+    [
+        ({"dsn": ""}, "dsn", "non-empty str"),
+        ({"queues": {"math": -1}}, "queues", "queues['math'] to be an int between 1"),
+        ({"queues": {"math": True}}, "queues", "queues['math']"),
+        ({"queues": {"bad name": 1}}, "queues", "without spaces"),
+        ({"queues": ["default"]}, "queues", "mapping"),
+        ({"prefix": "Public"}, "prefix", "lowercase"),
+        ({"node": ""}, "node", "non-empty"),
+        ({"install": "yes"}, "install", "True or False"),
+        ({"pool_size": 0}, "pool_size", "between 1 and 1000"),
+        ({"shutdown_grace": -1}, "shutdown_grace", ">= 0"),
+        ({"stage_interval": 0}, "stage_interval", "> 0"),
+        ({"stage_interval": float("nan")}, "stage_interval", "finite"),
+        ({"stage_interval": "1"}, "stage_interval", "number of seconds"),
+        ({"rescue_after": 1.0}, "rescue_after", "more than heartbeat_interval"),
+    ],
+)
+def test_bad_values_name_the_field(settings: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config(**settings)
+    assert raised.value.field == field
+    assert words in str(raised.value)
+
+
+def test_unknown_settings_suggest_the_closest() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'queues'") as raised:
+        Config(queus={"a": 1})  # type: ignore[call-arg]
+    assert raised.value.field == "queus"
+    with pytest.raises(ConfigError, match=r"unknown setting 'zzz'$"):
+        Config.build(zzz=1)
+    with pytest.raises(ConfigError, match="did you mean 'prefix'"):
+        Config().evolve(prefx="x")
+
+
+@pytest.mark.parametrize(
+    "prefix", ["public; drop table x", 'a"b', "UPPER", "x" * 64, "", "1a", "a-b"]
+)
+def test_hostile_prefixes_are_rejected(prefix: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config(prefix=prefix)
+    assert raised.value.field == "prefix"
+
+
+def test_config_is_immutable_and_evolves() -> None:
+    conf = Config(queues={"a": 1})
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        conf.prefix = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        conf.queues["b"] = 2  # type: ignore[index]
+    assert conf.evolve(prefix="other").prefix == "other"
+    with pytest.raises(ConfigError):
+        conf.evolve(pool_size=-1)
+
+
+def test_from_env() -> None:
+    env = {
+        "TRIOBAN_DSN": "postgresql:///app",
+        "TRIOBAN_QUEUES": "default:10, math:5",
+        "TRIOBAN_PREFIX": "app",
+        "TRIOBAN_INSTALL": "no",
+        "TRIOBAN_POOL_SIZE": "4",
+        "TRIOBAN_SHUTDOWN_GRACE": "2.5",
+        "OTHER": "ignored",
+    }
+    conf = Config.from_env(env)
+    assert conf.dsn == "postgresql:///app"
+    assert dict(conf.queues) == {"default": 10, "math": 5}
+    assert (conf.prefix, conf.install, conf.pool_size, conf.shutdown_grace) == (
+        "app", False, 4, 2.5
+    )  # fmt: skip
+    # Explicit keywords win; None means "not set".
+    assert Config.from_env(env, prefix="TRIOBAN_", pool_size=7, dsn=None).pool_size == 7
+    assert Config.from_env(env, dsn=None).dsn == "postgresql:///app"
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "words"),
+    [
+        ({"TRIOBAN_QUEUS": "a:1"}, "TRIOBAN_QUEUS", "did you mean TRIOBAN_QUEUES"),
+        ({"TRIOBAN_QUEUES": "default"}, "TRIOBAN_QUEUES", "'name:limit'"),
+        ({"TRIOBAN_QUEUES": "a:x"}, "TRIOBAN_QUEUES", "'a:x'"),
+        ({"TRIOBAN_INSTALL": "maybe"}, "TRIOBAN_INSTALL", "yes/no"),
+        ({"TRIOBAN_POOL_SIZE": "ten"}, "TRIOBAN_POOL_SIZE", "a number"),
+    ],
+)
+def test_from_env_errors(env: dict[str, str], field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env(env)
+    assert raised.value.field == field
+    assert words in str(raised.value)
+
+
+def test_from_toml(tmp_path: Path) -> None:
+    own = tmp_path / "trioban.toml"
+    own.write_text('[trioban]\ndsn = "postgresql:///x"\nqueues = {default = 3}\n')
+    assert dict(Config.from_toml(own).queues) == {"default": 3}
+    assert Config.from_toml(own, dsn="postgresql:///y").dsn == "postgresql:///y"
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[tool.trioban]\nprefix = "app"\nshutdown_grace = 1\n')
+    assert Config.from_toml(pyproject).prefix == "app"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[trioban]\nqueus = {a = 1}\n", "did you mean 'queues'"),
+        ("[trioban\n", "not valid TOML"),
+        ("[other]\n", "no [trioban]"),
+        ("[trioban]\npool_size = 0\n", "between 1 and 1000"),
+    ],
+)
+def test_from_toml_errors(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "conf.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        Config.from_toml(path)
+
+
+def test_from_toml_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        Config.from_toml(tmp_path / "nope.toml")
+
+
+def test_parse_queues() -> None:
+    assert parse_queues("a:1,b:20", "queues") == {"a": 1, "b": 20}
+    with pytest.raises(ConfigError, match="'b'"):
+        parse_queues("a:1,b", "queues")

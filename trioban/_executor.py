@@ -23,16 +23,11 @@ _TRACEBACK_LIMIT: Final = 8000
 
 @attrs.frozen
 class Ack:
-    """A job's outcome, as written back (in batches) by the acker."""
+    """A job's outcome, as the acker writes it back (in batches): one JSON object."""
 
     id: int
-    attempted_at: datetime
     state: str
-    schedule_in: float | None = None
-    error: str | None = None
-    meta: str | None = None
-    extra_attempts: int = 0
-    notice: str | None = None
+    json: str
 
 
 @attrs.define
@@ -137,16 +132,18 @@ def _ack(
     if notice is None and ref is not None and state != "scheduled":
         notice = build_notice(str(ref), _job_id(job), state, reason=reason)
     assert job.attempted_at is not None
-    return Ack(
-        id=_job_id(job),
-        attempted_at=job.attempted_at.replace(tzinfo=None),
-        state=state,
-        schedule_in=schedule_in,
-        error=error,
-        meta=meta,
-        extra_attempts=extra_attempts,
-        notice=notice,
-    )
+    row = {
+        "id": _job_id(job),
+        # The fence: the ack applies only to the attempt that produced it.
+        "attempted_at": job.attempted_at.replace(tzinfo=None).isoformat(),
+        "state": state,
+        "schedule_in": schedule_in,
+        "extra_attempts": extra_attempts,
+        "notice": notice,
+    }
+    # error and meta are JSON texts already: splice them in rather than encode them twice.
+    text = _codec.dumps(row)[:-1] + f',"error":{error or "null"},"meta":{meta or "null"}}}'
+    return Ack(id=row["id"], state=state, json=text)
 
 
 def _job_id(job: Job) -> int:

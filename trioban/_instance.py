@@ -16,6 +16,7 @@ from . import _codec, _pg, _schema, _stager, _store
 from ._acker import Acker
 from ._config import Config
 from ._errors import ConfigError, InternalError, RelayTimeout, TriobanError
+from ._inserter import Inserter
 from ._job import Job
 from ._notifier import Notifier, check_channel
 from ._producer import Producer, QueueInfo
@@ -32,9 +33,12 @@ SIGNAL = "signal"
 class Oban:
     """A running trioban instance, handed out by ``trioban.open()``."""
 
-    def __init__(self, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry) -> None:
+    def __init__(
+        self, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry, inserter: Inserter
+    ) -> None:
         self.config = conf
         self._pool = pool
+        self._inserter = inserter
         self._notifier = notifier
         self._relays = relays
         self._producers: dict[str, Producer] = {}
@@ -62,8 +66,10 @@ class Oban:
         batch = _check_jobs(jobs)
         if conn is not None:
             return await _store.insert(conn, self.config.prefix, batch)
-        async with self._pool.connection() as pooled:
-            return await _store.insert(pooled, self.config.prefix, batch)
+        if not batch:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._inserter.insert(batch)
 
     async def get_job(self, job_id: int) -> Job | None:
         """The job with ``job_id``, or None if there is none."""
@@ -254,8 +260,10 @@ class Oban:
             target.scale(message["limit"])
 
     @classmethod
-    def _create(cls, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry) -> Oban:
-        return cls(conf, pool, notifier, relays)
+    def _create(
+        cls, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry, inserter: Inserter
+    ) -> Oban:
+        return cls(conf, pool, notifier, relays, inserter)
 
 
 def current_instance() -> Oban:
@@ -351,7 +359,8 @@ async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIt
     notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
     relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
     acker = Acker(work_pool, conf.prefix)
-    oban = Oban._create(conf, pool, notifier, relays)
+    inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
+    oban = Oban._create(conf, pool, notifier, relays, inserter)
     producers = oban._producers
     for queue, limit in conf.queues.items():
         producers[queue] = Producer(
@@ -366,7 +375,7 @@ async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIt
     # Set before any task starts, so jobs inherit it (a job may relay or insert in turn).
     token = CURRENT.set(oban)
     try:
-        async with _services(conf, work_pool, oban, notifier, relays, acker) as running:
+        async with _services(conf, work_pool, oban, notifier, relays, acker, inserter) as running:
             yield running
     finally:
         CURRENT.reset(token)
@@ -374,12 +383,19 @@ async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIt
 
 @asynccontextmanager
 async def _services(
-    conf: Config, pool: _pg.Pool, oban: Oban, notifier: Notifier, relays: Registry, acker: Acker
+    conf: Config,
+    pool: _pg.Pool,
+    oban: Oban,
+    notifier: Notifier,
+    relays: Registry,
+    acker: Acker,
+    inserter: Inserter,
 ) -> AsyncIterator[Oban]:
     producers = oban._producers
     async with trio.open_nursery() as services:
         await services.start(notifier.run)
         await services.start(relays.run)
+        await services.start(inserter.run)
         async with trio.open_nursery() as acking:
             await acking.start(acker.run)
             grace = trio.Event()

@@ -111,14 +111,7 @@ async def fetch(
 async def ack(pool: Pool, prefix: str, acks: Sequence[Ack]) -> int:
     """Write a batch of outcomes in one statement; returns how many rows the fence let in."""
     params = {
-        "ids": [a.id for a in acks],
-        "attempted_ats": [a.attempted_at for a in acks],
-        "states": [a.state for a in acks],
-        "schedule_ins": [a.schedule_in for a in acks],
-        "errors": [a.error for a in acks],
-        "metas": [a.meta for a in acks],
-        "extra_attempts": [a.extra_attempts for a in acks],
-        "notices": [a.notice for a in acks],
+        "acks": "[" + ",".join(a.json for a in acks) + "]",
         "relay_channel": channel(prefix, "relay"),
     }
     async with pool.connection() as conn:

@@ -59,11 +59,10 @@ RETURNING {job}
 -- attempted_at) stops a stale ack from overwriting a job that was rescued and run again.
 -- Relay notices go out in the same statement, only for rows actually updated.
 WITH acks AS (
-  SELECT * FROM unnest(
-    %(ids)s::bigint[], %(attempted_ats)s::timestamp[], %(states)s::text[],
-    %(schedule_ins)s::float8[], %(errors)s::text[], %(metas)s::text[],
-    %(extra_attempts)s::int[], %(notices)s::text[]
-  ) AS a(id, attempted_at, state, schedule_in, error, meta, extra_attempts, notice)
+  SELECT * FROM jsonb_to_recordset(%(acks)s::jsonb) AS a(
+    id bigint, attempted_at timestamp, state text, schedule_in float8, error jsonb, meta jsonb,
+    extra_attempts int, notice text
+  )
 ), updated AS (
   UPDATE {prefix}.oban_jobs AS j SET
     state = a.state::{prefix}.oban_job_state,
@@ -75,10 +74,8 @@ WITH acks AS (
                         THEN timezone('UTC', now()) ELSE j.cancelled_at END,
     scheduled_at = CASE WHEN a.schedule_in IS NULL THEN j.scheduled_at
                         ELSE timezone('UTC', now()) + make_interval(secs => a.schedule_in) END,
-    errors = CASE WHEN a.error IS NULL THEN j.errors
-                  ELSE array_append(j.errors, a.error::jsonb) END,
-    meta = CASE WHEN a.meta IS NULL THEN j.meta
-                ELSE coalesce(j.meta, '{}'::jsonb) || a.meta::jsonb END,
+    errors = CASE WHEN a.error IS NULL THEN j.errors ELSE array_append(j.errors, a.error) END,
+    meta = CASE WHEN a.meta IS NULL THEN j.meta ELSE coalesce(j.meta, '{}'::jsonb) || a.meta END,
     max_attempts = j.max_attempts + a.extra_attempts
   FROM acks AS a
   WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.attempted_at

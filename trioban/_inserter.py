@@ -1,0 +1,115 @@
+"""The inserter: concurrent inserts share statements.
+
+Every ``insert``/``insert_all`` outside a caller's transaction is queued here; a few writer tasks
+each take everything queued so far and insert it with one statement (one commit, one round
+trip), so a thousand tasks inserting at once cost tens of statements, not a thousand. If a
+shared statement fails, each request is retried alone, so one caller's bad batch can't fail
+another's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+import outcome
+import trio
+
+from . import _store
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._pg import Pool
+
+log = logging.getLogger("trioban.inserter")
+
+MAX_BATCH: Final = 5_000
+"""Jobs per shared statement; a single larger request is inserted on its own."""
+
+
+class _Request:
+    __slots__ = ("done", "jobs", "result")
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self.jobs = jobs
+        self.done = trio.Event()
+        self.result: outcome.Outcome[list[Job]] | None = None
+
+
+class Inserter:
+    """Queues insert requests; ``run`` starts the writer tasks."""
+
+    def __init__(self, pool: Pool, prefix: str, writers: int) -> None:
+        self._pool = pool
+        self._prefix = prefix
+        self._writers = writers
+        self._queue: deque[_Request] = deque()
+        self._ready = trio.Event()
+
+    async def insert(self, jobs: Sequence[Job]) -> list[Job]:
+        """Insert ``jobs`` (in a statement shared with concurrent callers); return them saved.
+
+        Cancelled before a writer takes the request, nothing is inserted; cancelled after, the
+        insert completes without the caller (as a cancelled single insert might).
+        """
+        request = _Request(jobs)
+        self._queue.append(request)
+        self._ready.set()
+        try:
+            await request.done.wait()
+        except trio.Cancelled:
+            if request in self._queue:
+                self._queue.remove(request)
+            raise
+        assert request.result is not None
+        return request.result.unwrap()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the writers until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._writers):
+                nursery.start_soon(self._write_loop)
+            task_status.started()
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._ready = trio.Event()
+                await self._ready.wait()
+                continue
+            batch = self._take()
+            # Shielded: requests whose callers were cancelled must still get an answer.
+            with trio.CancelScope(shield=True):
+                await self._write(batch)
+
+    def _take(self) -> list[_Request]:
+        batch = [self._queue.popleft()]
+        size = len(batch[0].jobs)
+        while self._queue and size + len(self._queue[0].jobs) <= MAX_BATCH:
+            request = self._queue.popleft()
+            batch.append(request)
+            size += len(request.jobs)
+        return batch
+
+    async def _write(self, batch: list[_Request]) -> None:
+        jobs = [job for request in batch for job in request.jobs]
+        try:
+            async with self._pool.connection() as conn:
+                saved = await _store.insert(conn, self._prefix, jobs)
+        except Exception as exc:
+            if len(batch) > 1:
+                log.info("a shared insert failed (%s); inserting its requests one by one", exc)
+                for request in batch:
+                    await self._write([request])
+                return
+            batch[0].result = outcome.Error(exc)
+            batch[0].done.set()
+            return
+        start = 0
+        for request in batch:
+            end = start + len(request.jobs)
+            request.result = outcome.Value(saved[start:end])
+            request.done.set()
+            start = end

@@ -132,8 +132,9 @@ def _ack(
     if notice is None and ref is not None and state != "scheduled":
         notice = build_notice(str(ref), _job_id(job), state, reason=reason)
     assert job.attempted_at is not None
+    job_id = _job_id(job)
     row = {
-        "id": _job_id(job),
+        "id": job_id,
         # The fence: the ack applies only to the attempt that produced it.
         "attempted_at": job.attempted_at.replace(tzinfo=None).isoformat(),
         "state": state,
@@ -143,7 +144,7 @@ def _ack(
     }
     # error and meta are JSON texts already: splice them in rather than encode them twice.
     text = _codec.dumps(row)[:-1] + f',"error":{error or "null"},"meta":{meta or "null"}}}'
-    return Ack(id=row["id"], state=state, json=text)
+    return Ack(id=job_id, state=state, json=text)
 
 
 def _job_id(job: Job) -> int:

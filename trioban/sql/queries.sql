@@ -50,8 +50,8 @@ SET state = 'executing',
     attempt = j.attempt + 1,
     attempted_at = timezone('UTC', now()),
     attempted_by = ARRAY[%(node)s::text, %(producer)s::text]
-FROM candidates AS c
-WHERE j.id = c.id
+-- ANY(ARRAY(...)) probes the primary key: a join may scan the table on stale statistics.
+WHERE j.id = ANY(ARRAY(SELECT id FROM candidates))
 RETURNING {job}
 
 -- name: ack_jobs

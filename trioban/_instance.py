@@ -33,15 +33,16 @@ SIGNAL = "signal"
 class Oban:
     """A running trioban instance, handed out by ``trioban.open()``."""
 
-    def __init__(
-        self, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry, inserter: Inserter
-    ) -> None:
+    def __init__(self, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> None:
         self.config = conf
-        self._pool = pool
-        self._inserter = inserter
-        self._notifier = notifier
-        self._relays = relays
+        self._pool = pool  # inserts, queries, callers' transactions: durable commits
+        self._work_pool = work_pool  # claims, acks, polls: see _relaxed()
+        self._notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
+        self._relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
+        self._inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
+        self._acker = Acker(work_pool, conf.prefix)
         self._producers: dict[str, Producer] = {}
+        self._queues: trio.Nursery | None = None  # where producers run, set by open()
         # Identifies this instance's own signals (several instances may share a node name).
         self._origin = uuid.uuid4().hex
 
@@ -200,19 +201,37 @@ class Oban:
         """This node's view of ``queue``: limit, paused, running job ids."""
         return self._producer(queue).info()
 
-    async def pause_queue(self, queue: str, *, local_only: bool = False) -> None:
-        """Stop fetching new jobs of ``queue`` (running jobs finish) on every node."""
-        await self._queue_action("pause", queue, local_only)
+    async def pause_queue(
+        self, queue: str, *, local_only: bool = False, node: str | None = None
+    ) -> None:
+        """Stop fetching new jobs of ``queue`` (running jobs finish) on every node, or one."""
+        await self._queue_action("pause", queue, local_only, node)
 
-    async def resume_queue(self, queue: str, *, local_only: bool = False) -> None:
-        """Resume fetching jobs of ``queue`` on every node."""
-        await self._queue_action("resume", queue, local_only)
+    async def resume_queue(
+        self, queue: str, *, local_only: bool = False, node: str | None = None
+    ) -> None:
+        """Resume fetching jobs of ``queue`` on every node, or one."""
+        await self._queue_action("resume", queue, local_only, node)
 
-    async def scale_queue(self, queue: str, *, limit: int, local_only: bool = False) -> None:
-        """Change the concurrency limit of ``queue`` on every node."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"expected limit to be a positive int, got {limit!r}")
-        await self._queue_action("scale", queue, local_only, limit=limit)
+    async def scale_queue(
+        self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
+    ) -> None:
+        """Change the concurrency limit of ``queue`` on every node running it, or one."""
+        await self._queue_action("scale", queue, local_only, node, limit=_check_limit(limit))
+
+    async def start_queue(
+        self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
+    ) -> None:
+        """Start running ``queue`` with ``limit`` on every node (or one) not running it yet."""
+        if queue not in self._producers and node in (None, self.config.node):
+            await self._start_producer(queue, _check_limit(limit))
+        await self._queue_action("start", queue, local_only, node, limit=limit)
+
+    async def stop_queue(
+        self, queue: str, *, local_only: bool = False, node: str | None = None
+    ) -> None:
+        """Stop running ``queue`` on every node (or one): running jobs get the shutdown grace."""
+        await self._queue_action("stop", queue, local_only, node)
 
     async def install(self) -> None:
         """Create or upgrade the schema under this instance's prefix (idempotent)."""
@@ -226,14 +245,19 @@ class Oban:
             raise ValueError(f"queue {queue!r} does not run on this node; its queues: {known}")
         return producer
 
-    async def _queue_action(self, action: str, queue: str, local_only: bool, **extra: Any) -> None:
+    async def _queue_action(
+        self, action: str, queue: str, local_only: bool, node: str | None, **extra: Any
+    ) -> None:
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"expected queue to be a non-empty str, got {queue!r}")
-        message = {"action": action, "queue": queue, **extra}
-        if queue in self._producers:
-            self._apply_signal(message)
+        if node is not None and (not isinstance(node, str) or not node):
+            raise ValueError(f"expected node to be a node name or None, got {node!r}")
+        message = {"action": action, "queue": queue, "node": node, **extra}
+        self._apply_signal(message)
         if not local_only:
             await self._signal(message)
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _signal(self, message: dict[str, Any]) -> None:
         await self.notify(SIGNAL, {**message, "origin": self._origin})
@@ -244,26 +268,60 @@ class Oban:
 
     def _apply_signal(self, message: dict[str, Any]) -> None:
         action = message.get("action")
+        if message.get("node") not in (None, self.config.node):
+            return
         if action == "pkill":
             for job_id in message.get("job_ids", ()):
                 for producer in self._producers.values():
                     producer.cancel_job(job_id, str(message.get("reason", "cancelled")))
             return
-        target = self._producers.get(str(message.get("queue")))
+        queue = str(message.get("queue"))
+        raw = message.get("limit")
+        limit = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else None
+        target = self._producers.get(queue)
+        if action == "start" and target is None and limit and self._queues is not None:
+            self._queues.start_soon(self._run_producer, self._new_producer(queue, limit))
         if target is None:
             return
         if action == "pause":
             target.pause()
         elif action == "resume":
             target.resume()
-        elif action == "scale" and isinstance(message.get("limit"), int) and message["limit"] > 0:
-            target.scale(message["limit"])
+        elif action == "scale" and limit:
+            target.scale(limit)
+        elif action == "stop" and self._queues is not None:
+            del self._producers[queue]
+            self._queues.start_soon(_stop_queues, [target], self.config.shutdown_grace)
+
+    def _new_producer(self, queue: str, limit: int) -> Producer:
+        producer = Producer(
+            pool=self._work_pool,
+            acker=self._acker,
+            prefix=self.config.prefix,
+            node=self.config.node,
+            queue=queue,
+            limit=limit,
+        )
+        self._producers[queue] = producer
+        return producer
+
+    async def _start_producer(self, queue: str, limit: int) -> None:
+        if self._queues is None:
+            raise TriobanError("the instance is not running")
+        await self._queues.start(self._run_producer, self._new_producer(queue, limit))
+
+    async def _run_producer(
+        self, producer: Producer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await producer.run(task_status=task_status)
+        finally:
+            if self._producers.get(producer.queue) is producer:
+                del self._producers[producer.queue]
 
     @classmethod
-    def _create(
-        cls, conf: Config, pool: _pg.Pool, notifier: Notifier, relays: Registry, inserter: Inserter
-    ) -> Oban:
-        return cls(conf, pool, notifier, relays, inserter)
+    def _create(cls, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> Oban:
+        return cls(conf, pool, work_pool)
 
 
 def current_instance() -> Oban:
@@ -277,6 +335,12 @@ def current_instance() -> Oban:
         ) from None
     assert isinstance(instance, Oban)
     return instance
+
+
+def _check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise ValueError(f"expected limit to be an int between 1 and 10000, got {limit!r}")
+    return limit
 
 
 def _check_jobs(jobs: Iterable[Job]) -> list[Job]:
@@ -356,68 +420,48 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
 
 @asynccontextmanager
 async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIterator[Oban]:
-    notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
-    relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
-    acker = Acker(work_pool, conf.prefix)
-    inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
-    oban = Oban._create(conf, pool, notifier, relays, inserter)
-    producers = oban._producers
+    oban = Oban._create(conf, pool, work_pool)
     for queue, limit in conf.queues.items():
-        producers[queue] = Producer(
-            pool=work_pool,
-            acker=acker,
-            prefix=conf.prefix,
-            node=conf.node,
-            queue=queue,
-            limit=limit,
-        )
-    _subscribe(notifier, oban, relays, producers)
+        oban._new_producer(queue, limit)
+    _subscribe(oban)
     # Set before any task starts, so jobs inherit it (a job may relay or insert in turn).
     token = CURRENT.set(oban)
     try:
-        async with _services(conf, work_pool, oban, notifier, relays, acker, inserter) as running:
+        async with _services(oban) as running:
             yield running
     finally:
         CURRENT.reset(token)
 
 
 @asynccontextmanager
-async def _services(
-    conf: Config,
-    pool: _pg.Pool,
-    oban: Oban,
-    notifier: Notifier,
-    relays: Registry,
-    acker: Acker,
-    inserter: Inserter,
-) -> AsyncIterator[Oban]:
-    producers = oban._producers
+async def _services(oban: Oban) -> AsyncIterator[Oban]:
+    conf, producers = oban.config, oban._producers
     async with trio.open_nursery() as services:
-        await services.start(notifier.run)
-        await services.start(relays.run)
-        await services.start(inserter.run)
+        await services.start(oban._notifier.run)
+        await services.start(oban._relays.run)
+        await services.start(oban._inserter.run)
         async with trio.open_nursery() as acking:
-            await acking.start(acker.run)
-            grace = trio.Event()
+            await acking.start(oban._acker.run)
             async with trio.open_nursery() as queues:
-                for producer in producers.values():
-                    await queues.start(producer.run, grace)
+                oban._queues = queues
+                for producer in list(producers.values()):
+                    await queues.start(oban._run_producer, producer)
                 if producers:
                     await services.start(
-                        _stager.run, pool, conf.prefix, conf.stage_interval, producers.values()
+                        _stager.run, oban._work_pool, conf.prefix, conf.stage_interval, producers
                     )
                 try:
                     yield oban
                 finally:
-                    # Not shielded on purpose: a cancelled caller gets a fast stop instead.
-                    await _stop_queues(producers.values(), grace, conf.shutdown_grace)  # noqa: ASYNC102
-            acker.close()
+                    oban._queues = None
+                    await _stop_queues(producers.values(), conf.shutdown_grace)  # noqa: ASYNC102
+            oban._acker.close()
         services.cancel_scope.cancel()
 
 
-def _subscribe(
-    notifier: Notifier, oban: Oban, relays: Registry, producers: dict[str, Producer]
-) -> None:
+def _subscribe(oban: Oban) -> None:
+    notifier, relays, producers = oban._notifier, oban._relays, oban._producers
+
     def on_insert(payload: Any) -> None:
         producer = producers.get(str(payload.get("queue"))) if isinstance(payload, dict) else None
         if producer is not None:
@@ -428,20 +472,22 @@ def _subscribe(
         for producer in producers.values():
             producer.wake()
 
-    if producers:
-        notifier.subscribe("insert", on_insert)
+    notifier.subscribe("insert", on_insert)
     notifier.subscribe("relay", relays.deliver)
     notifier.subscribe(SIGNAL, oban._on_signal)
     notifier.on_reconnect(on_reconnect)
 
 
-async def _stop_queues(producers: Iterable[Producer], grace: trio.Event, seconds: float) -> None:
-    for producer in producers:
+async def _stop_queues(producers: Iterable[Producer], grace: float) -> None:
+    """Stop fetching, give running jobs ``grace`` seconds, then abandon what still runs."""
+    stopping = list(producers)
+    for producer in stopping:
         producer.stop()
-    with trio.move_on_after(seconds):
-        for producer in producers:
+    with trio.move_on_after(grace):
+        for producer in stopping:
             await producer.wait_idle()
-    grace.set()
+    for producer in stopping:
+        producer.abandon()
 
 
 def _relaxed(dsn: str) -> str:

@@ -57,6 +57,7 @@ class Producer:
         self._more = True  # jobs may be waiting: a wakeup or a freed slot should fetch
         self._wakes = 0  # counts wakeups, so one that lands during a fetch isn't lost
         self._stopping = False
+        self._jobs: trio.Nursery | None = None
 
     def info(self) -> QueueInfo:
         """This queue's limit, pause state and running job ids."""
@@ -78,6 +79,7 @@ class Producer:
         """Wait until no job of this producer is running."""
         while self.running:
             await self._idle.wait()
+        await trio.lowlevel.checkpoint()
 
     def pause(self) -> None:
         self.paused = True
@@ -99,29 +101,31 @@ class Producer:
         running.scope.cancel()
         return True
 
-    async def run(
-        self, grace: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Fetch and run jobs until ``stop()``; then wait for running jobs until ``grace``.
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Fetch and run jobs until ``stop()``, then return once no job is running.
 
-        Jobs still running when ``grace`` is set are cancelled and left ``executing``, for the
-        lifeline to rescue.
+        ``abandon()`` cancels the jobs still running; they stay ``executing`` for the lifeline.
         """
         await self._heartbeat()
         async with trio.open_nursery() as jobs:
+            self._jobs = jobs
             task_status.started()
             while not self._stopping:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if not self._stopping:
                     await self._fetch(jobs)
-            if self.running:
-                async with trio.open_nursery() as waiter:
-                    waiter.start_soon(_cancel_when, grace, jobs.cancel_scope)
-                    await self._idle.wait()
-                    waiter.cancel_scope.cancel()
-        if jobs.cancel_scope.cancelled_caught:
-            log.warning("queue %s: jobs left executing at shutdown", self.queue)
+            await self.wait_idle()
+
+    def abandon(self) -> None:
+        """Cancel every running job (after a stop's grace period); they are not acked."""
+        if self.running:
+            ids = sorted(self.running)
+            log.warning(
+                "queue %s: %d jobs left executing for rescue: %s", self.queue, len(ids), ids
+            )
+        if self._jobs is not None:
+            self._jobs.cancel_scope.cancel()
 
     async def _fetch(self, jobs: trio.Nursery) -> None:
         demand = self.limit - len(self.running)
@@ -161,8 +165,3 @@ class Producer:
         params = {"uuid": self.uuid, "node": self._node, "queue": self.queue}
         async with self._pool.connection() as conn:
             await conn.execute(query("heartbeat_producer", self._prefix), params)
-
-
-async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -30,7 +30,7 @@ async def run(
     pool: Pool,
     prefix: str,
     interval: float,
-    producers: Iterable[Producer],
+    producers: Mapping[str, Producer],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -42,7 +42,7 @@ async def run(
         except Exception as exc:
             log.warning("staging failed (%s); retrying next tick", exc)
             staged = 0
-        for producer in producers:
+        for producer in list(producers.values()):
             producer.wake()
         if staged < LIMIT:
             # Jitter keeps the nodes of a cluster from ticking in lockstep.

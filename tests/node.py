@@ -25,11 +25,24 @@ async def main() -> None:
     conf = trioban.Config(
         dsn=opts.dsn, queues=parse_queues(opts.queues, "queues"), stage_interval=0.2
     )
-    async with trioban.open(conf) as oban:
+    async with trioban.open(conf) as oban, trio.open_nursery() as nursery:
+        await nursery.start(_echo_gossip, oban)
         print("ready", oban.config.node, flush=True)
         with trio.move_on_after(opts.seconds):
             # Runs until the parent closes our stdin.
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        nursery.cancel_scope.cancel()
+
+
+async def _echo_gossip(
+    oban: trioban.Oban, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Answer {"ping": x} on gossip with {"pong": x, "node": <this node>}."""
+    async with oban.listen(["gossip"]) as messages:
+        task_status.started()
+        async for _channel, payload in messages:
+            if "ping" in payload:
+                await oban.notify("gossip", {"pong": payload["ping"], "node": oban.config.node})
 
 
 if __name__ == "__main__":

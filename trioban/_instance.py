@@ -93,7 +93,9 @@ class Oban:
         touched = await _store.cancel_jobs(self._pool, self.config.prefix, ids, reason)
         executing = [job_id for job_id, state in touched if state == "executing"]
         if executing:
-            await self._signal({"action": "pkill", "job_ids": executing, "reason": reason})
+            message = {"action": "pkill", "job_ids": executing, "reason": reason}
+            self._apply_signal(message)  # here at once; other nodes through the notifier
+            await self._signal(message)
         return len(touched)
 
     @asynccontextmanager

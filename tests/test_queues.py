@@ -1,0 +1,147 @@
+"""Cluster-wide queue control and job cancellation, with in-process and separate-process nodes."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import trioban
+from trioban import Config, JobState, RelayCancelled
+
+from . import workers
+from .helpers import eventually
+from .nodes import node_processes
+from .workers import echo, wait_gate
+
+
+def _conf(dsn: str, **settings: object) -> Config:
+    return Config(dsn=dsn, stage_interval=0.1, shutdown_grace=0.5, **settings)  # type: ignore[arg-type]
+
+
+async def test_pause_resume_scale_reach_every_node(dsn: str) -> None:
+    with trio.fail_after(20):
+        async with (
+            trioban.open(_conf(dsn, queues={"default": 2}, node="a")) as a,
+            trioban.open(_conf(dsn, queues={"default": 2}, node="b")) as b,
+            trioban.open(_conf(dsn, queues={}, node="control")) as control,
+        ):
+            nodes = (a, b)
+
+            async def all_paused(paused: bool) -> bool:
+                return all(n.check_queue("default").paused is paused for n in nodes)
+
+            await control.pause_queue("default")
+            await eventually(lambda: all_paused(True))
+            job = await control.insert(echo.new({"value": 1}))
+            await trio.sleep(0.3)
+            assert job.id is not None
+            stored = await control.get_job(job.id)
+            assert stored is not None
+            assert stored.state is JobState.AVAILABLE
+            await control.resume_queue("default")
+            await eventually(lambda: all_paused(False))
+            assert await control.relay(echo.new({"value": 2}), timeout=5) == 2
+
+            await control.scale_queue("default", limit=7, node="b")
+
+            async def scaled() -> bool:
+                return b.check_queue("default").limit == 7
+
+            await eventually(scaled)
+            assert a.check_queue("default").limit == 2
+            with pytest.raises(ValueError, match="limit"):
+                await control.scale_queue("default", limit=0)
+
+
+async def test_start_and_stop_queues(dsn: str) -> None:
+    with trio.fail_after(20):
+        async with (
+            trioban.open(_conf(dsn, queues={}, node="worker")) as worker,
+            trioban.open(_conf(dsn, queues={}, node="control")) as control,
+        ):
+            with pytest.raises(ValueError, match="does not run on this node"):
+                worker.check_queue("default")
+            await control.start_queue("default", limit=3, node="worker")
+
+            async def started() -> bool:
+                return "default" in worker._producers
+
+            await eventually(started)
+            assert worker.check_queue("default").limit == 3
+            assert await control.relay(echo.new({"value": "ran"}), timeout=5) == "ran"
+            with pytest.raises(ValueError, match="does not run on this node"):
+                control.check_queue("default")  # node="worker" only
+            await control.stop_queue("default")
+
+            async def stopped() -> bool:
+                return "default" not in worker._producers
+
+            await eventually(stopped)
+
+
+async def test_cancel_a_job_executing_in_another_process(dsn: str) -> None:
+    with trio.fail_after(60):
+        async with (
+            trioban.open(_conf(dsn, queues={})) as caller,
+            node_processes(dsn, "default:1", 1),
+        ):
+            relay = await caller.dispatch(wait_gate.new({"gate": "never-opened"}))
+            job_id = relay.job.id
+            assert job_id is not None
+
+            async def executing() -> bool:
+                job = await caller.get_job(job_id)
+                return job is not None and job.state is JobState.EXECUTING
+
+            await eventually(executing)
+            assert await caller.cancel_job(job_id, reason="changed my mind") is True
+            with pytest.raises(RelayCancelled, match="changed my mind"):
+                await relay.result(timeout=5)
+            job = await caller.get_job(job_id)
+            assert job is not None
+            assert job.state is JobState.CANCELLED
+            # The node's only slot was freed by cancelling the job's scope over there.
+            assert await caller.relay(echo.new({"value": "next"}), timeout=10) == "next"
+
+
+async def test_cancel_a_job_executing_on_this_node(dsn: str) -> None:
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(10):
+        async with trioban.open(_conf(dsn, queues={"default": 1})) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "local-never"}))
+            await workers.wait_started(1)
+            assert relay.job.id is not None
+            assert await oban.cancel_all_jobs([relay.job.id], reason="stop") == 1
+            with pytest.raises(RelayCancelled, match="stop"):
+                await relay.result(timeout=5)
+            assert await oban.relay(echo.new({"value": 1}), timeout=5) == 1
+            assert workers.concurrency["now"] == 0
+
+
+async def test_gossip_between_processes(dsn: str) -> None:
+    with trio.fail_after(60):
+        async with (
+            trioban.open(_conf(dsn, queues={})) as oban,
+            node_processes(dsn, "default:1", 2),
+            oban.listen(["gossip"]) as messages,
+        ):
+            await oban.notify("gossip", {"ping": 7})
+            answers = set()
+            async for _channel, payload in messages:
+                if payload.get("pong") == 7:
+                    answers.add(payload["node"])
+                if len(answers) == 2:
+                    break
+            assert oban.config.node not in answers
+
+
+async def test_jobs_still_run_while_the_notifier_is_down(dsn: str) -> None:
+    from .test_relay import _terminate_notifier
+
+    with trio.fail_after(20):
+        async with trioban.open(_conf(dsn, queues={"default": 2}, node="lonely")) as oban:
+            assert await _terminate_notifier(oban) == 1
+            # Inserted from elsewhere while this node may be deaf: the stager's poll finds it.
+            async with trioban.open(_conf(dsn, queues={}, node="inserter")) as other:
+                relay = await other.dispatch(echo.new({"value": "polled"}))
+                assert await relay.result(timeout=10) == "polled"

@@ -1,6 +1,7 @@
 """A trioban node in its own process, for multi-node tests.
 
-Usage: python -m tests.node DSN QUEUE:LIMIT[,QUEUE:LIMIT] [--seconds N]
+Usage: python -m tests.node DSN QUEUE:LIMIT[,QUEUE:LIMIT] [--seconds N] [--heartbeat S]
+       [--rescue-after S]
 Runs until its stdin closes (or N seconds pass), printing "ready" once started.
 """
 
@@ -21,9 +22,15 @@ async def main() -> None:
     parser.add_argument("dsn")
     parser.add_argument("queues")
     parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument("--rescue-after", type=float, default=60.0)
     opts = parser.parse_args()
     conf = trioban.Config(
-        dsn=opts.dsn, queues=parse_queues(opts.queues, "queues"), stage_interval=0.2
+        dsn=opts.dsn,
+        queues=parse_queues(opts.queues, "queues"),
+        stage_interval=0.2,
+        heartbeat_interval=opts.heartbeat,
+        rescue_after=opts.rescue_after,
     )
     async with trioban.open(conf) as oban, trio.open_nursery() as nursery:
         await nursery.start(_echo_gossip, oban)

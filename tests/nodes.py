@@ -14,13 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @asynccontextmanager
-async def node_processes(dsn: str, queues: str, count: int) -> AsyncIterator[list[trio.Process]]:
-    """``count`` node processes running ``queues``; entered once all are ready."""
+async def node_processes(
+    dsn: str, queues: str, count: int, *options: str
+) -> AsyncIterator[list[trio.Process]]:
+    """``count`` node processes running ``queues`` (and tests/node.py ``options``); entered
+    once all are ready."""
     procs: list[trio.Process] = []
     try:
         for _ in range(count):
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tests.node", dsn, queues],
+                [sys.executable, "-m", "tests.node", dsn, queues, *options],
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

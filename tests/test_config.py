@@ -39,6 +39,8 @@ def test_defaults() -> None:
         ({"stage_interval": float("nan")}, "stage_interval", "finite"),
         ({"stage_interval": "1"}, "stage_interval", "number of seconds"),
         ({"rescue_after": 1.0}, "rescue_after", "more than heartbeat_interval"),
+        ({"prune_max_age": 0}, "prune_max_age", "> 0"),
+        ({"prune_limit": 0}, "prune_limit", "between 1 and 1000000"),
     ],
 )
 def test_bad_values_name_the_field(settings: dict[str, Any], field: str, words: str) -> None:
@@ -97,6 +99,8 @@ def test_from_env() -> None:
     # Explicit keywords win; None means "not set".
     assert Config.from_env(env, prefix="TRIOBAN_", pool_size=7, dsn=None).pool_size == 7
     assert Config.from_env(env, dsn=None).dsn == "postgresql:///app"
+    assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "none"}).prune_max_age is None
+    assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "60"}).prune_max_age == 60.0
 
 
 @pytest.mark.parametrize(

@@ -108,3 +108,15 @@ async def big_result(job: Job) -> str:
 async def whoami(job: Job) -> str:
     """Returns the node that ran it."""
     return trioban.current_instance().config.node
+
+
+@worker(queue="default")
+async def long_count(job: Job) -> None:
+    """Records its start and end in ``lifeline_runs``; only the first attempt is long."""
+    oban = trioban.current_instance()
+    sql = "INSERT INTO lifeline_runs (job_id, node, phase) VALUES (%s, %s, %s)"
+    async with oban.transaction() as conn:
+        await conn.execute(sql, [job.id, oban.config.node, "start"])
+    await trio.sleep(job.args["seconds"] if job.attempt == 1 else 0.05)
+    async with oban.transaction() as conn:
+        await conn.execute(sql, [job.id, oban.config.node, "done"])

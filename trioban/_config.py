@@ -115,6 +115,15 @@ def _non_negative(field: str, value: object) -> None:
     _number(field, value, low=0.0, low_open=False)
 
 
+def _optional_positive(field: str, value: object) -> None:
+    if value is not None:
+        _positive(field, value)
+
+
+def _prune_limit(field: str, value: object) -> None:
+    _integer(field, value, 1, 1_000_000)
+
+
 def _pool_size(field: str, value: object) -> None:
     _integer(field, value, 1, 1000)
 
@@ -139,6 +148,9 @@ class Config:
         stage_interval: seconds between stager runs (also the fallback poll for producers).
         heartbeat_interval: seconds between producer heartbeats.
         rescue_after: seconds without a heartbeat after which a producer's jobs are rescued.
+        prune_max_age: seconds a finished (completed, cancelled, discarded) job is kept;
+            ``None`` keeps them forever.
+        prune_limit: jobs the pruner deletes per run, so a backlog never locks for long.
 
     >>> Config(dsn="postgresql:///app", queus={"default": 10})
     Traceback (most recent call last):
@@ -157,6 +169,10 @@ class Config:
     stage_interval: float = attrs.field(default=1.0, validator=_check(_positive))
     heartbeat_interval: float = attrs.field(default=5.0, validator=_check(_positive))
     rescue_after: float = attrs.field(default=60.0, validator=_check(_positive))
+    prune_max_age: float | None = attrs.field(
+        default=86_400.0, validator=_check(_optional_positive)
+    )
+    prune_limit: int = attrs.field(default=10_000, validator=_check(_prune_limit))
 
     def __new__(cls, *args: Any, **settings: Any) -> Config:
         # Runs before attrs' typed __init__, so an unknown keyword gets a ConfigError with a
@@ -231,6 +247,7 @@ class Config:
 
 
 _FIELDS: Final = frozenset(field.name for field in attrs.fields(Config))
+_OPTIONAL: Final = frozenset({"prune_max_age"})
 
 
 def _suggest(name: str) -> str | None:
@@ -265,6 +282,8 @@ def parse_queues(text: str, field: str) -> dict[str, int]:
 
 def _parse_env(key: str, field: str, raw: str) -> Any:
     kind = attrs.fields_dict(Config)[field].default
+    if field in _OPTIONAL and raw.strip().lower() in {"", "none", "off"}:
+        return None
     if field == "queues":
         return parse_queues(raw, key) if raw.strip() else {}
     if field == "install":

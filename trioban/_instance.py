@@ -6,27 +6,33 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, final
+from functools import partial
+from typing import Any, Final, final
 
 import attrs
 import outcome
 import trio
 
-from . import _codec, _pg, _schema, _stager, _store
+from . import _codec, _heartbeat, _lifeline, _pg, _pruner, _schema, _stager, _store
 from ._acker import Acker
 from ._config import Config
 from ._errors import ConfigError, InternalError, RelayTimeout, TriobanError
 from ._inserter import Inserter
 from ._job import Job
+from ._leader import CHANNEL as LEADER_CHANNEL
+from ._leader import Leadership, while_leading
 from ._notifier import Notifier, check_channel
 from ._producer import Producer, QueueInfo
 from ._relay import META_REF, Registry, Relay, new_ref
 from ._relay import await_many as _await_many
+from ._sql import query
 from ._worker import CURRENT
 
 log = logging.getLogger("trioban")
 
 SIGNAL = "signal"
+PRUNE_INTERVAL: Final = 30.0
+"""Seconds between pruner runs (sooner when ``prune_max_age`` is shorter)."""
 
 
 @final
@@ -45,6 +51,9 @@ class Oban:
         self._queues: trio.Nursery | None = None  # where producers run, set by open()
         # Identifies this instance's own signals (several instances may share a node name).
         self._origin = uuid.uuid4().hex
+        peer = f"{conf.node}/{self._origin[:8]}"
+        interval = conf.heartbeat_interval
+        self._leadership = Leadership(work_pool, conf.prefix, conf.name, peer, interval)
 
     def __repr__(self) -> str:
         return f"<trioban.Oban node={self.config.node!r} prefix={self.config.prefix!r}>"
@@ -202,6 +211,31 @@ class Oban:
     def check_queue(self, queue: str) -> QueueInfo:
         """This node's view of ``queue``: limit, paused, running job ids."""
         return self._producer(queue).info()
+
+    async def check_all_queues(self) -> list[QueueInfo]:
+        """Every queue on every live node, as of each node's last heartbeat.
+
+        Ordered by queue, then node; up to ``heartbeat_interval`` seconds old.
+        """
+        params = {"after": self.config.rescue_after}
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(query("live_producers", self.config.prefix), params)
+            rows = await cur.fetchall()
+        return [
+            QueueInfo(
+                queue=queue,
+                node=node,
+                limit=int(meta.get("limit", 0)),
+                paused=bool(meta.get("paused", False)),
+                running=tuple(meta.get("running", ())),
+            )
+            for node, queue, meta in rows
+        ]
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this instance leads its cluster now (it runs the lifeline and pruner)."""
+        return self._leadership.is_leader
 
     async def pause_queue(
         self, queue: str, *, local_only: bool = False, node: str | None = None
@@ -442,6 +476,11 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
         await services.start(oban._notifier.run)
         await services.start(oban._relays.run)
         await services.start(oban._inserter.run)
+        await services.start(
+            _heartbeat.run, oban._work_pool, conf.prefix, conf.heartbeat_interval, producers
+        )
+        await services.start(oban._leadership.run)
+        await _start_maintenance(services, oban)
         async with trio.open_nursery() as acking:
             await acking.start(oban._acker.run)
             async with trio.open_nursery() as queues:
@@ -461,6 +500,26 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
         services.cancel_scope.cancel()
 
 
+async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
+    """The leader's periodic work: the lifeline and, unless disabled, the pruner."""
+    conf, pool, leadership = oban.config, oban._work_pool, oban._leadership
+    await services.start(
+        while_leading,
+        leadership,
+        conf.heartbeat_interval,
+        "lifeline",
+        partial(_lifeline.rescue, pool, conf.prefix, conf.rescue_after),
+    )
+    if conf.prune_max_age is not None:
+        await services.start(
+            while_leading,
+            leadership,
+            min(PRUNE_INTERVAL, conf.prune_max_age),
+            "pruner",
+            partial(_pruner.prune, pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
+        )
+
+
 def _subscribe(oban: Oban) -> None:
     notifier, relays, producers = oban._notifier, oban._relays, oban._producers
 
@@ -477,6 +536,7 @@ def _subscribe(oban: Oban) -> None:
     notifier.subscribe("insert", on_insert)
     notifier.subscribe("relay", relays.deliver)
     notifier.subscribe(SIGNAL, oban._on_signal)
+    notifier.subscribe(LEADER_CHANNEL, oban._leadership.elect_soon)
     notifier.on_reconnect(on_reconnect)
 
 

@@ -16,7 +16,6 @@ import trio
 
 from . import _store
 from ._executor import Running, execute
-from ._sql import query
 
 if TYPE_CHECKING:
     from ._acker import Acker
@@ -106,7 +105,6 @@ class Producer:
 
         ``abandon()`` cancels the jobs still running; they stay ``executing`` for the lifeline.
         """
-        await self._heartbeat()
         async with trio.open_nursery() as jobs:
             self._jobs = jobs
             task_status.started()
@@ -160,8 +158,3 @@ class Producer:
                 self._idle.set()
         if self._more and not self._stopping:
             self._wakeup.set()
-
-    async def _heartbeat(self) -> None:
-        params = {"uuid": self.uuid, "node": self._node, "queue": self.queue}
-        async with self._pool.connection() as conn:
-            await conn.execute(query("heartbeat_producer", self._prefix), params)

@@ -14,9 +14,11 @@ from typing import Final, LiteralString
 
 from psycopg import sql
 
-from ._errors import ConfigError
+from ._config import IDENTIFIER, validate_identifier
 
-IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+__all__ = [
+    "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "channel", "query", "quoted_prefix", "schema_sql",
+]  # fmt: skip
 
 JOB_COLUMNS: Final = (
     "id", "state", "queue", "worker", "args", "meta", "tags", "errors", "attempt",
@@ -41,12 +43,7 @@ QUERIES: Final = _parse(_read("queries.sql"))
 
 def quoted_prefix(prefix: str) -> str:
     """Validate a schema name and return it quoted for SQL."""
-    if not isinstance(prefix, str) or not IDENTIFIER.match(prefix):
-        raise ConfigError(
-            "prefix",
-            f"expected a schema name matching {IDENTIFIER.pattern}, got {prefix!r}",
-        )
-    return sql.Identifier(prefix).as_string()
+    return sql.Identifier(validate_identifier("prefix", prefix)).as_string()
 
 
 @functools.cache

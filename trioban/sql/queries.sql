@@ -150,15 +150,93 @@ WITH target AS (
 SELECT t.id, t.state::text FROM target AS t
 WHERE (SELECT count(*) FROM notified) >= 0
 
--- name: heartbeat_producer
--- Record that a producer is alive; the lifeline rescues jobs of producers that stop.
-INSERT INTO {prefix}.trioban_producers (uuid, node, queue)
-VALUES (%(uuid)s, %(node)s, %(queue)s)
-ON CONFLICT (uuid) DO UPDATE SET updated_at = timezone('UTC', now())
+-- name: heartbeat_producers
+-- Record that this node's producers are alive, with their state for cluster-wide checks.
+INSERT INTO {prefix}.trioban_producers AS p (uuid, node, queue, meta)
+SELECT r.uuid, r.node, r.queue, r.meta
+FROM jsonb_to_recordset(%(producers)s::jsonb) AS r(uuid uuid, node text, queue text, meta jsonb)
+ON CONFLICT (uuid) DO UPDATE SET updated_at = timezone('UTC', now()), meta = excluded.meta
 
--- name: delete_producer
--- Forget a producer that stopped cleanly.
-DELETE FROM {prefix}.trioban_producers WHERE uuid = %(uuid)s
+-- name: delete_producers
+-- Forget producers that stopped cleanly.
+DELETE FROM {prefix}.trioban_producers WHERE uuid = ANY(%(uuids)s::uuid[])
+
+-- name: live_producers
+-- Producers that heartbeated within %(after)s seconds, for check_all_queues.
+SELECT node, queue, meta FROM {prefix}.trioban_producers
+WHERE updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s)
+ORDER BY queue, node
+
+-- name: elect_leader
+-- Take or renew the lease of leadership for instance %(name)s. A row comes back only when
+-- this peer holds the lease: it was free, expired, or already ours.
+INSERT INTO {prefix}.oban_peers AS p (name, node, started_at, expires_at)
+VALUES (%(name)s, %(node)s, timezone('UTC', now()),
+        timezone('UTC', now()) + make_interval(secs => %(ttl)s))
+ON CONFLICT (name) DO UPDATE SET
+  node = excluded.node,
+  started_at = CASE WHEN p.node = excluded.node THEN p.started_at ELSE excluded.started_at END,
+  expires_at = excluded.expires_at
+WHERE p.node = excluded.node OR p.expires_at < timezone('UTC', now())
+RETURNING node
+
+-- name: resign_leader
+-- Give up the lease so another peer takes over at once.
+DELETE FROM {prefix}.oban_peers WHERE name = %(name)s AND node = %(node)s
+
+-- name: rescue_jobs
+-- Executing jobs whose producer stopped heartbeating (its node died) and that started more
+-- than %(after)s seconds ago go back to available, or to discarded when out of attempts.
+-- A job on a live node is never touched, however long it runs.
+WITH orphans AS (
+  SELECT j.id FROM {prefix}.oban_jobs AS j
+  WHERE j.state = 'executing'
+    AND j.attempted_at < timezone('UTC', now()) - make_interval(secs => %(after)s)
+    AND NOT EXISTS (
+      SELECT 1 FROM {prefix}.trioban_producers AS p
+      WHERE p.uuid::text = j.attempted_by[2]
+        AND p.updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s))
+  ORDER BY j.id
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+), rescued AS (
+  UPDATE {prefix}.oban_jobs AS j
+  SET state = CASE WHEN j.attempt >= j.max_attempts THEN 'discarded'
+                   ELSE 'available' END::{prefix}.oban_job_state,
+      discarded_at = CASE WHEN j.attempt >= j.max_attempts THEN timezone('UTC', now()) END,
+      errors = array_append(j.errors, jsonb_build_object(
+        'at', timezone('UTC', now()), 'attempt', j.attempt,
+        'error', 'rescued: the node running it (' || coalesce(j.attempted_by[1], '?')
+                 || ') stopped heartbeating'))
+  WHERE j.id = ANY(ARRAY(SELECT id FROM orphans))
+  RETURNING j.id, j.queue, j.state, j.meta, j.errors
+), woken AS (
+  SELECT pg_notify(%(insert_channel)s, json_build_object('queue', queue)::text)
+  FROM (SELECT DISTINCT queue FROM rescued WHERE state = 'available') AS q
+), notified AS (
+  SELECT pg_notify(%(relay_channel)s, json_build_object(
+    'ref', meta->>'relay', 'id', id, 'state', 'discarded',
+    'reason', errors[array_length(errors, 1)]->>'error')::text)
+  FROM rescued WHERE state = 'discarded' AND meta ? 'relay'
+)
+SELECT r.id, r.state::text FROM rescued AS r
+WHERE (SELECT count(*) FROM woken) + (SELECT count(*) FROM notified) >= 0
+
+-- name: forget_producers
+-- Drop the rows of producers that stopped heartbeating long ago.
+DELETE FROM {prefix}.trioban_producers
+WHERE updated_at < timezone('UTC', now()) - make_interval(secs => %(after)s)
+
+-- name: prune_jobs
+-- Delete up to %(limit)s finished jobs older than %(max_age)s seconds.
+DELETE FROM {prefix}.oban_jobs
+WHERE id = ANY(ARRAY(
+  SELECT id FROM {prefix}.oban_jobs
+  WHERE state IN ('completed', 'cancelled', 'discarded')
+    AND coalesce(completed_at, cancelled_at, discarded_at, scheduled_at)
+        < timezone('UTC', now()) - make_interval(secs => %(max_age)s)
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED))
 
 -- name: notify
 -- Publish payloads on one channel; notifications are delivered only when the transaction commits.

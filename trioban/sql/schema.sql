@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS {prefix}.trioban_producers (
   updated_at timestamp without time zone NOT NULL DEFAULT timezone('UTC', now())
 );
 
+ALTER TABLE {prefix}.trioban_producers ADD COLUMN IF NOT EXISTS meta jsonb NOT NULL DEFAULT '{}';
+
 CREATE TABLE IF NOT EXISTS {prefix}.trioban_schema (
   component text PRIMARY KEY,
   version integer NOT NULL

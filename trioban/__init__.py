@@ -1,17 +1,21 @@
 """trioban: Trio-native, PostgreSQL-backed job orchestration.
 
 Layers (imports go one way, downwards):
-  pure       _errors _config _job _backoff _codec _worker
+  pure       _errors _config _job _backoff _codec _structured _crypto _unique _worker
   database   _sql _schema _pg _store
-  services   _notifier _relay _executor _acker _producer _stager
+  services   _notifier _relay _executor _acker _producer _stager _heartbeat _leader
+             _lifeline _pruner
   instance   _instance (open(), Oban)
 """
 
 from __future__ import annotations
 
 from ._config import Config as Config
+from ._crypto import DecryptionError as DecryptionError
+from ._crypto import Encrypted as Encrypted
 from ._errors import ConfigError as ConfigError
 from ._errors import InternalError as InternalError
+from ._errors import NotRecorded as NotRecorded
 from ._errors import RelayCancelled as RelayCancelled
 from ._errors import RelayDiscard as RelayDiscard
 from ._errors import RelayError as RelayError
@@ -29,6 +33,7 @@ from ._notifier import LISTEN_BUFFER as LISTEN_BUFFER
 from ._producer import QueueInfo as QueueInfo
 from ._relay import Relay as Relay
 from ._schema import SchemaError as SchemaError
+from ._unique import Unique as Unique
 from ._worker import Worker as Worker
 from ._worker import worker as worker
 
@@ -37,10 +42,13 @@ __all__ = [
     "Cancel",
     "Config",
     "ConfigError",
+    "DecryptionError",
     "Discard",
+    "Encrypted",
     "InternalError",
     "Job",
     "JobState",
+    "NotRecorded",
     "Oban",
     "QueueInfo",
     "Relay",
@@ -51,6 +59,7 @@ __all__ = [
     "SchemaError",
     "Snooze",
     "TriobanError",
+    "Unique",
     "Worker",
     "current_instance",
     "open",

@@ -56,6 +56,16 @@ def dumps(value: Any) -> str:
         raise ValueError("circular reference (or nesting too deep) in a JSON value") from None
 
 
+_canonical = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=True, allow_nan=False, sort_keys=True, default=_default
+)
+
+
+def canonical_dumps(value: Any) -> str:
+    """Encode ``value`` with sorted keys: equal values give equal text (for hashing)."""
+    return _canonical.encode(value)
+
+
 def loads(text: str | bytes) -> Any:
     """Decode JSON text."""
     return json.loads(text)

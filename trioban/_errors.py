@@ -48,3 +48,7 @@ class RelayCancelled(RelayError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotRecorded(TriobanError, LookupError):
+    """Raised by ``fetch_recorded`` for a job without a recorded result."""

@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from . import _codec
+from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, Snooze
 from ._relay import META_REF, META_RESULT, build_notice
 from ._worker import Worker, lookup
@@ -71,11 +72,18 @@ async def execute(running: Running) -> Ack:
             f"module defining it on every node that runs queue {job.queue!r}"
         )
         return _failed(job, reason, final=True)
+    try:
+        prepared = worker.prepare(job)
+    except DecryptionError as exc:
+        # Perhaps a key this node lacks: retried, so a fixed deployment still runs it.
+        return _failed(job, str(exc), backoff=worker.backoff(job.attempt))
+    except ValueError as exc:
+        return _failed(job, f"{exc}; the job was inserted with args its worker rejects", final=True)
     if worker.timeout is not None:
         running.scope.deadline = trio.current_time() + worker.timeout
     try:
         with running.scope:
-            result = await worker.perform(job)
+            result = await worker.perform(prepared)
     except Exception as exc:
         return _failed(job, _exception_text(exc), backoff=worker.backoff(job.attempt))
     if running.scope.cancelled_caught:
@@ -94,14 +102,24 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
     if isinstance(result, Snooze):
         return _ack(job, "scheduled", schedule_in=result.seconds, extra_attempts=1)
     ref = job.meta.get(META_REF)
-    if ref is None:
+    if ref is None and not worker.recorded:
         return _ack(job, "completed")
     try:
-        meta = _codec.dumps({META_RESULT: result})
+        data = worker.dump_result(result)
+        meta = _codec.dumps({META_RESULT: data})
     except (TypeError, ValueError) as exc:
         text = f"the result of {worker.name} is not JSON-serialisable: {exc}"
         return _failed(job, text, backoff=worker.backoff(job.attempt))
-    notice = build_notice(str(ref), _job_id(job), "completed", result=result)
+    limit = worker.recorded_limit
+    if limit is not None and len(meta) > limit:
+        text = (
+            f"the result of {worker.name} is {len(meta)} bytes of JSON, over its recorded "
+            f"limit of {limit}; return less or raise the limit with @worker(recorded=<bytes>)"
+        )
+        return _failed(job, text, backoff=worker.backoff(job.attempt))
+    if ref is None:
+        return _ack(job, "completed", meta=meta)
+    notice = build_notice(str(ref), _job_id(job), "completed", result=data)
     return _ack(job, "completed", meta=meta, notice=notice)
 
 

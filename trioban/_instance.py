@@ -16,17 +16,17 @@ import trio
 from . import _codec, _heartbeat, _lifeline, _pg, _pruner, _schema, _stager, _store
 from ._acker import Acker
 from ._config import Config
-from ._errors import ConfigError, InternalError, RelayTimeout, TriobanError
+from ._errors import ConfigError, InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._inserter import Inserter
-from ._job import Job
+from ._job import Job, JobState
 from ._leader import CHANNEL as LEADER_CHANNEL
 from ._leader import Leadership, while_leading
 from ._notifier import Notifier, check_channel
 from ._producer import Producer, QueueInfo
-from ._relay import META_REF, Registry, Relay, new_ref
+from ._relay import META_REF, META_RESULT, Registry, Relay, new_ref
 from ._relay import await_many as _await_many
 from ._sql import query
-from ._worker import CURRENT
+from ._worker import CURRENT, lookup
 
 log = logging.getLogger("trioban")
 
@@ -74,6 +74,11 @@ class Oban:
     ) -> list[Job]:
         """Insert many jobs with one statement; returns them saved, in the order given."""
         batch = _check_jobs(jobs)
+        if any(job._unique is not None for job in batch):
+            if conn is not None:
+                return await _store.insert_with_unique(conn, self.config.prefix, batch)
+            async with self._pool.connection() as pooled:
+                return await _store.insert_with_unique(pooled, self.config.prefix, batch)
         if conn is not None:
             return await _store.insert(conn, self.config.prefix, batch)
         if not batch:
@@ -84,6 +89,25 @@ class Oban:
     async def get_job(self, job_id: int) -> Job | None:
         """The job with ``job_id``, or None if there is none."""
         return await _store.get_job(self._pool, self.config.prefix, _check_id(job_id))
+
+    async def fetch_recorded(self, job: Job | int) -> Any:
+        """The recorded result of a completed job (``@worker(recorded=True)``).
+
+        Structured with the worker's ``result`` class when it declares one. Raises
+        ``NotRecorded`` when the job doesn't exist, hasn't completed or recorded nothing.
+        """
+        job_id = _check_id(job.id if isinstance(job, Job) else job)  # type: ignore[arg-type]
+        found = await self.get_job(job_id)
+        if found is None:
+            raise NotRecorded(f"there is no job {job_id} (pruned, or never inserted)")
+        if found.state is not JobState.COMPLETED or META_RESULT not in found.meta:
+            raise NotRecorded(
+                f"job {job_id} has no recorded result: it is {found.state.value}"
+                + ("" if found.state is not JobState.COMPLETED else " but recorded nothing")
+            )
+        worker = lookup(found.worker)
+        data = found.meta[META_RESULT]
+        return data if worker is None else worker.load_result(data)
 
     async def retry_job(self, job_id: int) -> bool:
         """Make a finished or waiting job available now; False if it was available/executing."""
@@ -130,7 +154,9 @@ class Oban:
             raise
         assert saved.id is not None
         waiter.job_id = saved.id
-        return Relay._create(self._relays, ref, saved)
+        found = lookup(saved.worker)
+        load = found.load_result if found is not None and found.result_type else None
+        return Relay._create(self._relays, ref, saved, load)
 
     async def relay(
         self,

@@ -6,9 +6,12 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
+
+if TYPE_CHECKING:
+    from ._unique import Claim
 
 
 class JobState(enum.StrEnum):
@@ -32,12 +35,13 @@ FINAL_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCE
 class Job:
     """A job: built unsaved by ``Worker.new()``, returned saved by ``oban.insert()``.
 
-    Timestamps are timezone-aware UTC datetimes. ``conflict`` is true when an insert found an
-    existing unique job instead of creating one.
+    ``args`` is a read-only mapping, or an instance of the worker's structured args class
+    inside the worker. Timestamps are timezone-aware UTC datetimes. ``conflict`` is true when
+    an insert found an existing unique job instead of creating one.
     """
 
     worker: str
-    args: Mapping[str, Any]
+    args: Any
     queue: str = "default"
     priority: int = 0
     max_attempts: int = 20
@@ -57,6 +61,8 @@ class Job:
     conflict: bool = False
     # The args' JSON text, encoded once by Worker.new() and reused at insert.
     _args_json: str | None = attrs.field(default=None, repr=False, eq=False, alias="_args_json")
+    # The unique key and conflict rules, computed by Worker.new() before any encryption.
+    _unique: Claim | None = attrs.field(default=None, repr=False, eq=False, alias="_unique")
 
     @property
     def saved(self) -> bool:

@@ -179,16 +179,21 @@ class Registry:
 class Relay:
     """A dispatched job whose result can be awaited: returned by ``oban.dispatch()``."""
 
-    def __init__(self, registry: Registry, ref: str, job: Job) -> None:
+    def __init__(
+        self, registry: Registry, ref: str, job: Job, load: Callable[[Any], Any] | None = None
+    ) -> None:
         self.ref = ref
         self.job = job
         self._registry = registry
+        self._load = load  # the worker's structured result type, when it has one
         # A relay that is never awaited must not keep its waiter forever.
         weakref.finalize(self, registry.discard, ref)
 
     @classmethod
-    def _create(cls, registry: Registry, ref: str, job: Job) -> Relay:
-        return cls(registry, ref, job)
+    def _create(
+        cls, registry: Registry, ref: str, job: Job, load: Callable[[Any], Any] | None = None
+    ) -> Relay:
+        return cls(registry, ref, job, load)
 
     def __repr__(self) -> str:
         return f"<trioban.Relay ref={self.ref} job={self.job.id}>"
@@ -211,10 +216,19 @@ class Relay:
             registry.poll_soon()  # a second call: the outcome may already be in the row
         try:
             with trio.move_on_after(timeout):
-                return await registry.wait(waiter, self.job.id, with_retries)
+                return self._loaded(await registry.wait(waiter, self.job.id, with_retries))
             raise RelayTimeout(f"no result for job {self.job.id} within {timeout}s")
         finally:
             registry.discard(self.ref)
+
+    def _loaded(self, value: Any) -> Any:
+        if self._load is None:
+            return value
+        try:
+            return self._load(value)
+        except ValueError as exc:
+            text = f"job {self.job.id} completed, but its result doesn't load: {exc}"
+            raise RelayError(text) from None
 
 
 def new_ref() -> str:

@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Final
 import psycopg
 
 from ._errors import TriobanError
-from ._sql import query, schema_sql
+from ._sql import SCHEMA_VERSION, query, schema_sql
 
 if TYPE_CHECKING:
     from ._pg import Connection
 
 __all__ = ["SCHEMA_VERSION", "SchemaError", "install", "schema_sql", "verify"]
 
-SCHEMA_VERSION: Final = 1
 # Serialises concurrent installers (several nodes starting at once) on one database.
 _INSTALL_LOCK: Final = 0x7472696F62616E  # "trioban"
 
@@ -24,20 +23,32 @@ class SchemaError(TriobanError):
 
 
 async def install(conn: Connection, prefix: str) -> None:
-    """Create or upgrade the schema under ``prefix``; safe to run on every start."""
+    """Create or upgrade the schema under ``prefix``; safe to run on every start.
+
+    A current schema is left alone without taking a lock, so nodes starting while others
+    run never wait on (or block) the job table.
+    """
+    if await installed_version(conn, prefix) >= SCHEMA_VERSION:
+        return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_INSTALL_LOCK])
         await conn.execute(schema_sql(prefix).encode())
 
 
-async def verify(conn: Connection, prefix: str) -> None:
-    """Raise ``SchemaError`` unless the schema under ``prefix`` is installed and current."""
+async def installed_version(conn: Connection, prefix: str) -> int:
+    """The schema version recorded under ``prefix`` (0 when there is none)."""
     try:
-        cur = await conn.execute(query("schema_version", prefix))
-        row = await cur.fetchone()
+        async with conn.transaction():
+            cur = await conn.execute(query("schema_version", prefix))
+            row = await cur.fetchone()
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         row = None
-    version = row[0] if row else None
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+async def verify(conn: Connection, prefix: str) -> None:
+    """Raise ``SchemaError`` unless the schema under ``prefix`` is installed and current."""
+    version = await installed_version(conn, prefix) or None
     if version is None or version < SCHEMA_VERSION:
         raise SchemaError(
             f"the trioban schema in prefix {prefix!r} is missing or out of date "

@@ -17,8 +17,12 @@ from psycopg import sql
 from ._config import IDENTIFIER, validate_identifier
 
 __all__ = [
-    "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "channel", "query", "quoted_prefix", "schema_sql",
+    "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "channel", "query",
+    "quoted_prefix", "schema_sql",
 ]  # fmt: skip
+
+SCHEMA_VERSION: Final = 2
+"""The version of sql/schema.sql; install() upgrades older schemas."""
 
 JOB_COLUMNS: Final = (
     "id", "state", "queue", "worker", "args", "meta", "tags", "errors", "attempt",
@@ -55,7 +59,8 @@ def query(name: str, prefix: str) -> LiteralString:
 
 def schema_sql(prefix: str) -> str:
     """The idempotent schema script for ``prefix``."""
-    return _read("schema.sql").replace("{prefix}", quoted_prefix(prefix))
+    script = _read("schema.sql").replace("{version}", str(SCHEMA_VERSION))
+    return script.replace("{prefix}", quoted_prefix(prefix))
 
 
 def channel(prefix: str, name: str) -> str:

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from . import _codec
+from ._errors import InternalError
 from ._job import Job, JobState
 from ._sql import channel, query
 from ._worker import args_json
@@ -78,6 +81,71 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
 
 
 _AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
+_UNIQUE_ROUNDS = 5
+
+
+async def insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
+    """Insert a batch holding unique jobs in one transaction; results in the order given.
+
+    Plain jobs go in with one statement. Each unique job is inserted unless a job holds its
+    key; the unique index serialises concurrent inserts of the same key, and the holder is
+    then read under a row lock. A holder outside the period or the states gives up its key
+    and the insert is retried; otherwise it comes back with ``conflict=True`` (``replace``
+    applied).
+    """
+    async with conn.transaction():
+        plain = [job for job in jobs if job._unique is None]
+        saved = iter(await insert(conn, prefix, plain))
+        woken: set[str] = set()
+        results = []
+        for job in jobs:
+            if job._unique is None:
+                results.append(next(saved))
+                continue
+            unique = await _insert_unique(conn, prefix, job)
+            if unique.state is JobState.AVAILABLE:
+                woken.add(unique.queue)
+            results.append(unique)
+        if woken:
+            payloads = [_codec.dumps({"queue": queue}) for queue in sorted(woken)]
+            await notify(conn, prefix, "insert", payloads)
+        return results
+
+
+async def _insert_unique(conn: Connection, prefix: str, job: Job) -> Job:
+    claim = job._unique
+    assert claim is not None
+    for _ in range(_UNIQUE_ROUNDS):
+        params = {"job": _row_json(job), "uniq_key": claim.key}
+        cur = await conn.execute(query("insert_unique_job", prefix), params)
+        row = await cur.fetchone()
+        if row is not None:
+            return job_from_row(row)
+        lock: dict[str, Any] = {"uniq_key": claim.key, "period": claim.period}
+        cur = await conn.execute(query("lock_unique_job", prefix), lock)
+        found = await cur.fetchone()
+        if found is None:
+            continue  # the holder was deleted meanwhile: try again
+        holder, expired = job_from_row(found[:-1]), bool(found[-1])
+        if expired or holder.state.value not in claim.states:
+            await conn.execute(query("release_unique_key", prefix), {"id": holder.id})
+            continue
+        return attrs.evolve(await _replace(conn, prefix, holder, job), conflict=True)
+    raise InternalError(f"could not settle the unique insert of {job.worker} (key {claim.key})")
+
+
+async def _replace(conn: Connection, prefix: str, holder: Job, job: Job) -> Job:
+    assert job._unique is not None
+    fields = job._unique.replace.get(holder.state.value, ())
+    if not fields:
+        return holder
+    new = _codec.loads(_row_json(job))
+    changes = {field: new[field] for field in fields}
+    params = {"changes": _codec.dumps(changes), "id": holder.id}
+    cur = await conn.execute(query("replace_unique_job", prefix), params)
+    row = await cur.fetchone()
+    assert row is not None
+    return job_from_row(row)
 
 
 def _saved(job: Job, id_: int, state: str, inserted: datetime, scheduled: datetime) -> Job:

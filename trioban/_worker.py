@@ -10,15 +10,21 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol, final, overload
 
-from . import _codec
+import attrs
+
+from . import _codec, _structured
 from ._backoff import default_backoff
+from ._crypto import Encrypted
 from ._errors import TriobanError
 from ._job import Job, JobState, as_str_tuple, utc_datetime
+from ._unique import Unique
 
 Backoff = Callable[[int], float]
 JobFunction = Callable[[Job], Awaitable[Any]]
 
 MAX_PRIORITY: Final = 9
+RECORDED_LIMIT: Final = 1_000_000
+"""Default bound, in bytes of JSON, on a recorded result (``@worker(recorded=True)``)."""
 _MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
 
 
@@ -98,6 +104,12 @@ class Worker:
         tags: Sequence[str],
         backoff: Backoff,
         timeout: float | None,
+        args: type[Any] | None = None,
+        result: type[Any] | None = None,
+        strict_args: bool = True,
+        recorded: bool | int = False,
+        encrypted: Encrypted | None = None,
+        unique: Unique | None = None,
     ) -> None:
         self.target = target
         self.name = f"{target.__module__}.{target.__qualname__}"
@@ -111,15 +123,32 @@ class Worker:
             )
         self.backoff = backoff
         self.timeout = None if timeout is None else _check_seconds(timeout, "timeout")
+        self.args_type = _structured.check_class(args, "args")
+        self.result_type = _structured.check_class(result, "result")
+        if not isinstance(strict_args, bool):
+            raise TypeError(f"expected strict_args to be True or False, got {strict_args!r}")
+        self.strict_args = strict_args
+        self.recorded_limit = _check_recorded(recorded)
+        if encrypted is not None and not isinstance(encrypted, Encrypted):
+            raise TypeError(
+                f"expected encrypted to be trioban.Encrypted(key=...), got {encrypted!r}"
+            )
+        self.encrypted = encrypted
+        self.unique = _check_unique(unique)
         self.__doc__ = target.__doc__
         self.__wrapped__ = target
 
     def __repr__(self) -> str:
         return f"<trioban.Worker {self.name} queue={self.queue!r}>"
 
+    @property
+    def recorded(self) -> bool:
+        """Whether the worker's return value is stored with the job."""
+        return self.recorded_limit is not None
+
     def new(
         self,
-        args: Mapping[str, Any] | None = None,
+        args: Any = None,
         *,
         queue: str | None = None,
         priority: int | None = None,
@@ -128,17 +157,30 @@ class Worker:
         schedule_in: float | timedelta | None = None,
         tags: Sequence[str] | None = None,
         meta: Mapping[str, Any] | None = None,
+        unique: Unique | bool | None = True,
     ) -> Job:
-        """Build an unsaved job for this worker; invalid args or options raise at once."""
-        job_args, args_json = _check_json_object({} if args is None else args, "args")
+        """Build an unsaved job for this worker; invalid args or options raise at once.
+
+        ``args`` is a JSON object, or for a worker with ``args=Cls`` a ``Cls`` instance or a
+        dict shaped like one. ``unique`` overrides the worker's constraint (``False``: none).
+        """
+        job_args, args_json = _check_json_object(self._args_data(args), "args")
         job_meta = _check_json_object(meta, "meta")[0] if meta else _EMPTY
+        queue = self.queue if queue is None else _check_queue(queue)
+        constraint = self.unique if unique is True else _check_unique(unique or None)
+        claim = None
+        if constraint is not None:
+            claim = constraint.claim(worker=self.name, queue=queue, args=job_args, meta=job_meta)
+        if self.encrypted is not None:
+            sealed = self.encrypted.encrypt(args_json, self.name)
+            job_args, args_json = _check_json_object(sealed, "args")
         when = None
         if scheduled_at is not None or schedule_in is not None:
             when = _schedule(scheduled_at, schedule_in)
         job = Job(
             worker=self.name,
             args=job_args,
-            queue=self.queue if queue is None else _check_queue(queue),
+            queue=queue,
             priority=self.priority if priority is None else _check_int(priority, "priority", 0, 9),
             max_attempts=self.max_attempts
             if max_attempts is None
@@ -148,12 +190,45 @@ class Worker:
             scheduled_at=when,
             state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,
             _args_json=args_json,
+            _unique=claim,
         )
         return job
 
+    def _args_data(self, args: Any) -> Any:
+        if self.args_type is None:
+            return {} if args is None else args
+        return _structured.unstructure({} if args is None else args, self.args_type, "args")
+
+    def prepare(self, job: Job) -> Job:
+        """``job`` as the worker sees it: args decrypted and structured.
+
+        Raises ``DecryptionError`` (a wrong key, altered args) or ``ValueError`` (args that
+        don't fit the worker's args class).
+        """
+        args = job.args
+        if self.encrypted is not None:
+            args = _codec.loads(self.encrypted.decrypt(args, self.name))
+        if self.args_type is not None:
+            args = _structured.structure(
+                args, self.args_type, "args", forbid_extra=self.strict_args
+            )
+        return job if args is job.args else attrs.evolve(job, args=args)
+
+    def dump_result(self, value: Any) -> Any:
+        """A return value as JSON-ready data (unstructured for a worker with ``result=Cls``)."""
+        if self.result_type is None:
+            return value
+        return _structured.unstructure(value, self.result_type, "result")
+
+    def load_result(self, data: Any) -> Any:
+        """A stored result as the caller sees it (a ``Cls`` instance with ``result=Cls``)."""
+        if self.result_type is None:
+            return data
+        return _structured.structure(data, self.result_type, "result", forbid_extra=False)
+
     async def relay(
         self,
-        args: Mapping[str, Any] | None = None,
+        args: Any = None,
         *,
         timeout: float = 30.0,  # noqa: ASYNC109 (the API contract takes a timeout)
         with_retries: bool = False,
@@ -178,6 +253,24 @@ class Worker:
         if isinstance(self.target, type):
             return await self.target().process(job)
         return await self.target(job)
+
+
+def _check_recorded(value: object) -> int | None:
+    if value is False:
+        return None
+    if value is True:
+        return RECORDED_LIMIT
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TypeError(
+            f"expected recorded to be True, False or a size limit in bytes > 0, got {value!r}"
+        )
+    return value
+
+
+def _check_unique(value: object) -> Unique | None:
+    if value is not None and not isinstance(value, Unique):
+        raise TypeError(f"expected unique to be trioban.Unique(...) or None, got {value!r}")
+    return value
 
 
 def _schedule(
@@ -215,6 +308,12 @@ def worker(
     tags: Sequence[str] = ...,
     backoff: Backoff = ...,
     timeout: float | None = ...,
+    args: type[Any] | None = ...,
+    result: type[Any] | None = ...,
+    strict_args: bool = ...,
+    recorded: bool | int = ...,
+    encrypted: Encrypted | None = ...,
+    unique: Unique | None = ...,
 ) -> Callable[[type[Any] | JobFunction], Worker]: ...
 def worker(
     target: type[Any] | JobFunction | None = None,
@@ -226,11 +325,22 @@ def worker(
     tags: Sequence[str] = (),
     backoff: Backoff = default_backoff,
     timeout: float | None = None,
+    args: type[Any] | None = None,
+    result: type[Any] | None = None,
+    strict_args: bool = True,
+    recorded: bool | int = False,
+    encrypted: Encrypted | None = None,
+    unique: Unique | None = None,
 ) -> Worker | Callable[[type[Any] | JobFunction], Worker]:
     """Register an ``async def f(job)`` or a class with ``async def process(self, job)``.
 
     Options are validated at decoration time. ``timeout`` (seconds) cancels a job that runs
     too long, recorded as an error; ``backoff(attempt) -> seconds`` spaces out retries.
+    ``args``/``result`` name attrs classes or dataclasses the args and return value are
+    converted to and from (``strict_args=False`` ignores unknown args keys). ``recorded``
+    stores the return value with the job (``True``, or a size limit in bytes of JSON).
+    ``encrypted=Encrypted(key=...)`` encrypts args at rest; ``unique=Unique(...)`` makes
+    duplicate inserts return the existing job.
     """
 
     def register(target: type[Any] | JobFunction) -> Worker:
@@ -243,6 +353,12 @@ def worker(
             tags=tags,
             backoff=backoff,
             timeout=timeout,
+            args=args,
+            result=result,
+            strict_args=strict_args,
+            recorded=recorded,
+            encrypted=encrypted,
+            unique=unique,
         )
         existing = _registry.get(built.name)
         if existing is not None and existing.target is not target:

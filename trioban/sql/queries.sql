@@ -36,6 +36,54 @@ SELECT id, state::text, inserted_at, scheduled_at FROM inserted
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY id
 
+-- name: insert_unique_job
+-- Insert one unique job unless a job holds its key; returns the row only if it was inserted.
+INSERT INTO {prefix}.oban_jobs AS j
+  (state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at, uniq_key)
+SELECT
+  coalesce(r.state, CASE WHEN r.scheduled_at > timezone('UTC', now())
+                         THEN 'scheduled' ELSE 'available' END)::{prefix}.oban_job_state,
+  r.queue, r.worker, r.args, r.meta, r.tags, r.max_attempts, r.priority,
+  coalesce(r.scheduled_at, timezone('UTC', now())), %(uniq_key)s
+FROM jsonb_to_record(%(job)s::jsonb) AS r(
+  state text, queue text, worker text, args jsonb, meta jsonb, tags text[], max_attempts int,
+  priority int, scheduled_at timestamp
+)
+ON CONFLICT (uniq_key) WHERE uniq_key IS NOT NULL DO NOTHING
+RETURNING {job}
+
+-- name: lock_unique_job
+-- The job holding a unique key, locked until the inserting transaction ends.
+SELECT {job}, j.inserted_at < timezone('UTC', now()) - make_interval(secs => %(period)s)
+FROM {prefix}.oban_jobs AS j WHERE j.uniq_key = %(uniq_key)s
+FOR UPDATE
+
+-- name: release_unique_key
+-- An existing job outside the period or the states gives up its key.
+UPDATE {prefix}.oban_jobs SET uniq_key = NULL WHERE id = %(id)s
+
+-- name: replace_unique_job
+-- Overwrite the given fields of an existing unique job (a NULL field is left alone). A new
+-- scheduled_at also moves a waiting job between scheduled and available.
+UPDATE {prefix}.oban_jobs AS j SET
+  args = coalesce(r.args, j.args),
+  max_attempts = coalesce(r.max_attempts, j.max_attempts),
+  meta = coalesce(r.meta, j.meta),
+  priority = coalesce(r.priority, j.priority),
+  queue = coalesce(r.queue, j.queue),
+  tags = coalesce(r.tags, j.tags),
+  scheduled_at = coalesce(r.scheduled_at, j.scheduled_at),
+  state = CASE
+    WHEN r.scheduled_at IS NULL OR j.state NOT IN ('available', 'scheduled') THEN j.state
+    WHEN r.scheduled_at > timezone('UTC', now()) THEN 'scheduled'
+    ELSE 'available' END::{prefix}.oban_job_state
+FROM jsonb_to_record(%(changes)s::jsonb) AS r(
+  args jsonb, max_attempts int, meta jsonb, priority int, queue text, tags text[],
+  scheduled_at timestamp
+)
+WHERE j.id = %(id)s
+RETURNING {job}
+
 -- name: fetch_jobs
 -- Claim up to %(demand)s available jobs of one queue for this producer.
 WITH candidates AS (

@@ -1,5 +1,6 @@
 -- trioban schema, Oban-compatible. The prefix marker becomes the validated, quoted schema name.
--- Every statement is idempotent: install() runs the whole file under an advisory lock.
+-- Every statement is idempotent: install() runs the whole file under an advisory lock, and
+-- only when the recorded version is older than {version} (DDL locks tables busy nodes use).
 
 CREATE SCHEMA IF NOT EXISTS {prefix};
 
@@ -49,6 +50,12 @@ CREATE INDEX IF NOT EXISTS oban_jobs_staging_index
 CREATE INDEX IF NOT EXISTS oban_jobs_args_index ON {prefix}.oban_jobs USING gin (args);
 CREATE INDEX IF NOT EXISTS oban_jobs_meta_index ON {prefix}.oban_jobs USING gin (meta);
 
+-- Unique jobs: a job's key under its constraint. The unique index is what makes concurrent
+-- inserts of one unique job race-free; rows without a key cost it nothing.
+ALTER TABLE {prefix}.oban_jobs ADD COLUMN IF NOT EXISTS uniq_key text;
+CREATE UNIQUE INDEX IF NOT EXISTS oban_jobs_unique_index
+  ON {prefix}.oban_jobs (uniq_key) WHERE uniq_key IS NOT NULL;
+
 CREATE UNLOGGED TABLE IF NOT EXISTS {prefix}.oban_peers (
   name text PRIMARY KEY,
   node text NOT NULL,
@@ -72,6 +79,6 @@ CREATE TABLE IF NOT EXISTS {prefix}.trioban_schema (
   version integer NOT NULL
 );
 
-INSERT INTO {prefix}.trioban_schema (component, version) VALUES ('trioban', 1)
+INSERT INTO {prefix}.trioban_schema (component, version) VALUES ('trioban', {version})
   ON CONFLICT (component) DO UPDATE SET version = greatest(excluded.version,
     {prefix}.trioban_schema.version);

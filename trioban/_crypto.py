@@ -1,0 +1,106 @@
+"""Encrypted args: AES-256-GCM at rest, decrypted only on the node that runs the job.
+
+The stored args are ``{"encrypted": base64(nonce + ciphertext + tag)}``. The worker's name is
+authenticated with the ciphertext, so args can't be moved to another worker; a wrong key or a
+changed byte fails authentication instead of handing the worker garbage. Keys rotate: the
+first key encrypts, every key is tried to decrypt.
+
+Uniqueness can't look at encrypted args (every encryption differs): a unique encrypted job is
+keyed on the args before encryption, or on ``meta``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, final
+
+from ._errors import TriobanError
+
+KEY_BYTES: Final = 32
+NONCE_BYTES: Final = 12
+FIELD: Final = "encrypted"
+
+KeySource = bytes | Sequence[bytes] | Callable[[], bytes | Sequence[bytes]]
+
+
+class DecryptionError(TriobanError):
+    """Raised when a job's args can't be decrypted with any configured key."""
+
+
+@final
+class Encrypted:
+    """``@worker(encrypted=Encrypted(key=...))``: args encrypted at rest with AES-256-GCM.
+
+    ``key`` is 32 bytes, a list of them (the first encrypts, all decrypt: key rotation), or a
+    callable returning either, called each time (e.g. reading the environment).
+    """
+
+    def __init__(self, key: KeySource) -> None:
+        if not callable(key):
+            _check_keys(key)
+        self._key = key
+
+    def __repr__(self) -> str:
+        return "Encrypted(key=<hidden>)"
+
+    def keys(self) -> list[bytes]:
+        """The keys, newest first, validated."""
+        return _check_keys(self._key() if callable(self._key) else self._key)
+
+    def encrypt(self, plaintext: str, worker: str) -> dict[str, str]:
+        """The stored form of ``plaintext`` (JSON args) for ``worker``."""
+        aead = _aead(self.keys()[0])
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = aead.encrypt(nonce, plaintext.encode(), worker.encode())
+        return {FIELD: base64.b64encode(nonce + sealed).decode("ascii")}
+
+    def decrypt(self, stored: Mapping[str, Any], worker: str) -> str:
+        """The JSON args text sealed in ``stored``; ``DecryptionError`` if no key opens it."""
+        from cryptography.exceptions import InvalidTag
+
+        token = stored.get(FIELD) if isinstance(stored, Mapping) else None
+        if not isinstance(token, str):
+            raise DecryptionError(
+                f"the args of this {worker} job are not encrypted (expected {{{FIELD!r}: ...}}); "
+                "was it inserted by a worker without encryption?"
+            )
+        try:
+            raw = base64.b64decode(token, validate=True)
+        except binascii.Error:
+            text = f"the encrypted args of this {worker} job are not base64"
+            raise DecryptionError(text) from None
+        nonce, sealed = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
+        for key in self.keys():
+            try:
+                opened: bytes = _aead(key).decrypt(nonce, sealed, worker.encode())
+                return opened.decode()
+            except InvalidTag:
+                continue
+        raise DecryptionError(
+            f"cannot decrypt the args of this {worker} job with any of the worker's "
+            f"{len(self.keys())} key(s): a wrong key, or the stored args were altered"
+        )
+
+
+def _check_keys(value: object) -> list[bytes]:
+    keys = [value] if isinstance(value, bytes | bytearray) else value
+    if not isinstance(keys, Sequence) or isinstance(keys, str) or not keys:
+        raise TypeError(f"expected an encryption key of {KEY_BYTES} bytes or a list of them")
+    for key in keys:
+        if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
+            raise ValueError(
+                f"expected each encryption key to be {KEY_BYTES} bytes (AES-256), got "
+                f"{type(key).__name__}"
+                + (f" of {len(key)} bytes" if isinstance(key, bytes | bytearray) else "")
+                + "; make one with os.urandom(32)"
+            )
+    return [bytes(key) for key in keys]
+
+
+def _aead(key: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # imported when first used
+
+    return AESGCM(key)

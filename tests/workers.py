@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from datetime import datetime
 from typing import Any
 
+import attrs
 import trio
 
 import trioban
-from trioban import Cancel, Discard, Job, Snooze, worker
+from trioban import Cancel, Discard, Encrypted, Job, Snooze, Unique, worker
 
 # In-process probes: tests read these to see what the workers did.
 seen: list[Any] = []
@@ -120,3 +124,78 @@ async def long_count(job: Job) -> None:
     await trio.sleep(job.args["seconds"] if job.attempt == 1 else 0.05)
     async with oban.transaction() as conn:
         await conn.execute(sql, [job.id, oban.config.node, "done"])
+
+
+# -- Pro worker features ---------------------------------------------------------------------
+
+
+class Size(enum.Enum):
+    SMALL = "small"
+    LARGE = "large"
+
+
+@attrs.frozen
+class Address:
+    city: str
+    zip_code: str | None = None
+
+
+@attrs.frozen
+class OrderArgs:
+    order_id: int
+    size: Size
+    placed_at: datetime
+    ship_to: Address
+    note: str | None = None
+    quantity: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    order_id: int
+    summary: str
+    total: float
+
+
+@worker(queue="default", args=OrderArgs, result=Receipt, recorded=True, max_attempts=1)
+async def place_order(job: Job) -> Receipt:
+    """Uses every structured field; returns a Receipt (or, for order 0, a wrong type)."""
+    order: OrderArgs = job.args
+    assert isinstance(order, OrderArgs)
+    if order.order_id == 0:
+        return "not a receipt"  # type: ignore[return-value]
+    when = f"{order.placed_at:%Y-%m-%d}"
+    summary = f"{order.quantity}x {order.size.value} to {order.ship_to.city} on {when}"
+    return Receipt(order_id=order.order_id, summary=summary, total=9.5 * order.quantity)
+
+
+@worker(queue="default", args=OrderArgs, strict_args=False)
+async def lenient_order(job: Job) -> int:
+    order: OrderArgs = job.args
+    return order.order_id
+
+
+@worker(queue="default", recorded=64)
+async def record_text(job: Job) -> str:
+    return str(job.args["text"])
+
+
+# The keys secret_echo encrypts with, newest first; tests rotate them.
+secret_keys: list[bytes] = [b"k" * 32]
+secret_runs: list[Any] = []
+
+
+@worker(
+    queue="default",
+    encrypted=Encrypted(key=lambda: secret_keys),
+    max_attempts=2,
+    backoff=lambda attempt: 0,
+)
+async def secret_echo(job: Job) -> Any:
+    secret_runs.append(job.args)
+    return job.args["secret"]
+
+
+@worker(queue="default", unique=Unique(period=None))
+async def unique_echo(job: Job) -> Any:
+    return job.args.get("value")

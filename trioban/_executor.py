@@ -107,7 +107,7 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
     try:
         data = worker.dump_result(result)
         meta = _codec.dumps({META_RESULT: data})
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # a result that won't serialise fails the job, not the node
         text = f"the result of {worker.name} is not JSON-serialisable: {exc}"
         return _failed(job, text, backoff=worker.backoff(job.attempt))
     limit = worker.recorded_limit

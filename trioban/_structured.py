@@ -32,15 +32,15 @@ def structure(data: Any, cls: type[Any], field: str, *, forbid_extra: bool = Tru
     converter = _STRICT if forbid_extra else _LENIENT
     try:
         return converter.structure(data, cls)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # cattrs raises many kinds for data of the wrong shape
         text = f"invalid {field} for {cls.__qualname__}: {_explain(exc, field)}"
         raise ValueError(text) from None
 
 
-def unstructure(value: Any, cls: type[Any], field: str) -> Any:
+def unstructure(value: Any, cls: type[Any], field: str, *, forbid_extra: bool = True) -> Any:
     """``value`` (a ``cls`` instance, or data shaped like one) as JSON-ready data."""
     if not isinstance(value, cls):
-        value = structure(value, cls, field)
+        value = structure(value, cls, field, forbid_extra=forbid_extra)
     return _STRICT.unstructure(value, unstructure_as=cls)
 
 

@@ -197,7 +197,8 @@ class Worker:
     def _args_data(self, args: Any) -> Any:
         if self.args_type is None:
             return {} if args is None else args
-        return _structured.unstructure({} if args is None else args, self.args_type, "args")
+        data = {} if args is None else args
+        return _structured.unstructure(data, self.args_type, "args", forbid_extra=self.strict_args)
 
     def prepare(self, job: Job) -> Job:
         """``job`` as the worker sees it: args decrypted and structured.

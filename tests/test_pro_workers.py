@@ -1,0 +1,402 @@
+"""Structured args and results, recorded results, encrypted args and unique jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import trio
+
+import trioban
+from trioban import JobState, Unique
+
+from . import workers
+from .helpers import eventually
+from .nodes import ROOT
+from .workers import (
+    Address,
+    OrderArgs,
+    Receipt,
+    Size,
+    echo,
+    lenient_order,
+    place_order,
+    record_text,
+    secret_echo,
+    unique_echo,
+)
+
+PLACED = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+ORDER = {
+    "order_id": 7,
+    "size": "large",
+    "placed_at": PLACED.isoformat(),
+    "ship_to": {"city": "Lyon"},
+    "quantity": 2,
+}
+
+
+def config(dsn: str, **settings: object) -> trioban.Config:
+    return trioban.Config(dsn=dsn, queues={"default": 5}, stage_interval=0.1).evolve(**settings)
+
+
+async def _one(oban: trioban.Oban, statement: str, *params: object) -> object:
+    async with oban.transaction() as conn:
+        cur = await conn.execute(statement, params)
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def _final(oban: trioban.Oban, job_id: int | None) -> trioban.Job:
+    assert job_id is not None
+    found: list[trioban.Job] = []
+
+    async def finished() -> bool:
+        job = await oban.get_job(job_id)
+        if job is not None and job.state in (JobState.COMPLETED, JobState.DISCARDED):
+            found.append(job)
+            return True
+        return False
+
+    with trio.fail_after(10):
+        await eventually(finished)
+    return found[-1]
+
+
+# -- structured args and results -------------------------------------------------------------
+
+
+def test_new_accepts_an_instance_or_a_dict_and_stores_json() -> None:
+    from_dict = place_order.new(ORDER)
+    instance = OrderArgs(7, Size.LARGE, PLACED, Address("Lyon"), quantity=2)
+    from_instance = place_order.new(instance)
+    expected = {
+        "order_id": 7,
+        "size": "large",
+        "placed_at": "2026-11-24T09:30:00+00:00",
+        "ship_to": {"city": "Lyon", "zip_code": None},
+        "note": None,
+        "quantity": 2,
+    }
+    assert dict(from_dict.args) == dict(from_instance.args) == expected
+
+
+def test_bad_args_name_every_field() -> None:
+    bad = {"order_id": "x", "size": "huge", "ship_to": {}, "extra": 1}
+    with pytest.raises(ValueError, match="invalid args for OrderArgs") as raised:
+        place_order.new(bad)
+    text = str(raised.value)
+    for where in ("args.order_id", "args.size", "args.placed_at", "args.ship_to.city", "extra"):
+        assert where in text, (where, text)
+
+
+def test_unknown_keys_are_ignored_when_the_worker_allows_them() -> None:
+    job = lenient_order.new({**ORDER, "extra": 1})
+    assert "extra" not in job.args  # dropped when structured, never stored
+    with pytest.raises(ValueError, match="extra fields found"):
+        place_order.new({**ORDER, "extra": 1})
+
+
+def test_structured_options_are_checked_at_decoration() -> None:
+    with pytest.raises(TypeError, match="attrs class or a dataclass"):
+        trioban.worker(args=dict)(_noop)
+    with pytest.raises(TypeError, match="recorded"):
+        trioban.worker(recorded=-1)(_noop)
+    with pytest.raises(TypeError, match="Encrypted"):
+        trioban.worker(encrypted=b"k" * 32)(_noop)  # type: ignore[call-overload]
+
+
+async def _noop(job: trioban.Job) -> None:
+    pass
+
+
+async def test_worker_gets_an_instance_and_relay_returns_the_result_class(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            receipt = await oban.relay(place_order.new(ORDER))
+            assert receipt == Receipt(7, "2x large to Lyon on 2026-11-24", 19.0)
+            relay = await oban.dispatch(place_order.new({**ORDER, "order_id": 8}))
+            [result] = await oban.await_many([relay])
+            assert result.unwrap() == Receipt(8, "2x large to Lyon on 2026-11-24", 19.0)
+            # Stored as JSON; read back structured.
+            assert await oban.fetch_recorded(relay.job) == Receipt(
+                8, "2x large to Lyon on 2026-11-24", 19.0
+            )
+            stored = await _one(
+                oban, "SELECT meta->'result' FROM oban_jobs WHERE id = %s", relay.job.id
+            )
+            assert stored == {
+                "order_id": 8,
+                "summary": "2x large to Lyon on 2026-11-24",
+                "total": 19.0,
+            }
+
+
+async def test_a_result_of_the_wrong_type_fails_the_job(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            with pytest.raises(trioban.RelayDiscard, match=r"result of tests\.workers\.place_"):
+                await oban.relay(place_order.new({**ORDER, "order_id": 0}))
+
+
+async def test_bad_args_from_another_process_discard_the_job(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            job_id = await _one(
+                oban,
+                "INSERT INTO oban_jobs (worker, args) VALUES (%s, %s) RETURNING id",
+                place_order.name,
+                '{"order_id": "seven"}',
+            )
+            assert isinstance(job_id, int)
+            job = await _final(oban, job_id)
+    assert job.state is JobState.DISCARDED
+    error = job.errors[-1]["error"]
+    assert "invalid args for OrderArgs" in error
+    assert "args.order_id" in error
+    assert "args.placed_at" in error
+
+
+# -- recorded results -------------------------------------------------------------------------
+
+
+async def test_recorded_results_and_their_errors(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            small = await oban.insert(record_text.new({"text": "hello"}))
+            too_big = await oban.insert(record_text.new({"text": "x" * 100}, max_attempts=1))
+            later = await oban.insert(record_text.new({"text": "later"}, schedule_in=3600))
+            plain = await oban.insert(echo.new({"value": 1}))
+            for job in (small, too_big, plain):
+                await _final(oban, job.id)
+            assert await oban.fetch_recorded(small) == "hello"
+            assert await oban.fetch_recorded(small.id or 0) == "hello"
+            discarded = await oban.get_job(too_big.id or 0)
+            assert discarded is not None
+            assert "over its recorded limit of 64" in discarded.errors[-1]["error"]
+            with pytest.raises(trioban.NotRecorded, match="it is scheduled"):
+                await oban.fetch_recorded(later)
+            with pytest.raises(trioban.NotRecorded, match="recorded nothing"):
+                await oban.fetch_recorded(plain)
+            with pytest.raises(trioban.NotRecorded, match="there is no job"):
+                await oban.fetch_recorded(10**9)
+
+
+# -- encrypted args ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secrets() -> Iterator[list[bytes]]:
+    """secret_echo's keys, restored after the test."""
+    saved = list(workers.secret_keys)
+    workers.secret_runs.clear()
+    yield workers.secret_keys
+    workers.secret_keys[:] = saved
+
+
+async def test_encrypted_args_are_unreadable_at_rest(dsn: str, secrets: list[bytes]) -> None:
+    job = secret_echo.new({"secret": "hunter2"})
+    assert set(job.args) == {"encrypted"}
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            relay = await oban.dispatch(job)
+            assert await relay.result() == "hunter2"
+            stored = await _one(
+                oban, "SELECT args::text FROM oban_jobs WHERE id = %s", relay.job.id
+            )
+    assert isinstance(stored, str)
+    assert "hunter2" not in stored
+    assert "secret" not in stored
+    assert workers.secret_runs == [{"secret": "hunter2"}]
+
+
+async def test_key_rotation_and_wrong_keys(dsn: str, secrets: list[bytes]) -> None:
+    old, new, stranger = b"o" * 32, b"n" * 32, b"s" * 32
+    with trio.fail_after(15):
+        async with trioban.open(config(dsn, queues={})) as inserter:
+            secrets[:] = [old]
+            sealed_with_old = await inserter.insert(secret_echo.new({"secret": "old"}))
+            secrets[:] = [new, old]  # rotated: the new key encrypts, both decrypt
+            sealed_with_new = await inserter.insert(secret_echo.new({"secret": "new"}))
+            tampered = await inserter.insert(secret_echo.new({"secret": "tampered"}))
+            await _one(
+                inserter,
+                "UPDATE oban_jobs SET args = jsonb_set(args, '{encrypted}', to_jsonb("
+                "overlay(args->>'encrypted' placing 'AAAA' from 20 for 4))) WHERE id = %s "
+                "RETURNING id",
+                tampered.id,
+            )
+            async with trioban.open(config(dsn)) as runner:
+                assert (await _final(runner, sealed_with_old.id)).state is JobState.COMPLETED
+                assert (await _final(runner, sealed_with_new.id)).state is JobState.COMPLETED
+                failed = await _final(runner, tampered.id)
+                secrets[:] = [stranger]
+                foreign = await runner.insert(secret_echo.new({"secret": "foreign"}))
+                secrets[:] = [new]
+                wrong_key = await _final(runner, foreign.id)
+    assert sorted(run["secret"] for run in workers.secret_runs) == ["new", "old"]
+    for job in (failed, wrong_key):
+        assert job.state is JobState.DISCARDED
+        assert job.attempt == 2  # retried (a node may lack a key), never run on garbage
+        assert (
+            "cannot decrypt the args of this tests.workers.secret_echo job"
+            in (job.errors[-1]["error"])
+        )
+
+
+def test_encryption_keys_are_checked() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        trioban.Encrypted(key=b"short")
+    with pytest.raises(TypeError, match="32 bytes"):
+        trioban.Encrypted(key=[])
+    assert "k" * 8 not in repr(trioban.Encrypted(key=b"k" * 32))
+
+
+# -- unique jobs ------------------------------------------------------------------------------
+
+
+async def test_a_duplicate_returns_the_existing_job(dsn: str) -> None:
+    async with trioban.open(config(dsn, queues={})) as oban:
+        first = await oban.insert(unique_echo.new({"value": 1}))
+        again = await oban.insert(unique_echo.new({"value": 1}))
+        other = await oban.insert(unique_echo.new({"value": 2}))
+        assert not first.conflict
+        assert again.conflict
+        assert again.id == first.id
+        assert other.id != first.id
+        assert not other.conflict
+        # Per-job override: no constraint at all.
+        free = await oban.insert(unique_echo.new({"value": 1}, unique=False))
+        assert free.id not in (first.id, other.id)
+        # In one batch, duplicates of each other and of existing jobs, in order.
+        batch = await oban.insert_all(
+            [
+                unique_echo.new({"value": 3}),
+                echo.new({"value": "plain"}),
+                unique_echo.new({"value": 3}),
+                unique_echo.new({"value": 1}),
+            ]
+        )
+        assert [job.conflict for job in batch] == [False, False, True, True]
+        assert batch[2].id == batch[0].id
+        assert batch[3].id == first.id
+        assert batch[1].worker == echo.name
+        # Inside the caller's transaction: the key is taken only if it commits.
+        with pytest.raises(RuntimeError, match="roll back"):
+            async with oban.transaction() as conn:
+                await oban.insert(unique_echo.new({"value": 9}), conn=conn)
+                raise RuntimeError("roll back")
+        async with oban.transaction() as conn:
+            kept = await oban.insert(unique_echo.new({"value": 9}), conn=conn)
+        assert not kept.conflict
+        assert (await oban.insert(unique_echo.new({"value": 9}))).id == kept.id
+
+
+async def test_keys_meta_keys_fields_and_period(dsn: str) -> None:
+    by_account = Unique(keys=["account"], period=0.5)
+    by_meta = Unique(fields=[], meta_keys=["tenant"])
+    across_queues = Unique(fields=["worker", "args"])
+    async with trioban.open(config(dsn, queues={})) as oban:
+        a = await oban.insert(echo.new({"account": 1, "n": 1}, unique=by_account))
+        b = await oban.insert(echo.new({"account": 1, "n": 2}, unique=by_account))
+        assert b.id == a.id
+        assert b.conflict
+        await trio.sleep(0.6)  # the database's clock decides the period
+        c = await oban.insert(echo.new({"account": 1, "n": 3}, unique=by_account))
+        assert not c.conflict
+        m1 = await oban.insert(echo.new({"x": 1}, meta={"tenant": "t", "y": 1}, unique=by_meta))
+        m2 = await oban.insert(echo.new({"x": 2}, meta={"tenant": "t", "y": 2}, unique=by_meta))
+        assert m2.id == m1.id
+        q1 = await oban.insert(echo.new({"z": 1}, queue="q1", unique=across_queues))
+        q2 = await oban.insert(echo.new({"z": 1}, queue="q2", unique=across_queues))
+        assert q2.id == q1.id
+
+
+async def test_states_decide_what_blocks(dsn: str) -> None:
+    incomplete = Unique(states="incomplete", period=None)
+    async with trioban.open(config(dsn)) as oban:
+        first = await oban.insert(echo.new({"v": 1}, unique=incomplete))
+        assert (await _final(oban, first.id)).state is JobState.COMPLETED
+        # Completed is not "incomplete": a new job may be inserted.
+        second = await oban.insert(echo.new({"v": 1}, unique=incomplete))
+        assert not second.conflict
+        assert second.id != first.id
+        # The default ("successful") counts completed jobs.
+        done = await oban.relay(unique_echo.new({"value": "once"}))
+        assert done == "once"
+        repeat = await oban.insert(unique_echo.new({"value": "once"}))
+        assert repeat.conflict
+        assert repeat.state is JobState.COMPLETED
+
+
+async def test_replace_updates_the_existing_job(dsn: str) -> None:
+    rescheduling = Unique(replace={"scheduled": ["scheduled_at", "priority"]})
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    later = soon + timedelta(hours=1)
+    async with trioban.open(config(dsn, queues={})) as oban:
+        first = await oban.insert(echo.new({"r": 1}, scheduled_at=soon, unique=rescheduling))
+        moved = await oban.insert(
+            echo.new({"r": 1}, scheduled_at=later, priority=3, unique=rescheduling)
+        )
+        assert moved.conflict
+        assert moved.id == first.id
+        assert moved.scheduled_at == later.replace(microsecond=later.microsecond)
+        assert moved.priority == 3
+        now = await oban.insert(echo.new({"r": 1}, schedule_in=0, unique=rescheduling))
+        assert now.conflict
+        assert now.state is JobState.AVAILABLE
+
+
+def test_bad_unique_options_say_what_to_do() -> None:
+    with pytest.raises(ValueError, match="unknown name 'args_' in Unique"):
+        Unique(fields=["args_"])
+    with pytest.raises(ValueError, match="unknown state group 'done'"):
+        Unique(states="done")
+    with pytest.raises(ValueError, match="unknown name 'id' in Unique"):
+        Unique(replace={"scheduled": ["id"]})
+    with pytest.raises(ValueError, match="finite number > 0"):
+        Unique(period=0)
+    with pytest.raises(TypeError, match=r"trioban.Unique\(...\)"):
+        echo.new({}, unique={"period": 5})  # type: ignore[arg-type]
+
+
+async def test_concurrent_inserts_from_three_processes_create_one_job(dsn: str) -> None:
+    """20 concurrent inserts of one unique job in each of 3 processes: exactly one job."""
+    procs = [
+        subprocess.Popen(  # noqa: ASYNC220 (plain pipes: released together below)
+            [sys.executable, "-m", "tests.unique_inserter", dsn, "20"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        with trio.fail_after(60):
+            for proc in procs:
+                assert proc.stdout is not None
+                line = await trio.to_thread.run_sync(proc.stdout.readline)
+                assert line.strip() == "ready", line
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            created = 0
+            for proc in procs:
+                out, _ = await trio.to_thread.run_sync(proc.communicate)
+                assert proc.returncode == 0
+                created += int(out.strip())
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    async with trioban.open(config(dsn, queues={})) as oban:
+        count = await _one(
+            oban, "SELECT count(*) FROM oban_jobs WHERE worker = %s", unique_echo.name
+        )
+    assert (created, count) == (1, 1)

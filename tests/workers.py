@@ -199,3 +199,71 @@ async def secret_echo(job: Job) -> Any:
 @worker(queue="default", unique=Unique(period=None))
 async def unique_echo(job: Job) -> Any:
     return job.args.get("value")
+
+
+# -- workflows and batches ---------------------------------------------------------------
+
+
+async def _log(table: str, *values: object) -> None:
+    oban = trioban.current_instance()
+    marks = ", ".join(["%s"] * (len(values) + 1))
+    async with oban.transaction() as conn:
+        await conn.execute(
+            f"INSERT INTO {table} VALUES ({marks})",
+            [*values, oban.config.node],
+        )
+
+
+def _steered(outcome: str) -> Any:
+    if outcome == "cancel":
+        return Cancel("asked to cancel")
+    if outcome == "discard":
+        return Discard("asked to discard")
+    if outcome == "error":
+        raise RuntimeError("asked to fail")
+    return None
+
+
+@worker(queue="default", max_attempts=1)
+async def flow_step(job: Job) -> Any:
+    """A workflow step: logs its run to flow_runs (if asked), returns its inputs' values."""
+    if job.args.get("log"):
+        await _log("flow_runs", job.id, job.meta["name"])
+    if job.args.get("sleep"):
+        await trio.sleep(job.args["sleep"])
+    steered = _steered(job.args.get("outcome", "ok"))
+    if steered is not None:
+        return steered
+    inputs = await trioban.current_instance().workflow_results(job)
+    total = job.args.get("value", 0) + sum(
+        r["total"] for r in inputs.values() if isinstance(r, dict)
+    )
+    return {"step": job.meta["name"], "total": total, "inputs": sorted(inputs)}
+
+
+class Mailer:
+    """A batch worker: process() steers by args; each handler logs to batch_calls."""
+
+    async def process(self, job: Job) -> Any:
+        if job.args.get("sleep"):
+            await trio.sleep(job.args["sleep"])
+        return _steered(job.args.get("outcome", "ok")) or "sent"
+
+    async def handle_attempted(self, job: Job) -> None:
+        await _log("batch_calls", job.meta["batch_id"], "attempted")
+
+    async def handle_exhausted(self, job: Job) -> None:
+        await _log("batch_calls", job.meta["batch_id"], "exhausted")
+
+    async def handle_completed(self, job: Job) -> None:
+        await _log("batch_calls", job.meta["batch_id"], "completed")
+
+    async def handle_discarded(self, job: Job) -> None:
+        await _log("batch_calls", job.meta["batch_id"], "discarded")
+
+    async def handle_cancelled(self, job: Job) -> None:
+        await _log("batch_calls", job.meta["batch_id"], "cancelled")
+
+
+# Type checkers ignore what a class decorator returns: register by calling worker() instead.
+MailBatch = worker(queue="default", max_attempts=1)(Mailer)

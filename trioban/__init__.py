@@ -2,14 +2,16 @@
 
 Layers (imports go one way, downwards):
   pure       _errors _config _job _backoff _codec _structured _crypto _unique _worker
+             _workflow _batch
   database   _sql _schema _pg _store
   services   _notifier _relay _executor _acker _producer _stager _heartbeat _leader
-             _lifeline _pruner
+             _lifeline _pruner _settle
   instance   _instance (open(), Oban)
 """
 
 from __future__ import annotations
 
+from ._batch import Batch as Batch
 from ._config import Config as Config
 from ._crypto import DecryptionError as DecryptionError
 from ._crypto import Encrypted as Encrypted
@@ -36,9 +38,11 @@ from ._schema import SchemaError as SchemaError
 from ._unique import Unique as Unique
 from ._worker import Worker as Worker
 from ._worker import worker as worker
+from ._workflow import Workflow as Workflow
 
 __all__ = [
     "LISTEN_BUFFER",
+    "Batch",
     "Cancel",
     "Config",
     "ConfigError",
@@ -61,6 +65,7 @@ __all__ = [
     "TriobanError",
     "Unique",
     "Worker",
+    "Workflow",
     "current_instance",
     "open",
     "worker",

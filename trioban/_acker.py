@@ -8,6 +8,7 @@ Batching is natural: while one batch is being written, the next accumulates.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -30,9 +31,15 @@ _RETRY_MAX: Final = 2.0
 class Acker:
     """Owns the ack channel; ``send`` is called by job tasks, ``run`` writes."""
 
-    def __init__(self, pool: Pool, prefix: str) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        prefix: str,
+        after_write: Callable[[Sequence[Ack]], Awaitable[None]] | None = None,
+    ) -> None:
         self._pool = pool
         self._prefix = prefix
+        self._after_write = after_write  # settles workflows and batches of written acks
         self._send, self._receive = trio.open_memory_channel["Ack"](BUFFER)
         self.written = 0
 
@@ -57,6 +64,17 @@ class Acker:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._write(batch)
+                await self._settle(batch)
+
+    async def _settle(self, batch: list[Ack]) -> None:
+        settling = [ack for ack in batch if ack.workflow or ack.batch]
+        if not settling or self._after_write is None:
+            return
+        try:
+            await self._after_write(settling)
+        except Exception as exc:
+            # The leader's sweep settles workflows later; the acks themselves are written.
+            log.warning("settling workflows/batches after acks failed (%s)", exc)
 
     async def _write(self, batch: list[Ack]) -> None:
         delay = 0.05

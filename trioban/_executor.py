@@ -12,14 +12,17 @@ import attrs
 import trio
 
 from . import _codec
+from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, Snooze
 from ._relay import META_REF, META_RESULT, build_notice
 from ._worker import Worker, lookup
+from ._workflow import WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
 
 _TRACEBACK_LIMIT: Final = 8000
+_FINAL_STATES: Final = frozenset({"completed", "cancelled", "discarded"})
 
 
 @attrs.frozen
@@ -29,6 +32,13 @@ class Ack:
     id: int
     state: str
     json: str
+    workflow: str | None = None  # the job's workflow, settled once the ack is written
+    batch: str | None = None  # the job's batch (not for callback jobs)
+
+    @property
+    def final(self) -> bool:
+        """Whether the job is finished (completed, cancelled or discarded)."""
+        return self.state in _FINAL_STATES
 
 
 @attrs.define
@@ -102,7 +112,8 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
     if isinstance(result, Snooze):
         return _ack(job, "scheduled", schedule_in=result.seconds, extra_attempts=1)
     ref = job.meta.get(META_REF)
-    if ref is None and not worker.recorded:
+    # Workflow steps keep their results for the steps downstream (workflow_results).
+    if ref is None and not worker.recorded and WORKFLOW_ID not in job.meta:
         return _ack(job, "completed")
     try:
         data = worker.dump_result(result)
@@ -162,7 +173,15 @@ def _ack(
     }
     # error and meta are JSON texts already: splice them in rather than encode them twice.
     text = _codec.dumps(row)[:-1] + f',"error":{error or "null"},"meta":{meta or "null"}}}'
-    return Ack(id=job_id, state=state, json=text)
+    workflow = job.meta.get(WORKFLOW_ID)
+    batch = None if CALLBACK in job.meta else job.meta.get(BATCH_ID)
+    return Ack(
+        id=job_id,
+        state=state,
+        json=text,
+        workflow=None if workflow is None else str(workflow),
+        batch=None if batch is None else str(batch),
+    )
 
 
 def _job_id(job: Job) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Final, final
@@ -13,8 +13,19 @@ import attrs
 import outcome
 import trio
 
-from . import _codec, _heartbeat, _lifeline, _pg, _pruner, _schema, _stager, _store
+from . import (
+    _codec,
+    _heartbeat,
+    _lifeline,
+    _pg,
+    _pruner,
+    _schema,
+    _settle,
+    _stager,
+    _store,
+)
 from ._acker import Acker
+from ._batch import Batch
 from ._config import Config
 from ._errors import ConfigError, InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._inserter import Inserter
@@ -27,6 +38,7 @@ from ._relay import META_REF, META_RESULT, Registry, Relay, new_ref
 from ._relay import await_many as _await_many
 from ._sql import query
 from ._worker import CURRENT, lookup
+from ._workflow import NAME, WORKFLOW_ID, Workflow
 
 log = logging.getLogger("trioban")
 
@@ -46,7 +58,9 @@ class Oban:
         self._notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
         self._relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
         self._inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
-        self._acker = Acker(work_pool, conf.prefix)
+        self._acker = Acker(
+            work_pool, conf.prefix, partial(_settle.after_acks, work_pool, conf.prefix)
+        )
         self._producers: dict[str, Producer] = {}
         self._queues: trio.Nursery | None = None  # where producers run, set by open()
         # Identifies this instance's own signals (several instances may share a node name).
@@ -70,9 +84,12 @@ class Oban:
         return saved
 
     async def insert_all(
-        self, jobs: Iterable[Job], *, conn: _pg.Connection | None = None
+        self, jobs: Iterable[Job] | Workflow | Batch, *, conn: _pg.Connection | None = None
     ) -> list[Job]:
-        """Insert many jobs with one statement; returns them saved, in the order given."""
+        """Insert many jobs with one statement; returns them saved, in the order given.
+
+        A ``Workflow`` or a ``Batch`` is inserted whole (its jobs, checked and tagged).
+        """
         batch = _check_jobs(jobs)
         if any(job._unique is not None for job in batch):
             if conn is not None:
@@ -140,23 +157,139 @@ class Oban:
         async with self._pool.connection() as conn, conn.transaction():
             yield conn
 
+    # -- workflows and batches --------------------------------------------------------------
+
+    async def insert_workflow(
+        self, workflow: Workflow, *, conn: _pg.Connection | None = None
+    ) -> list[Job]:
+        """Insert a workflow's jobs (checked: known deps, no cycles) in one statement."""
+        _check_type(workflow, Workflow, "a trioban.Workflow")
+        return await self.insert_all(workflow, conn=conn)
+
+    async def append_workflow(
+        self, workflow_id: str, extend: Callable[[Workflow], object]
+    ) -> list[Job]:
+        """Add steps to a workflow already inserted: ``extend(wf)`` calls ``wf.add(...)``.
+
+        New steps may depend on existing ones; one whose deps already finished is released
+        at once.
+        """
+        steps = await self.workflow_status(workflow_id)
+        if not steps:
+            raise ValueError(f"there is no workflow {workflow_id!r} to append to")
+        appended = Workflow._appending(workflow_id, steps, {})
+        extend(appended)
+        saved = await self.insert_all(appended)
+        await _settle.release(self._pool, self.config.prefix, [workflow_id])
+        return saved
+
+    async def workflow_status(self, workflow_id: str) -> dict[str, JobState]:
+        """Each step of a workflow and its state, in insertion order ({} if unknown)."""
+        rows = await self._workflow_rows(workflow_id, None)
+        return {name: JobState(state) for name, state, _, _ in rows}
+
+    async def workflow_results(self, job: Job) -> dict[str, Any]:
+        """The results of ``job``'s deps by step name (from inside a workflow step).
+
+        Structured with each dep worker's ``result`` class; a dep that didn't complete (it was
+        cancelled or discarded and ignored) maps to None.
+        """
+        _check_type(job, Job, "a Job")
+        workflow_id, deps = job.meta.get(WORKFLOW_ID), job.meta.get("deps")
+        if workflow_id is None or not isinstance(deps, list):
+            raise ValueError(f"job {job.id} is not a step of a workflow")
+        results: dict[str, Any] = dict.fromkeys(deps)
+        for name, state, worker_name, result in await self._workflow_rows(workflow_id, deps):
+            worker = lookup(worker_name)
+            if state == "completed" and result is not None:
+                results[name] = result if worker is None else worker.load_result(result)
+        return results
+
+    async def relay_workflow(
+        self,
+        workflow: Workflow,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 (mirrors relay())
+    ) -> Any:
+        """Insert a workflow and await its final step's result.
+
+        With several final steps (nothing depends on them), returns a dict of their results by
+        name. Raises like ``relay``: ``RelayTimeout``, or the first failure of a final step.
+        """
+        _check_type(workflow, Workflow, "a trioban.Workflow")
+        deadline = trio.current_time() + _check_timeout(timeout)
+        jobs, sinks = workflow.build(), set(workflow.sinks())
+        _, relays = await self._dispatch_some(jobs, [job.meta[NAME] in sinks for job in jobs])
+        waiting = [relay for relay in relays if relay is not None]
+        remaining = max(0.0, deadline - trio.current_time())
+        outcomes = await _await_many(waiting, remaining)
+        results = {
+            relay.job.meta[NAME]: result.unwrap()
+            for relay, result in zip(waiting, outcomes, strict=True)
+        }
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    async def batch_status(self, batch_id: str) -> dict[str, int]:
+        """How many of a batch's jobs are in each state, and ``total`` (callbacks excluded)."""
+        if not isinstance(batch_id, str) or not batch_id:
+            raise TypeError(f"expected a batch id (a non-empty str), got {batch_id!r}")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                query("batch_states", self.config.prefix), {"batch_id": batch_id}
+            )
+            counts = {state.value: 0 for state in JobState}
+            for state, count in await cur.fetchall():
+                counts[state] = int(count)
+        return {**counts, "total": sum(counts.values())}
+
+    async def _workflow_rows(
+        self, workflow_id: str, names: list[str] | None
+    ) -> list[tuple[Any, ...]]:
+        if not isinstance(workflow_id, str) or not workflow_id:
+            raise TypeError(f"expected a workflow id (a non-empty str), got {workflow_id!r}")
+        params = {"workflow_id": workflow_id, "names": names}
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(query("workflow_jobs", self.config.prefix), params)
+            return await cur.fetchall()
+
     # -- relay ------------------------------------------------------------------------------
 
     async def dispatch(self, job: Job) -> Relay:
         """Insert ``job`` and return a ``Relay`` whose ``result()`` awaits its outcome."""
         (checked,) = _check_jobs([job])
-        ref = new_ref()
-        waiter = self._relays.register(ref)  # before the insert: a fast job can't be missed
+        _, (relay,) = await self._dispatch_some([checked], [True])
+        assert relay is not None
+        return relay
+
+    async def _dispatch_some(
+        self, jobs: list[Job], relayed: list[bool]
+    ) -> tuple[list[Job], list[Relay | None]]:
+        """Insert ``jobs`` in one statement with a relay for each one flagged in ``relayed``."""
+        refs = [new_ref() if flag else None for flag in relayed]
+        # Registered before the insert: a job that finishes at once can't be missed.
+        waiters = [None if ref is None else self._relays.register(ref) for ref in refs]
         try:
-            saved = await self.insert(attrs.evolve(checked, meta={**checked.meta, META_REF: ref}))
+            tagged = [
+                job if ref is None else attrs.evolve(job, meta={**job.meta, META_REF: ref})
+                for job, ref in zip(jobs, refs, strict=True)
+            ]
+            saved = await self.insert_all(tagged)
         except BaseException:
-            self._relays.discard(ref)
+            for ref in refs:
+                if ref is not None:
+                    self._relays.discard(ref)
             raise
-        assert saved.id is not None
-        waiter.job_id = saved.id
-        found = lookup(saved.worker)
-        load = found.load_result if found is not None and found.result_type else None
-        return Relay._create(self._relays, ref, saved, load)
+        relays: list[Relay | None] = []
+        for job, ref, waiter in zip(saved, refs, waiters, strict=True):
+            if ref is None or waiter is None:
+                relays.append(None)
+                continue
+            assert job.id is not None
+            waiter.job_id = job.id
+            found = lookup(job.worker)
+            load = found.load_result if found is not None and found.result_type else None
+            relays.append(Relay._create(self._relays, ref, job, load))
+        return saved, relays
 
     async def relay(
         self,
@@ -405,16 +538,21 @@ def _check_limit(limit: object) -> int:
     return limit
 
 
-def _check_jobs(jobs: Iterable[Job]) -> list[Job]:
+def _check_jobs(jobs: Iterable[Job] | Workflow | Batch) -> list[Job]:
     if isinstance(jobs, Job):
         raise TypeError("insert_all expects a list of jobs; use insert(job) for one")
-    batch = list(jobs)
+    batch = jobs.build() if isinstance(jobs, Workflow | Batch) else list(jobs)
     for job in batch:
         if not isinstance(job, Job):
             raise TypeError(f"expected a Job built by Worker.new(), got {job!r}")
         if job.id is not None:
             raise ValueError(f"job {job.id} is already saved; build a new one with Worker.new()")
     return batch
+
+
+def _check_type(value: object, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected {what}, got {value!r}")
 
 
 def _check_id(job_id: int) -> int:
@@ -535,6 +673,13 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
         conf.heartbeat_interval,
         "lifeline",
         partial(_lifeline.rescue, pool, conf.prefix, conf.rescue_after),
+    )
+    await services.start(
+        while_leading,
+        leadership,
+        conf.heartbeat_interval,
+        "workflow sweep",
+        partial(_settle.sweep, pool, conf.prefix),
     )
     if conf.prune_max_age is not None:
         await services.start(

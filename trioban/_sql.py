@@ -21,7 +21,7 @@ __all__ = [
     "quoted_prefix", "schema_sql",
 ]  # fmt: skip
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """The version of sql/schema.sql; install() upgrades older schemas."""
 
 JOB_COLUMNS: Final = (

@@ -68,7 +68,7 @@ def _check_seconds(value: object, field: str) -> float:
     return float(value)
 
 
-def _check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str]:
+def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str]:
     """Validate a JSON object; return a read-only copy and its encoding (reused at insert)."""
     if type(value) is not dict and not isinstance(value, Mapping):
         raise TypeError(
@@ -164,8 +164,8 @@ class Worker:
         ``args`` is a JSON object, or for a worker with ``args=Cls`` a ``Cls`` instance or a
         dict shaped like one. ``unique`` overrides the worker's constraint (``False``: none).
         """
-        job_args, args_json = _check_json_object(self._args_data(args), "args")
-        job_meta = _check_json_object(meta, "meta")[0] if meta else _EMPTY
+        job_args, args_json = check_json_object(self._args_data(args), "args")
+        job_meta = check_json_object(meta, "meta")[0] if meta else _EMPTY
         queue = self.queue if queue is None else _check_queue(queue)
         constraint = self.unique if unique is True else _check_unique(unique or None)
         claim = None
@@ -173,7 +173,7 @@ class Worker:
             claim = constraint.claim(worker=self.name, queue=queue, args=job_args, meta=job_meta)
         if self.encrypted is not None:
             sealed = self.encrypted.encrypt(args_json, self.name)
-            job_args, args_json = _check_json_object(sealed, "args")
+            job_args, args_json = check_json_object(sealed, "args")
         when = None
         if scheduled_at is not None or schedule_in is not None:
             when = _schedule(scheduled_at, schedule_in)
@@ -250,8 +250,14 @@ class Worker:
         return await instance.relay(job, timeout=timeout, with_retries=with_retries)
 
     async def perform(self, job: Job) -> Any:
-        """Run the worker's code for ``job`` (a fresh instance per job for class workers)."""
+        """Run the worker's code for ``job`` (a fresh instance per job for class workers).
+
+        A batch callback job runs the ``handle_*`` method it names instead of ``process``.
+        """
         if isinstance(self.target, type):
+            handler = job.meta.get("callback")
+            if isinstance(handler, str) and handler.startswith("handle_"):
+                return await getattr(self.target(), handler)(job)
             return await self.target().process(job)
         return await self.target(job)
 

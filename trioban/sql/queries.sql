@@ -286,6 +286,93 @@ WHERE id = ANY(ARRAY(
   LIMIT %(limit)s
   FOR UPDATE SKIP LOCKED))
 
+-- name: release_workflow_jobs
+-- Settle the held (suspended) jobs of the given workflows whose deps allow it: cancelled when
+-- a dep was cancelled or discarded and the job doesn't ignore that, else released (available,
+-- or scheduled if it was built for later) once every dep finished. A dep row that is gone was
+-- pruned, so it had finished. "state = 'suspended'" is rechecked under the row lock: of two
+-- nodes settling the same job at once, one does it.
+WITH held AS (
+  SELECT j.id, j.meta FROM {prefix}.oban_jobs AS j
+  WHERE j.state = 'suspended' AND j.meta ? 'workflow_id'
+    AND j.meta->>'workflow_id' = ANY(%(workflows)s::text[])
+), verdicts AS (
+  SELECT h.id,
+    bool_and(d.id IS NULL OR d.state IN ('completed', 'cancelled', 'discarded')) AS all_done,
+    string_agg(dep.name || ' ' || d.state::text, ', ') FILTER (WHERE
+      (d.state = 'cancelled' AND NOT coalesce((h.meta->>'ignore_cancelled')::boolean, false))
+      OR (d.state = 'discarded' AND NOT coalesce((h.meta->>'ignore_discarded')::boolean, false))
+    ) AS failed
+  FROM held AS h
+  CROSS JOIN LATERAL jsonb_array_elements_text(h.meta->'deps') AS dep(name)
+  LEFT JOIN {prefix}.oban_jobs AS d
+    ON d.meta ? 'workflow_id' AND d.meta->>'workflow_id' = h.meta->>'workflow_id'
+    AND d.meta->>'name' = dep.name
+  GROUP BY h.id
+), settled AS (
+  UPDATE {prefix}.oban_jobs AS j SET
+    state = (CASE WHEN v.failed IS NOT NULL THEN 'cancelled'
+                  WHEN j.scheduled_at > timezone('UTC', now()) THEN 'scheduled'
+                  ELSE 'available' END)::{prefix}.oban_job_state,
+    cancelled_at = CASE WHEN v.failed IS NOT NULL THEN timezone('UTC', now()) END,
+    errors = CASE WHEN v.failed IS NULL THEN j.errors ELSE array_append(j.errors,
+      jsonb_build_object('at', timezone('UTC', now()), 'attempt', j.attempt,
+                         'error', 'upstream failed: ' || v.failed)) END
+  FROM verdicts AS v
+  WHERE j.id = v.id AND j.state = 'suspended' AND (v.failed IS NOT NULL OR v.all_done)
+  RETURNING j.id, j.queue, j.state, j.meta, j.errors
+), woken AS (
+  SELECT pg_notify(%(insert_channel)s, json_build_object('queue', queue)::text)
+  FROM (SELECT DISTINCT queue FROM settled WHERE state = 'available') AS q
+), notified AS (
+  SELECT pg_notify(%(relay_channel)s, json_build_object(
+    'ref', meta->>'relay', 'id', id, 'state', 'cancelled',
+    'reason', errors[array_length(errors, 1)]->>'error')::text)
+  FROM settled WHERE state = 'cancelled' AND meta ? 'relay'
+)
+SELECT s.id, s.state::text, s.meta->>'workflow_id' FROM settled AS s
+WHERE (SELECT count(*) FROM woken) + (SELECT count(*) FROM notified) >= 0
+
+-- name: held_workflows
+-- Workflows with held jobs, for the leader's sweep (settles what a crashed node left).
+SELECT DISTINCT meta->>'workflow_id' FROM {prefix}.oban_jobs
+WHERE state = 'suspended' AND meta ? 'workflow_id'
+LIMIT %(limit)s
+
+-- name: workflow_jobs
+-- The steps of one workflow, optionally only the named ones.
+SELECT j.meta->>'name', j.state::text, j.worker, j.meta->'result'
+FROM {prefix}.oban_jobs AS j
+WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' = %(workflow_id)s
+  AND (%(names)s::text[] IS NULL OR j.meta->>'name' = ANY(%(names)s::text[]))
+ORDER BY j.id
+
+-- name: batch_progress
+-- Counts of the given batches' jobs (callbacks excluded), with one job's meta for the
+-- callback settings every job of a batch carries.
+WITH progress AS (
+  SELECT j.meta->>'batch_id' AS batch_id,
+    count(*) AS total,
+    count(*) FILTER (WHERE j.state = 'completed') AS completed,
+    count(*) FILTER (WHERE j.state = 'cancelled') AS cancelled,
+    count(*) FILTER (WHERE j.state = 'discarded') AS discarded,
+    count(*) FILTER (WHERE j.attempt > 0
+                     OR j.state IN ('completed', 'cancelled', 'discarded')) AS attempted,
+    min(j.id) AS first_id
+  FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'batch_id' AND j.meta->>'batch_id' = ANY(%(batches)s::text[])
+    AND NOT j.meta ? 'callback'
+  GROUP BY 1
+)
+SELECT p.batch_id, p.total, p.completed, p.cancelled, p.discarded, p.attempted, f.meta
+FROM progress AS p JOIN {prefix}.oban_jobs AS f ON f.id = p.first_id
+
+-- name: batch_states
+-- Jobs of one batch by state (callbacks excluded).
+SELECT state::text, count(*) FROM {prefix}.oban_jobs
+WHERE meta ? 'batch_id' AND meta->>'batch_id' = %(batch_id)s AND NOT meta ? 'callback'
+GROUP BY 1
+
 -- name: notify
 -- Publish payloads on one channel; notifications are delivered only when the transaction commits.
 SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload

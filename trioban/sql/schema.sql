@@ -56,6 +56,12 @@ ALTER TABLE {prefix}.oban_jobs ADD COLUMN IF NOT EXISTS uniq_key text;
 CREATE UNIQUE INDEX IF NOT EXISTS oban_jobs_unique_index
   ON {prefix}.oban_jobs (uniq_key) WHERE uniq_key IS NOT NULL;
 
+-- Workflows and batches find their jobs by the ids in meta.
+CREATE INDEX IF NOT EXISTS oban_jobs_workflow_index
+  ON {prefix}.oban_jobs ((meta->>'workflow_id'), (meta->>'name')) WHERE meta ? 'workflow_id';
+CREATE INDEX IF NOT EXISTS oban_jobs_batch_index
+  ON {prefix}.oban_jobs ((meta->>'batch_id')) WHERE meta ? 'batch_id';
+
 CREATE UNLOGGED TABLE IF NOT EXISTS {prefix}.oban_peers (
   name text PRIMARY KEY,
   node text NOT NULL,

@@ -1,0 +1,338 @@
+"""Workflows (dependencies between jobs) and batches (callbacks), on several nodes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from functools import partial
+
+import pytest
+import trio
+
+import trioban
+from trioban import Batch, JobState, Workflow
+
+from .helpers import eventually
+from .nodes import node_processes
+from .workers import MailBatch, echo, flow_step
+
+
+def config(dsn: str, **settings: object) -> trioban.Config:
+    return trioban.Config(dsn=dsn, queues={"default": 10}, stage_interval=0.2).evolve(**settings)
+
+
+async def _rows(oban: trioban.Oban, statement: str, *params: object) -> list[tuple[object, ...]]:
+    async with oban.transaction() as conn:
+        cur = await conn.execute(statement, params)
+        return await cur.fetchall()
+
+
+@pytest.fixture
+async def oban(dsn: str) -> AsyncIterator[trioban.Oban]:
+    async with trioban.open(config(dsn)) as instance:
+        async with instance.transaction() as conn:
+            await conn.execute("CREATE TABLE flow_runs (job_id bigint, name text, node text)")
+            await conn.execute("CREATE TABLE batch_calls (batch_id text, handler text, node text)")
+        yield instance
+
+
+async def _settled(oban: trioban.Oban, workflow_id: str) -> dict[str, JobState]:
+    final = {JobState.COMPLETED, JobState.CANCELLED, JobState.DISCARDED}
+    status: dict[str, JobState] = {}
+
+    async def done() -> bool:
+        status.update(await oban.workflow_status(workflow_id))
+        return bool(status) and set(status.values()) <= final
+
+    with trio.fail_after(30):
+        await eventually(done)
+    return status
+
+
+def step(value: int = 0, **args: object) -> trioban.Job:
+    return flow_step.new({"value": value, **args})
+
+
+# -- building ------------------------------------------------------------------------------
+
+
+def test_bad_workflows_are_rejected_when_built() -> None:
+    with pytest.raises(ValueError, match="already has a step named 'a'"):
+        Workflow().add("a", step()).add("a", step())
+    with pytest.raises(ValueError, match="depends on 'nope', which is not a step"):
+        Workflow().add("a", step(), deps=["nope"]).build()
+    cyclic = Workflow().add("a", step(), deps=["c"]).add("b", step(), deps=["a"])
+    cyclic.add("c", step(), deps=["b"])
+    with pytest.raises(ValueError, match="cycle: a -> b -> c -> a"):
+        cyclic.build()
+    with pytest.raises(TypeError, match="list of step names"):
+        Workflow().add("a", step(), deps="b")
+    with pytest.raises(ValueError, match="no steps"):
+        Workflow().build()
+    with pytest.raises(TypeError, match="unsaved Job"):
+        Workflow().add("a", "job")  # type: ignore[arg-type]
+
+
+def test_held_jobs_are_suspended_and_tagged() -> None:
+    wf = Workflow("wf-1").add("a", step()).add("b", step(), deps=["a"], ignore_cancelled=True)
+    a, b = wf.build()
+    assert (a.state, b.state) == (JobState.AVAILABLE, JobState.SUSPENDED)
+    assert b.meta["workflow_id"] == "wf-1"
+    assert b.meta["deps"] == ["a"]
+    assert b.meta["ignore_cancelled"] is True
+    assert wf.sinks() == ["b"]
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+async def test_linear_workflow_relays_its_final_result(oban: trioban.Oban) -> None:
+    wf = (
+        Workflow()
+        .add("extract", step(1, log=True))
+        .add("transform", step(10, log=True), deps=["extract"])
+        .add("load", step(100, log=True), deps=["transform"])
+    )
+    with trio.fail_after(20):
+        result = await oban.relay_workflow(wf, timeout=15)
+    assert result == {"step": "load", "total": 111, "inputs": ["transform"]}
+    order = await _rows(oban, "SELECT name FROM flow_runs ORDER BY job_id")
+    assert [name for (name,) in order] == ["extract", "transform", "load"]
+    # Each step started only after its dep completed.
+    gaps = await _rows(
+        oban,
+        "SELECT d.completed_at <= j.attempted_at FROM oban_jobs j JOIN oban_jobs d "
+        "ON d.meta->>'name' = j.meta->'deps'->>0 WHERE j.meta->'deps' != '[]'",
+    )
+    assert gaps == [(True,), (True,)]
+
+
+async def test_fan_out_and_fan_in(oban: trioban.Oban) -> None:
+    wf = Workflow().add("start", step(1))
+    for i in range(5):
+        wf.add(f"part{i}", step(10), deps=["start"])
+    wf.add("merge", step(0), deps=[f"part{i}" for i in range(5)])
+    with trio.fail_after(20):
+        merged = await oban.relay_workflow(wf, timeout=15)
+    assert merged["total"] == 5 * 11
+    assert merged["inputs"] == [f"part{i}" for i in range(5)]
+    # Several final steps: a dict of their results.
+    two_ends = Workflow().add("a", step(1)).add("b", step(2), deps=["a"]).add("c", step(3))
+    with trio.fail_after(20):
+        ends = await oban.relay_workflow(two_ends, timeout=15)
+    assert {name: r["total"] for name, r in ends.items()} == {"b": 3, "c": 3}
+
+
+async def test_dep_results_are_structured_for_downstream_steps(oban: trioban.Oban) -> None:
+    wf = Workflow().add("one", step(1)).add("two", step(2)).add("sum", step(), deps=["one", "two"])
+    jobs = await oban.insert_workflow(wf)
+    await _settled(oban, wf.workflow_id)
+    results = await oban.workflow_results(jobs[2])
+    assert {name: r["total"] for name, r in results.items()} == {"one": 1, "two": 2}
+    with pytest.raises(ValueError, match="not a step of a workflow"):
+        await oban.workflow_results(await oban.insert(echo.new({})))
+
+
+async def test_a_failed_dep_cancels_its_dependents_transitively(oban: trioban.Oban) -> None:
+    wf = (
+        Workflow()
+        .add("bad", step(outcome="discard"))
+        .add("child", step(), deps=["bad"])
+        .add("grandchild", step(), deps=["child"])
+        .add("tolerant", step(), deps=["bad"], ignore_discarded=True)
+        .add("unrelated", step())
+    )
+    jobs = await oban.insert_workflow(wf)
+    status = await _settled(oban, wf.workflow_id)
+    assert status == {
+        "bad": JobState.DISCARDED,
+        "child": JobState.CANCELLED,
+        "grandchild": JobState.CANCELLED,
+        "tolerant": JobState.COMPLETED,
+        "unrelated": JobState.COMPLETED,
+    }
+    child = await oban.get_job(jobs[1].id or 0)
+    assert child is not None
+    assert child.errors[-1]["error"] == "upstream failed: bad discarded"
+    grandchild = await oban.get_job(jobs[2].id or 0)
+    assert grandchild is not None
+    assert grandchild.errors[-1]["error"] == "upstream failed: child cancelled"
+    tolerant = await oban.get_job(jobs[3].id or 0)
+    assert tolerant is not None
+    assert tolerant.state is JobState.COMPLETED
+
+
+async def test_ignore_cancelled_for_a_whole_workflow(oban: trioban.Oban) -> None:
+    wf = Workflow(ignore_cancelled=True)
+    wf.add("cancelled", step(outcome="cancel")).add("after", step(5), deps=["cancelled"])
+    with trio.fail_after(20):
+        result = await oban.relay_workflow(wf, timeout=15)
+    assert result == {"step": "after", "total": 5, "inputs": ["cancelled"]}
+    strict = Workflow().add("cancelled", step(outcome="cancel"))
+    strict.add("after", step(), deps=["cancelled"])
+    with trio.fail_after(20), pytest.raises(trioban.RelayCancelled, match="cancelled cancelled"):
+        await oban.relay_workflow(strict, timeout=15)
+
+
+async def test_append_to_a_running_workflow(oban: trioban.Oban) -> None:
+    wf = Workflow().add("a", step(1)).add("b", step(2), deps=["a"])
+    await oban.insert_workflow(wf)
+    await _settled(oban, wf.workflow_id)
+    appended = await oban.append_workflow(
+        wf.workflow_id, lambda more: more.add("c", step(3), deps=["b"]).add("d", step(), deps=["c"])
+    )
+    assert [job.meta["name"] for job in appended] == ["c", "d"]
+    status = await _settled(oban, wf.workflow_id)
+    assert list(status) == ["a", "b", "c", "d"]
+    assert set(status.values()) == {JobState.COMPLETED}
+    with pytest.raises(ValueError, match="already has a step named 'a'"):
+        await oban.append_workflow(wf.workflow_id, lambda more: more.add("a", step()))
+    with pytest.raises(ValueError, match="no workflow 'missing'"):
+        await oban.append_workflow("missing", lambda more: more.add("x", step()))
+
+
+async def test_a_200_job_dag_across_node_processes(oban: trioban.Oban, dsn: str) -> None:
+    """Random deps on earlier steps; 2 node processes and this one share the work."""
+    rng = random.Random(7)
+    wf = Workflow()
+    for i in range(200):
+        earlier = rng.sample(range(i), k=min(i, rng.randint(0, 3)))
+        wf.add(f"s{i}", step(1, log=True), deps=[f"s{j}" for j in earlier])
+    with trio.fail_after(90):
+        async with node_processes(dsn, "default:10", 2):
+            await oban.insert_workflow(wf)
+            status = await _settled(oban, wf.workflow_id)
+    assert set(status.values()) == {JobState.COMPLETED}
+    runs = await _rows(
+        oban, "SELECT count(*), count(DISTINCT job_id), count(DISTINCT node) FROM flow_runs"
+    )
+    assert runs[0][:2] == (200, 200)
+    # No step started before every one of its deps completed.
+    early = await _rows(
+        oban,
+        "SELECT count(*) FROM oban_jobs j CROSS JOIN jsonb_array_elements_text(j.meta->'deps') "
+        "AS dep(name) JOIN oban_jobs d ON d.meta->>'name' = dep.name "
+        "WHERE d.completed_at > j.attempted_at",
+    )
+    assert early == [(0,)]
+
+
+async def test_concurrent_last_deps_release_the_dependent_once(
+    oban: trioban.Oban, dsn: str
+) -> None:
+    """40 fan-ins whose 8 deps all finish together on 3 node processes: each sink runs once."""
+    flows = []
+    for _ in range(40):
+        wf = Workflow()
+        for i in range(8):
+            wf.add(f"d{i}", step(sleep=0.3))
+        wf.add("sink", step(log=True), deps=[f"d{i}" for i in range(8)])
+        flows.append(wf)
+    with trio.fail_after(90):
+        async with node_processes(dsn, "default:50", 3):
+            async with trio.open_nursery() as nursery:
+                for wf in flows:
+                    nursery.start_soon(oban.insert_workflow, wf)
+            for wf in flows:
+                await _settled(oban, wf.workflow_id)
+    sinks = await _rows(oban, "SELECT count(*), count(DISTINCT job_id) FROM flow_runs")
+    assert sinks == [(40, 40)]
+
+
+async def test_the_leader_sweep_settles_what_a_dead_node_left(oban: trioban.Oban) -> None:
+    # A dep finished but nobody released the dependent (as if the acking node died).
+    wf = Workflow().add("a", step()).add("b", step(), deps=["a"])
+    jobs = await oban.insert_workflow(wf)
+    await _rows(
+        oban,
+        "UPDATE oban_jobs SET state = 'completed', completed_at = now() WHERE id = %s RETURNING id",
+        jobs[0].id,
+    )
+    status = await _settled(oban, wf.workflow_id)  # the sweep runs every heartbeat interval
+    assert status == {"a": JobState.COMPLETED, "b": JobState.COMPLETED}
+
+
+# -- batches -------------------------------------------------------------------------------
+
+
+async def _calls(oban: trioban.Oban, batch_id: str) -> list[str]:
+    rows = await _rows(
+        oban, "SELECT handler FROM batch_calls WHERE batch_id = %s ORDER BY handler", batch_id
+    )
+    return [str(handler) for (handler,) in rows]
+
+
+async def test_batch_callbacks_when_everything_completes(oban: trioban.Oban) -> None:
+    batch = Batch(callback=MailBatch, callback_args={"campaign": 1})
+    for _ in range(5):
+        batch.add(MailBatch.new({}))
+    await oban.insert_all(batch)
+    with trio.fail_after(20):
+        await eventually(partial(_has_calls, oban, batch.batch_id, 3))
+    await trio.sleep(0.3)  # any callback that shouldn't fire has had its chance
+    assert await _calls(oban, batch.batch_id) == ["attempted", "completed", "exhausted"]
+    status = await oban.batch_status(batch.batch_id)
+    assert (status["completed"], status["total"]) == (5, 5)
+    # A callback job gets the callback args.
+    args = await _rows(
+        oban, "SELECT DISTINCT args FROM oban_jobs WHERE meta->>'callback' IS NOT NULL"
+    )
+    assert args == [({"campaign": 1},)]
+
+
+async def _has_calls(oban: trioban.Oban, batch_id: str, count: int) -> bool:
+    return len(await _calls(oban, batch_id)) >= count
+
+
+async def test_batch_callbacks_for_failures(oban: trioban.Oban) -> None:
+    batch = Batch(
+        [
+            MailBatch.new({}),
+            MailBatch.new({"outcome": "discard"}),
+            MailBatch.new({"outcome": "cancel"}),
+        ],
+        callback=MailBatch,
+    )
+    await oban.insert_all(batch)
+    with trio.fail_after(20):
+        await eventually(partial(_has_calls, oban, batch.batch_id, 4))
+    await trio.sleep(0.3)
+    assert await _calls(oban, batch.batch_id) == [
+        "attempted",
+        "cancelled",
+        "discarded",
+        "exhausted",
+    ]
+    status = await oban.batch_status(batch.batch_id)
+    assert {k: status[k] for k in ("completed", "discarded", "cancelled", "total")} == {
+        "completed": 1,
+        "discarded": 1,
+        "cancelled": 1,
+        "total": 3,
+    }
+
+
+async def test_batch_callbacks_run_once_under_concurrent_acks(oban: trioban.Oban, dsn: str) -> None:
+    batches = [
+        Batch([MailBatch.new({"sleep": 0.2}) for _ in range(6)], callback=MailBatch)
+        for _ in range(30)
+    ]
+    with trio.fail_after(90):
+        async with node_processes(dsn, "default:40", 3):
+            await oban.insert_all([job for batch in batches for job in batch.build()])
+            for batch in batches:
+                await eventually(partial(_has_calls, oban, batch.batch_id, 3))
+            await trio.sleep(0.5)
+    calls = await _rows(
+        oban, "SELECT count(*), count(DISTINCT (batch_id, handler)) FROM batch_calls"
+    )
+    assert calls == [(90, 90)]
+
+
+def test_bad_batches_are_rejected() -> None:
+    with pytest.raises(TypeError, match="class worker"):
+        Batch(callback=flow_step)
+    with pytest.raises(TypeError, match="unsaved Job"):
+        Batch().add("job")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no jobs"):
+        Batch().build()

@@ -1,0 +1,101 @@
+"""Batches: a group of jobs with callbacks when the group reaches a condition.
+
+The callback worker is a class worker with one or more ``handle_*`` methods. After a batch
+job is acked, the acking node checks the batch; each condition reached enqueues its callback
+once, guarded by a unique key (batch id + callback), so concurrent acks on several nodes still
+enqueue it exactly once.
+
+Conditions, over the batch's jobs (not its callbacks):
+  handle_attempted  every job was attempted at least once (or finished without running)
+  handle_exhausted  every job finished: completed, cancelled or discarded
+  handle_completed  every job completed
+  handle_discarded  every job finished and at least one was discarded
+  handle_cancelled  every job finished and at least one was cancelled
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, final
+
+import attrs
+
+from ._job import Job
+from ._worker import Worker, check_json_object
+
+BATCH_ID: Final = "batch_id"
+CALLBACK: Final = "callback"
+CALLBACKS: Final = "batch_callbacks"
+CALLBACK_WORKER: Final = "batch_worker"
+CALLBACK_QUEUE: Final = "batch_queue"
+CALLBACK_ARGS: Final = "batch_args"
+HANDLERS: Final = (
+    "handle_attempted",
+    "handle_exhausted",
+    "handle_completed",
+    "handle_discarded",
+    "handle_cancelled",
+)
+
+
+@final
+class Batch:
+    """Jobs grouped under one id, with ``callback``'s ``handle_*`` methods run as jobs.
+
+    ``Batch(callback=MyBatchWorker, callback_args={...}).add(job).add(job)``; insert it with
+    ``oban.insert_all(batch)``.
+    """
+
+    def __init__(
+        self,
+        jobs: Iterable[Job] = (),
+        *,
+        callback: Worker | None = None,
+        callback_args: Mapping[str, Any] | None = None,
+        batch_id: str | None = None,
+    ) -> None:
+        if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
+            raise TypeError(f"expected batch_id to be a non-empty str, got {batch_id!r}")
+        self.batch_id = batch_id or uuid.uuid4().hex
+        self.callbacks: tuple[str, ...] = ()
+        self.callback = callback
+        if callback is not None:
+            if not isinstance(callback, Worker) or not isinstance(callback.target, type):
+                raise TypeError(
+                    f"expected callback to be a class worker (@worker on a class), got {callback!r}"
+                )
+            self.callbacks = tuple(h for h in HANDLERS if hasattr(callback.target, h))
+            if not self.callbacks:
+                raise TypeError(f"callback {callback.name} defines none of {', '.join(HANDLERS)}")
+        self.callback_args = dict(check_json_object(callback_args or {}, "callback_args")[0])
+        self._jobs: list[Job] = []
+        for job in jobs:
+            self.add(job)
+
+    def __repr__(self) -> str:
+        return f"<trioban.Batch {self.batch_id} jobs={len(self._jobs)}>"
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> Batch:
+        """Add an unsaved job; returns the batch."""
+        if not isinstance(job, Job) or job.saved:
+            raise TypeError(f"expected an unsaved Job (from Worker.new), got {job!r}")
+        self._jobs.append(job)
+        return self
+
+    def build(self) -> list[Job]:
+        """The jobs to insert, each carrying the batch id and its callbacks."""
+        if not self._jobs:
+            raise ValueError(f"batch {self.batch_id} has no jobs; add some with .add()")
+        extra: dict[str, Any] = {BATCH_ID: self.batch_id}
+        if self.callback is not None:
+            extra |= {
+                CALLBACKS: list(self.callbacks),
+                CALLBACK_WORKER: self.callback.name,
+                CALLBACK_QUEUE: self.callback.queue,
+                CALLBACK_ARGS: self.callback_args,
+            }
+        return [attrs.evolve(job, meta={**job.meta, **extra}) for job in self._jobs]

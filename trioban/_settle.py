@@ -1,0 +1,122 @@
+"""What happens after jobs of workflows and batches are acked: release dependents, run callbacks.
+
+Called by the acker once a batch of acks is written (so every ack it read is committed), and
+by the leader's sweep for anything a crashed node left unsettled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _store
+from ._batch import (
+    BATCH_ID,
+    CALLBACK,
+    CALLBACK_ARGS,
+    CALLBACK_QUEUE,
+    CALLBACK_WORKER,
+    CALLBACKS,
+)
+from ._job import Job
+from ._sql import channel, query
+from ._unique import STATE_GROUPS, Claim
+
+if TYPE_CHECKING:
+    from ._executor import Ack
+    from ._pg import Pool
+
+log = logging.getLogger("trioban.settle")
+
+MAX_DEPTH: Final = 1_000
+"""Rounds of cascading cancellation followed before giving up (a DAG is never deeper)."""
+SWEEP_LIMIT: Final = 100
+"""Workflows with held jobs the leader's sweep settles per tick."""
+
+
+async def after_acks(pool: Pool, prefix: str, acks: Sequence[Ack]) -> None:
+    """Settle the workflows and batches the (written) ``acks`` belong to."""
+    workflows = {ack.workflow for ack in acks if ack.workflow and ack.final}
+    batches = {ack.batch for ack in acks if ack.batch}
+    if workflows:
+        await release(pool, prefix, workflows)
+    if batches:
+        await run_callbacks(pool, prefix, batches)
+
+
+async def release(pool: Pool, prefix: str, workflows: Collection[str]) -> int:
+    """Release or cancel the held jobs of ``workflows`` whose deps allow it, transitively."""
+    params = {
+        "insert_channel": channel(prefix, "insert"),
+        "relay_channel": channel(prefix, "relay"),
+    }
+    pending, settled = sorted(workflows), 0
+    for _ in range(MAX_DEPTH):
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                query("release_workflow_jobs", prefix), {**params, "workflows": pending}
+            )
+            rows = await cur.fetchall()
+        settled += len(rows)
+        # A cancelled job may hold up jobs of its own: settle those next.
+        pending = sorted({workflow for _, state, workflow in rows if state == "cancelled"})
+        if not pending:
+            return settled
+    log.warning("workflow cancellation deeper than %d levels: %s", MAX_DEPTH, pending)
+    return settled
+
+
+async def sweep(pool: Pool, prefix: str) -> int:
+    """The leader's safety net: settle workflows whose releasing node died mid-way."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("held_workflows", prefix), {"limit": SWEEP_LIMIT})
+        workflows = [row[0] for row in await cur.fetchall()]
+    return await release(pool, prefix, workflows) if workflows else 0
+
+
+async def run_callbacks(pool: Pool, prefix: str, batches: Collection[str]) -> int:
+    """Enqueue each reached batch callback once; returns how many were new."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("batch_progress", prefix), {"batches": sorted(batches)})
+        rows = await cur.fetchall()
+    jobs = [job for row in rows for job in _callbacks(*row)]
+    if not jobs:
+        return 0
+    async with pool.connection() as conn:
+        saved = await _store.insert_with_unique(conn, prefix, jobs)
+    return sum(not job.conflict for job in saved)
+
+
+def _callbacks(
+    batch_id: str,
+    total: int,
+    completed: int,
+    cancelled: int,
+    discarded: int,
+    attempted: int,
+    meta: dict[str, Any],
+) -> list[Job]:
+    finished = completed + cancelled + discarded == total
+    reached = {
+        "handle_attempted": attempted == total,
+        "handle_exhausted": finished,
+        "handle_completed": completed == total,
+        "handle_discarded": finished and discarded > 0,
+        "handle_cancelled": finished and cancelled > 0,
+    }
+    wanted = [name for name in meta.get(CALLBACKS, ()) if reached.get(name)]
+    return [_callback_job(batch_id, name, meta) for name in wanted]
+
+
+def _callback_job(batch_id: str, name: str, meta: dict[str, Any]) -> Job:
+    key = hashlib.sha256(f"batch\0{batch_id}\0{name}".encode()).hexdigest()
+    return Job(
+        worker=str(meta[CALLBACK_WORKER]),
+        args=MappingProxyType(dict(meta.get(CALLBACK_ARGS) or {})),
+        queue=str(meta.get(CALLBACK_QUEUE) or "default"),
+        meta={BATCH_ID: batch_id, CALLBACK: name},
+        _unique=Claim(key=key, period=None, states=STATE_GROUPS["all"], replace={}),
+    )

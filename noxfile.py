@@ -36,7 +36,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and the tests."""
-    session.install("-e", ".[test]", "mypy>=1.11")
+    session.install("-e", ".[test]", "mypy>=1.11", "types-croniter")
     session.run("mypy")
 
 

@@ -267,3 +267,8 @@ class Mailer:
 
 # Type checkers ignore what a class decorator returns: register by calling worker() instead.
 MailBatch = worker(queue="default", max_attempts=1)(Mailer)
+
+
+@worker(queue="cron", cron="0 * * * *")
+async def hourly(job: Job) -> None:
+    """Scheduled every hour; only nodes running the "cron" queue schedule it."""

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
 
+from ._cron import check_timezone, parse_crontab
 from ._errors import ConfigError
 
 IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -124,6 +126,10 @@ def _prune_limit(field: str, value: object) -> None:
     _integer(field, value, 1, 1_000_000)
 
 
+def _timezone(field: str, value: object) -> None:
+    check_timezone(value, field)
+
+
 def _pool_size(field: str, value: object) -> None:
     _integer(field, value, 1, 1000)
 
@@ -151,6 +157,10 @@ class Config:
         prune_max_age: seconds a finished (completed, cancelled, discarded) job is kept;
             ``None`` keeps them forever.
         prune_limit: jobs the pruner deletes per run, so a backlog never locks for long.
+        crontab: scheduled jobs, ``[(expression, worker), (expression, worker, {options})]``
+            with options ``args``, ``queue``, ``priority``, ``max_attempts``, ``tags``,
+            ``meta``, ``timezone``; each slot is enqueued once across the cluster.
+        timezone: the time zone crontab expressions are read in, unless an entry says.
 
     >>> Config(dsn="postgresql:///app", queus={"default": 10})
     Traceback (most recent call last):
@@ -173,6 +183,9 @@ class Config:
         default=86_400.0, validator=_check(_optional_positive)
     )
     prune_limit: int = attrs.field(default=10_000, validator=_check(_prune_limit))
+    # Given as entries (see above); held as a tuple of CronEntry.
+    crontab: Sequence[Any] = attrs.field(default=())
+    timezone: str = attrs.field(default="UTC", validator=_check(_timezone))
 
     def __new__(cls, *args: Any, **settings: Any) -> Config:
         # Runs before attrs' typed __init__, so an unknown keyword gets a ConfigError with a
@@ -181,6 +194,8 @@ class Config:
         return super().__new__(cls)
 
     def __attrs_post_init__(self) -> None:
+        # Parsed here, not by a converter: entries default to the config's time zone.
+        object.__setattr__(self, "crontab", parse_crontab(self.crontab, self.timezone))
         if self.rescue_after <= self.heartbeat_interval:
             raise ConfigError(
                 "rescue_after",
@@ -286,6 +301,13 @@ def _parse_env(key: str, field: str, raw: str) -> Any:
         return None
     if field == "queues":
         return parse_queues(raw, key) if raw.strip() else {}
+    if field == "crontab":
+        try:
+            return json.loads(raw) if raw.strip() else []
+        except ValueError:
+            raise ConfigError(
+                key, f"expected a JSON list of [expression, worker] entries, got {raw!r}"
+            ) from None
     if field == "install":
         lowered = raw.strip().lower()
         if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:

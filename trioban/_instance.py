@@ -27,6 +27,7 @@ from . import (
 from ._acker import Acker
 from ._batch import Batch
 from ._config import Config
+from ._cron import CronEntry, Scheduler
 from ._errors import ConfigError, InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._inserter import Inserter
 from ._job import Job, JobState
@@ -37,7 +38,7 @@ from ._producer import Producer, QueueInfo
 from ._relay import META_REF, META_RESULT, Registry, Relay, new_ref
 from ._relay import await_many as _await_many
 from ._sql import query
-from ._worker import CURRENT, lookup
+from ._worker import CURRENT, lookup, scheduled
 from ._workflow import NAME, WORKFLOW_ID, Workflow
 
 log = logging.getLogger("trioban")
@@ -665,7 +666,7 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
 
 
 async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
-    """The leader's periodic work: the lifeline and, unless disabled, the pruner."""
+    """The leader's periodic work (lifeline, workflow sweep, pruner) and the cron scheduler."""
     conf, pool, leadership = oban.config, oban._work_pool, oban._leadership
     await services.start(
         while_leading,
@@ -689,6 +690,25 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
             "pruner",
             partial(_pruner.prune, pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
         )
+    entries = cron_entries(conf)
+    if entries:
+        scheduler = Scheduler(entries, leadership, oban.insert_all, _builder)
+        await services.start(scheduler.run)
+
+
+def cron_entries(conf: Config) -> list[CronEntry]:
+    """The crontab of ``conf`` plus ``@worker(cron=...)`` workers of the queues it runs."""
+    declared = [
+        CronEntry(found.cron, found.name)
+        for found in scheduled()
+        if found.cron is not None and found.queue in conf.queues
+    ]
+    return [*conf.crontab, *declared]
+
+
+def _builder(name: str) -> Callable[..., Job] | None:
+    found = lookup(name)
+    return None if found is None else found.new
 
 
 def _subscribe(oban: Oban) -> None:

@@ -14,6 +14,7 @@ import attrs
 
 from . import _codec, _structured
 from ._backoff import default_backoff
+from ._cron import check_expression
 from ._crypto import Encrypted
 from ._errors import TriobanError
 from ._job import Job, JobState, as_str_tuple, utc_datetime
@@ -110,6 +111,7 @@ class Worker:
         recorded: bool | int = False,
         encrypted: Encrypted | None = None,
         unique: Unique | None = None,
+        cron: str | None = None,
     ) -> None:
         self.target = target
         self.name = f"{target.__module__}.{target.__qualname__}"
@@ -135,6 +137,7 @@ class Worker:
             )
         self.encrypted = encrypted
         self.unique = _check_unique(unique)
+        self.cron = None if cron is None else check_expression(cron, "cron")
         self.__doc__ = target.__doc__
         self.__wrapped__ = target
 
@@ -321,6 +324,7 @@ def worker(
     recorded: bool | int = ...,
     encrypted: Encrypted | None = ...,
     unique: Unique | None = ...,
+    cron: str | None = ...,
 ) -> Callable[[type[Any] | JobFunction], Worker]: ...
 def worker(
     target: type[Any] | JobFunction | None = None,
@@ -338,6 +342,7 @@ def worker(
     recorded: bool | int = False,
     encrypted: Encrypted | None = None,
     unique: Unique | None = None,
+    cron: str | None = None,
 ) -> Worker | Callable[[type[Any] | JobFunction], Worker]:
     """Register an ``async def f(job)`` or a class with ``async def process(self, job)``.
 
@@ -347,7 +352,8 @@ def worker(
     converted to and from (``strict_args=False`` ignores unknown args keys). ``recorded``
     stores the return value with the job (``True``, or a size limit in bytes of JSON).
     ``encrypted=Encrypted(key=...)`` encrypts args at rest; ``unique=Unique(...)`` makes
-    duplicate inserts return the existing job.
+    duplicate inserts return the existing job. ``cron="*/5 * * * *"`` enqueues the worker on
+    that schedule (UTC), from the nodes that run its queue.
     """
 
     def register(target: type[Any] | JobFunction) -> Worker:
@@ -366,6 +372,7 @@ def worker(
             recorded=recorded,
             encrypted=encrypted,
             unique=unique,
+            cron=cron,
         )
         existing = _registry.get(built.name)
         if existing is not None and existing.target is not target:
@@ -384,6 +391,11 @@ def _check_target(target: object) -> None:
             )
     elif not inspect.iscoroutinefunction(target):
         raise TypeError(f"@worker expects an async function or a class, got {target!r}")
+
+
+def scheduled() -> list[Worker]:
+    """The registered workers with a ``cron`` schedule."""
+    return [found for found in _registry.values() if found.cron is not None]
 
 
 def lookup(name: str) -> Worker | None:

@@ -1,0 +1,126 @@
+"""Cron: crontab parsing, time zones, and exactly one job per slot across nodes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trio
+
+import trioban
+from trioban import ConfigError
+from trioban._cron import CronEntry, Scheduler, minute_of
+from trioban._instance import _builder, cron_entries
+
+from .workers import echo, hourly
+
+
+def test_crontab_entries_are_parsed_and_checked() -> None:
+    conf = trioban.Config(
+        crontab=[
+            ("*/5 * * * *", echo),
+            ("0 3 * * *", "tests.workers.echo", {"args": {"n": 1}, "queue": "other"}),
+            ("@hourly", echo, {"timezone": "Asia/Tokyo"}),
+        ],
+        timezone="Europe/Paris",
+    )
+    first, second, third = conf.crontab
+    assert (first.worker, first.timezone) == ("tests.workers.echo", "Europe/Paris")
+    assert (dict(second.args), dict(second.options)) == ({"n": 1}, {"queue": "other"})
+    assert third.timezone == "Asia/Tokyo"
+
+
+@pytest.mark.parametrize(
+    ("crontab", "words"),
+    [
+        ([("61 * * * *", echo)], "cron expression like"),
+        ([("* * * * *", "echo")], "dotted name"),
+        ([("* * * * *", echo, {"when": 1})], "unknown options ['when']"),
+        ([("* * * * *", echo, {"timezone": "Mars/Base"})], "unknown time zone 'Mars/Base'"),
+        ([("* * * * *",)], "expected (expression, worker[, options])"),
+        ("* * * * *", "list of (expression, worker)"),
+    ],
+)
+def test_bad_crontabs_say_what_is_wrong(crontab: object, words: str) -> None:
+    with pytest.raises(ConfigError, match="crontab") as raised:
+        trioban.Config(crontab=crontab)  # type: ignore[arg-type]
+    assert words in str(raised.value)
+
+
+def test_crontab_from_env_and_toml(tmp_path: Path) -> None:
+    env = {"TRIOBAN_CRONTAB": json.dumps([["0 * * * *", "tests.workers.echo"]])}
+    assert [e.expression for e in trioban.Config.from_env(env).crontab] == ["0 * * * *"]
+    toml = tmp_path / "trioban.toml"
+    toml.write_text(
+        '[trioban]\ntimezone = "Europe/Paris"\n'
+        'crontab = [["0 3 * * *", "tests.workers.echo", {args = {days = 7}}]]\n'
+    )
+    (entry,) = trioban.Config.from_toml(toml).crontab
+    assert (entry.timezone, dict(entry.args)) == ("Europe/Paris", {"days": 7})
+    with pytest.raises(ConfigError, match="JSON list"):
+        trioban.Config.from_env({"TRIOBAN_CRONTAB": "[oops"})
+
+
+def test_expressions_are_read_in_their_time_zone() -> None:
+    paris = CronEntry("0 3 * * *", "tests.workers.echo", timezone="Europe/Paris")
+    winter = datetime(2026, 1, 10, 2, 0, tzinfo=UTC)  # 03:00 in Paris (UTC+1)
+    summer = datetime(2026, 7, 10, 1, 0, tzinfo=UTC)  # 03:00 in Paris (UTC+2)
+    assert paris.is_due(winter)
+    assert paris.is_due(summer)
+    assert not paris.is_due(winter + timedelta(hours=1))
+    # The spring-forward day has no 02:30 in Paris: "30 2 * * *" fires once, right after
+    # the jump (03:00 local), as cron does; the autumn day's repeated hour fires it once too.
+    gap = CronEntry("30 2 * * *", "tests.workers.echo", timezone="Europe/Paris")
+    for day in (datetime(2026, 3, 29, tzinfo=UTC), datetime(2026, 10, 25, tzinfo=UTC)):
+        due = [day + timedelta(minutes=m) for m in range(24 * 60)]
+        keys = {gap.key(minute) for minute in due if gap.is_due(minute)}
+        assert len(keys) == 1, day
+
+
+def test_worker_cron_is_scheduled_by_nodes_running_its_queue() -> None:
+    runs_it = trioban.Config(queues={"cron": 1})
+    assert [e.worker for e in cron_entries(runs_it)] == [hourly.name]
+    assert cron_entries(trioban.Config(queues={"default": 1})) == []
+    with pytest.raises(ConfigError, match="cron expression"):
+        trioban.worker(cron="every minute")(_noop)
+
+
+async def _noop(job: trioban.Job) -> None:
+    pass
+
+
+async def test_one_job_per_slot_across_nodes(dsn: str) -> None:
+    entry = CronEntry("*/15 * * * *", echo.name, args={"from": "cron"})
+    conf = trioban.Config(dsn=dsn)
+    slot = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
+    async with trioban.open(conf) as first, trioban.open(conf) as second:
+        schedulers = [
+            Scheduler([entry], oban._leadership, oban.insert_all, _builder)
+            for oban in (first, second, first)
+        ]
+        created: list[int] = []
+
+        async def enqueue(scheduler: Scheduler, minute: datetime) -> None:
+            created.append(await scheduler.enqueue(minute))
+
+        async with trio.open_nursery() as nursery:
+            for scheduler in schedulers:
+                nursery.start_soon(enqueue, scheduler, slot)
+        assert sorted(created) == [0, 0, 1]
+        # Not due at 10:31; due again at 10:45. A clock stepping back is ignored.
+        assert await schedulers[0].enqueue(slot + timedelta(minutes=1)) == 0
+        assert await schedulers[0].enqueue(slot + timedelta(minutes=15)) == 1
+        assert await schedulers[0].enqueue(slot) == 0
+        async with first.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT args, meta->>'cron_expr', queue FROM oban_jobs ORDER BY id"
+            )
+            rows = await cur.fetchall()
+    assert rows == [({"from": "cron"}, "*/15 * * * *", "default")] * 2
+
+
+def test_minute_of_floors_to_utc() -> None:
+    moment = datetime(2026, 1, 1, 12, 0, 59, 999, tzinfo=UTC).astimezone()
+    assert minute_of(moment) == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

@@ -1,0 +1,194 @@
+"""Cron: jobs enqueued on a schedule, exactly once per slot across any number of nodes.
+
+Entries come from ``Config(crontab=[...])`` and from ``@worker(cron="...")``. Each minute the
+leader enqueues the entries due in that minute; nodes that aren't leading do the same a few
+seconds later as a fallback (a leader that doesn't import the worker, a leader that died).
+Every slot's job carries a unique key (expression, worker, minute), so the unique index lets
+exactly one insert per slot through. A minute at or before the last one handled is skipped:
+a wall clock stepping backwards never enqueues a slot twice from one node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import attrs
+import trio
+from croniter import croniter
+
+from ._errors import ConfigError
+from ._job import Job
+from ._unique import STATE_GROUPS, Claim
+
+if TYPE_CHECKING:
+    from ._leader import Leadership
+
+log = logging.getLogger("trioban.cron")
+
+FALLBACK_DELAY: Final = 5.0
+"""Seconds into a minute after which a node that isn't leading enqueues due slots itself."""
+_OPTIONS: Final = frozenset(
+    {"args", "queue", "priority", "max_attempts", "tags", "meta", "timezone"}
+)
+
+
+@final
+@attrs.frozen
+class CronEntry:
+    """One scheduled job: a cron expression, a worker (by dotted name) and job options."""
+
+    expression: str
+    worker: str
+    args: Mapping[str, Any] = attrs.field(factory=dict)
+    options: Mapping[str, Any] = attrs.field(factory=dict)
+    timezone: str = "UTC"
+
+    def is_due(self, minute: datetime) -> bool:
+        """Whether the entry fires in the (UTC) ``minute``, read in the entry's time zone."""
+        return bool(croniter.match(self.expression, minute.astimezone(ZoneInfo(self.timezone))))
+
+    def key(self, minute: datetime) -> str:
+        """The unique key of this entry's job for ``minute``.
+
+        Keyed on the local wall time, so the hour an autumn clock change repeats runs a slot
+        once, as cron does.
+        """
+        local = minute.astimezone(ZoneInfo(self.timezone)).replace(tzinfo=None)
+        text = f"cron\0{self.expression}\0{self.worker}\0{local.isoformat()}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_expression(expression: object, field: str) -> str:
+    """Validate a five-field cron expression (or ``@hourly``-style nickname)."""
+    if not isinstance(expression, str) or not croniter.is_valid(expression):
+        raise ConfigError(
+            field, f"expected a cron expression like '*/5 * * * *', got {expression!r}"
+        )
+    return expression
+
+
+def check_timezone(name: object, field: str) -> str:
+    """Validate an IANA time zone name."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(field, f"expected a time zone name like 'Europe/Paris', got {name!r}")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(field, f"unknown time zone {name!r}; use an IANA name") from None
+    return name
+
+
+def parse_crontab(value: object, timezone: str = "UTC") -> tuple[CronEntry, ...]:
+    """``Config.crontab``: ``[(expression, worker), (expression, worker, {options}), ...]``.
+
+    ``worker`` is a ``Worker`` or its dotted name; options are ``args``, ``queue``,
+    ``priority``, ``max_attempts``, ``tags``, ``meta`` and ``timezone``.
+    """
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(
+            "crontab", f"expected a list of (expression, worker) entries, got {value!r}"
+        )
+    return tuple(_entry(item, index, timezone) for index, item in enumerate(value))
+
+
+def _entry(item: object, index: int, timezone: str) -> CronEntry:
+    field = f"crontab[{index}]"
+    if isinstance(item, CronEntry):
+        return item
+    if isinstance(item, str) or not isinstance(item, Sequence) or len(item) not in (2, 3):
+        raise ConfigError(field, f"expected (expression, worker[, options]), got {item!r}")
+    expression = check_expression(item[0], field)
+    target = item[1]
+    name = getattr(target, "name", target)
+    if not isinstance(name, str) or "." not in name:
+        raise ConfigError(field, f"expected a worker or its dotted name, got {target!r}")
+    options = dict(item[2]) if len(item) == 3 and isinstance(item[2], Mapping) else None
+    if len(item) == 3 and options is None:
+        raise ConfigError(field, f"expected options as a mapping, got {item[2]!r}")
+    options = options or {}
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ConfigError(field, f"unknown options {sorted(unknown)}; allowed: {sorted(_OPTIONS)}")
+    args = options.pop("args", {})
+    if not isinstance(args, Mapping):
+        raise ConfigError(field, f"expected args to be a mapping, got {args!r}")
+    zone = check_timezone(options.pop("timezone", timezone), field)
+    return CronEntry(
+        expression, name, MappingProxyType(dict(args)), MappingProxyType(options), zone
+    )
+
+
+def minute_of(moment: datetime) -> datetime:
+    """``moment`` floored to its minute, in UTC."""
+    return moment.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def slot_job(entry: CronEntry, minute: datetime, build: Callable[..., Job] | None) -> Job:
+    """The job of ``entry`` for ``minute``, built by its worker when it is imported here."""
+    meta = {**entry.options.get("meta", {}), "cron": True, "cron_expr": entry.expression}
+    options = {k: v for k, v in entry.options.items() if k != "meta"}
+    if build is not None:
+        job = build(dict(entry.args), meta=meta, unique=False, **options)
+    else:
+        job = Job(
+            worker=entry.worker,
+            args=MappingProxyType(dict(entry.args)),
+            queue=str(options.get("queue", "default")),
+            meta=meta,
+        )
+    claim = Claim(key=entry.key(minute), period=None, states=STATE_GROUPS["all"], replace={})
+    return attrs.evolve(job, _unique=claim)
+
+
+class Scheduler:
+    """Enqueues due cron slots; runs on every node that has entries."""
+
+    def __init__(
+        self,
+        entries: Iterable[CronEntry],
+        leadership: Leadership,
+        insert_all: Callable[[list[Job]], Awaitable[list[Job]]],
+        builder: Callable[[str], Callable[..., Job] | None],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.entries = tuple(entries)
+        self._leadership = leadership
+        self._insert_all = insert_all
+        self._builder = builder
+        self._clock = clock
+        self._last: datetime | None = None  # the last minute handled by this node
+
+    async def enqueue(self, minute: datetime) -> int:
+        """Insert the jobs due in ``minute`` (once per slot); returns how many were new."""
+        if self._last is not None and minute <= self._last:
+            log.warning("clock went back to %s (last slot %s); skipping", minute, self._last)
+            return 0
+        self._last = minute
+        due = [entry for entry in self.entries if entry.is_due(minute)]
+        if not due:
+            return 0
+        jobs = [slot_job(entry, minute, self._builder(entry.worker)) for entry in due]
+        saved = await self._insert_all(jobs)
+        return sum(not job.conflict for job in saved)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Each minute: the leader enqueues at once, the others after ``FALLBACK_DELAY``."""
+        task_status.started()
+        while True:
+            now = self._clock()
+            await trio.sleep(60 - now % 60 + 0.05)  # just past the next minute boundary
+            minute = minute_of(datetime.fromtimestamp(self._clock(), UTC))
+            if not self._leadership.is_leader:
+                await trio.sleep(FALLBACK_DELAY)
+            try:
+                await self.enqueue(minute)
+            except Exception as exc:
+                log.warning("enqueueing cron jobs for %s failed (%s)", minute, exc)

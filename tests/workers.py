@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 from datetime import datetime
@@ -272,3 +273,42 @@ MailBatch = worker(queue="default", max_attempts=1)(Mailer)
 @worker(queue="cron", cron="0 * * * *")
 async def hourly(job: Job) -> None:
     """Scheduled every hour; only nodes running the "cron" queue schedule it."""
+
+
+# -- asyncio-flavored workers --------------------------------------------------------------
+
+
+@worker(queue="aio", flavor="asyncio")
+async def aio_fetch(job: Job) -> str:
+    """asyncio-only I/O: reads a line from a TCP server with asyncio streams."""
+    await asyncio.sleep(0.01)
+    reader, writer = await asyncio.open_connection("127.0.0.1", job.args["port"])
+    try:
+        writer.write(b"hello\n")
+        await writer.drain()
+        return (await reader.readline()).decode().strip()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@worker(queue="aio", flavor="asyncio", timeout=0.3, max_attempts=1)
+async def aio_slow(job: Job) -> str:
+    """Sleeps in asyncio far past its timeout (or until cancelled)."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        aio_cancelled.append(job.id)
+        raise
+    return "too late"
+
+
+aio_cancelled: list[int | None] = []
+
+
+@worker(queue="default")
+async def has_asyncio_loop(job: Job) -> bool:
+    """Whether a trio-asyncio loop is open around this (Trio) job."""
+    import trio_asyncio
+
+    return trio_asyncio.current_loop.get() is not None

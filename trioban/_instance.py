@@ -14,6 +14,7 @@ import outcome
 import trio
 
 from . import (
+    _aio,
     _codec,
     _heartbeat,
     _lifeline,
@@ -38,7 +39,7 @@ from ._producer import Producer, QueueInfo
 from ._relay import META_REF, META_RESULT, Registry, Relay, new_ref
 from ._relay import await_many as _await_many
 from ._sql import query
-from ._worker import CURRENT, lookup, scheduled
+from ._worker import CURRENT, asyncio_queues, lookup, scheduled
 from ._workflow import NAME, WORKFLOW_ID, Workflow
 
 log = logging.getLogger("trioban")
@@ -628,7 +629,10 @@ async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIt
     # Set before any task starts, so jobs inherit it (a job may relay or insert in turn).
     token = CURRENT.set(oban)
     try:
-        async with _services(oban) as running:
+        async with (
+            _aio.loop_if(bool(asyncio_queues() & set(conf.queues))),
+            _services(oban) as running,
+        ):
             yield running
     finally:
         CURRENT.reset(token)

@@ -12,7 +12,7 @@ from typing import Any, Final, Protocol, final, overload
 
 import attrs
 
-from . import _codec, _structured
+from . import _aio, _codec, _structured
 from ._backoff import default_backoff
 from ._cron import check_expression
 from ._crypto import Encrypted
@@ -112,6 +112,7 @@ class Worker:
         encrypted: Encrypted | None = None,
         unique: Unique | None = None,
         cron: str | None = None,
+        flavor: str = "trio",
     ) -> None:
         self.target = target
         self.name = f"{target.__module__}.{target.__qualname__}"
@@ -138,6 +139,11 @@ class Worker:
         self.encrypted = encrypted
         self.unique = _check_unique(unique)
         self.cron = None if cron is None else check_expression(cron, "cron")
+        if flavor not in _aio.FLAVORS:
+            raise ValueError(f"expected flavor to be 'trio' or 'asyncio', got {flavor!r}")
+        if flavor == "asyncio":
+            _aio.check_available()
+        self.flavor = flavor
         self.__doc__ = target.__doc__
         self.__wrapped__ = target
 
@@ -257,12 +263,16 @@ class Worker:
 
         A batch callback job runs the ``handle_*`` method it names instead of ``process``.
         """
+        call: Callable[[Job], Awaitable[Any]]
         if isinstance(self.target, type):
             handler = job.meta.get("callback")
-            if isinstance(handler, str) and handler.startswith("handle_"):
-                return await getattr(self.target(), handler)(job)
-            return await self.target().process(job)
-        return await self.target(job)
+            named = handler if isinstance(handler, str) and handler.startswith("handle_") else None
+            call = getattr(self.target(), named or "process")
+        else:
+            call = self.target
+        if self.flavor == "asyncio":
+            return await _aio.run(call, job)
+        return await call(job)
 
 
 def _check_recorded(value: object) -> int | None:
@@ -325,6 +335,7 @@ def worker(
     encrypted: Encrypted | None = ...,
     unique: Unique | None = ...,
     cron: str | None = ...,
+    flavor: str = ...,
 ) -> Callable[[type[Any] | JobFunction], Worker]: ...
 def worker(
     target: type[Any] | JobFunction | None = None,
@@ -343,6 +354,7 @@ def worker(
     encrypted: Encrypted | None = None,
     unique: Unique | None = None,
     cron: str | None = None,
+    flavor: str = "trio",
 ) -> Worker | Callable[[type[Any] | JobFunction], Worker]:
     """Register an ``async def f(job)`` or a class with ``async def process(self, job)``.
 
@@ -353,7 +365,8 @@ def worker(
     stores the return value with the job (``True``, or a size limit in bytes of JSON).
     ``encrypted=Encrypted(key=...)`` encrypts args at rest; ``unique=Unique(...)`` makes
     duplicate inserts return the existing job. ``cron="*/5 * * * *"`` enqueues the worker on
-    that schedule (UTC), from the nodes that run its queue.
+    that schedule (UTC), from the nodes that run its queue. ``flavor="asyncio"`` runs
+    asyncio code (under trio-asyncio, cancellation included).
     """
 
     def register(target: type[Any] | JobFunction) -> Worker:
@@ -373,6 +386,7 @@ def worker(
             encrypted=encrypted,
             unique=unique,
             cron=cron,
+            flavor=flavor,
         )
         existing = _registry.get(built.name)
         if existing is not None and existing.target is not target:
@@ -391,6 +405,11 @@ def _check_target(target: object) -> None:
             )
     elif not inspect.iscoroutinefunction(target):
         raise TypeError(f"@worker expects an async function or a class, got {target!r}")
+
+
+def asyncio_queues() -> set[str]:
+    """Queues of the registered asyncio-flavored workers."""
+    return {found.queue for found in _registry.values() if found.flavor == "asyncio"}
 
 
 def scheduled() -> list[Worker]:

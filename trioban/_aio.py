@@ -1,0 +1,49 @@
+"""asyncio-flavored workers: ``@worker(flavor="asyncio")`` code runs under trio-asyncio.
+
+The worker's coroutine runs as an asyncio task on a trio-asyncio loop on the same thread;
+Trio cancellation (a timeout, a remote cancel, shutdown) cancels that task. An instance opens
+the loop once, around its queues, when it runs a queue with such a worker; a job that finds no
+loop (its worker was imported later) opens one for itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ._errors import TriobanError
+
+FLAVORS = ("trio", "asyncio")
+
+_INSTALL_HINT = 'asyncio-flavored workers need trio-asyncio: pip install "trioban[asyncio]"'
+
+
+def check_available() -> None:
+    """Raise a clear error if trio-asyncio isn't installed."""
+    try:
+        import trio_asyncio  # noqa: F401
+    except ImportError:
+        raise TriobanError(_INSTALL_HINT) from None
+
+
+async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Await asyncio ``function(*args)`` from Trio, on the current trio-asyncio loop."""
+    import trio_asyncio
+
+    if trio_asyncio.current_loop.get() is None:
+        async with trio_asyncio.open_loop():
+            return await trio_asyncio.aio_as_trio(function)(*args)
+    return await trio_asyncio.aio_as_trio(function)(*args)
+
+
+@asynccontextmanager
+async def loop_if(needed: bool) -> AsyncIterator[None]:
+    """A trio-asyncio loop for the block's tasks when ``needed``, else nothing."""
+    if not needed:
+        yield
+        return
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop():
+        yield

@@ -1,8 +1,8 @@
 """trioban: Trio-native, PostgreSQL-backed job orchestration.
 
 Layers (imports go one way, downwards):
-  pure       _errors _config _job _backoff _codec _structured _crypto _unique _worker
-             _workflow _batch
+  pure       _errors telemetry _config _cron _job _backoff _codec _structured _crypto
+             _unique _aio _worker _workflow _batch
   database   _sql _schema _pg _store
   services   _notifier _relay _executor _acker _producer _stager _heartbeat _leader
              _lifeline _pruner _settle
@@ -11,6 +11,7 @@ Layers (imports go one way, downwards):
 
 from __future__ import annotations
 
+from . import telemetry as telemetry
 from ._batch import Batch as Batch
 from ._config import Config as Config
 from ._crypto import DecryptionError as DecryptionError
@@ -68,5 +69,6 @@ __all__ = [
     "Workflow",
     "current_instance",
     "open",
+    "telemetry",
     "worker",
 ]

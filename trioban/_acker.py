@@ -8,12 +8,13 @@ Batching is natural: while one batch is being written, the next accumulates.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
 
-from . import _store
+from . import _store, telemetry
 
 if TYPE_CHECKING:
     from ._executor import Ack
@@ -82,12 +83,15 @@ class Acker:
             # Each attempt is shielded and bounded; the pause between attempts is not, so a
             # shutdown during an outage ends here and the jobs stay `executing` for rescue.
             with trio.move_on_after(WRITE_TIMEOUT, shield=True):
+                started = time.perf_counter()
                 try:
                     await _store.ack(self._pool, self._prefix, batch)
                 except Exception as exc:
                     log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
                 else:
                     self.written += len(batch)
+                    elapsed = time.perf_counter() - started
+                    telemetry.emit("acker.write", {"duration": elapsed, "count": len(batch)}, {})
                     return
             await trio.sleep(delay)
             delay = min(_RETRY_MAX, delay * 2)

@@ -23,6 +23,7 @@ import attrs
 import trio
 from croniter import croniter
 
+from . import telemetry
 from ._errors import ConfigError
 from ._job import Job
 from ._unique import STATE_GROUPS, Claim
@@ -177,7 +178,9 @@ class Scheduler:
             return 0
         jobs = [slot_job(entry, minute, self._builder(entry.worker)) for entry in due]
         saved = await self._insert_all(jobs)
-        return sum(not job.conflict for job in saved)
+        created = sum(not job.conflict for job in saved)
+        telemetry.emit("cron.enqueue", {"count": created}, {"minute": minute})
+        return created
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Each minute: the leader enqueues at once, the others after ``FALLBACK_DELAY``."""

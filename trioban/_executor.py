@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -11,7 +12,7 @@ from typing import Any, Final
 import attrs
 import trio
 
-from . import _codec
+from . import _codec, telemetry
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, Snooze
@@ -34,6 +35,7 @@ class Ack:
     json: str
     workflow: str | None = None  # the job's workflow, settled once the ack is written
     batch: str | None = None  # the job's batch (not for callback jobs)
+    error: str | None = None  # the failure's text, when the job failed (for telemetry)
 
     @property
     def final(self) -> bool:
@@ -73,7 +75,33 @@ def _exception_text(exc: BaseException) -> str:
 
 
 async def execute(running: Running) -> Ack:
-    """Run ``running.job`` and return its ack. Cancelled propagates (shutdown: no ack)."""
+    """Run ``running.job`` and return its ack. Cancelled propagates (shutdown: no ack).
+
+    Emits the ``job.start`` and ``job.stop``/``job.exception`` telemetry events.
+    """
+    job = running.job
+    started = time.perf_counter()
+    queued = _queue_time(job)
+    if telemetry.enabled("job.start"):
+        telemetry.emit("job.start", {"queue_time": queued}, {"job": job})
+    ack = await _run(running)
+    event = "job.stop" if ack.error is None else "job.exception"
+    if telemetry.enabled(event):
+        measurements = {"duration": time.perf_counter() - started, "queue_time": queued}
+        metadata: dict[str, Any] = {"job": job, "state": ack.state}
+        if ack.error is not None:
+            metadata["error"] = ack.error
+        telemetry.emit(event, measurements, metadata)
+    return ack
+
+
+def _queue_time(job: Job) -> float:
+    if job.attempted_at is None or job.scheduled_at is None:
+        return 0.0
+    return max(0.0, (job.attempted_at - job.scheduled_at).total_seconds())
+
+
+async def _run(running: Running) -> Ack:
     job = running.job
     worker = await resolve(job.worker)
     if worker is None:
@@ -136,10 +164,12 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
 
 def _failed(job: Job, text: str, *, backoff: float = 0.0, final: bool = False) -> Ack:
     if final or job.attempt >= job.max_attempts:
-        return _ended(job, "discarded", text)
-    return _ack(
-        job, "retryable", schedule_in=max(0.0, backoff), error=_error(job, text), reason=text
-    )
+        ack = _ended(job, "discarded", text)
+    else:
+        ack = _ack(
+            job, "retryable", schedule_in=max(0.0, backoff), error=_error(job, text), reason=text
+        )
+    return attrs.evolve(ack, error=text)
 
 
 def _ended(job: Job, state: str, reason: str) -> Ack:

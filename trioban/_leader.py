@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from . import _codec, _store
+from . import _codec, _store, telemetry
 from ._sql import query
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class Leadership:
         if won != was_leader:
             verb = "is now" if won else "is no longer"
             log.info("%s %s leader of %r", self.peer, verb, self._name)
+            telemetry.emit("leader.change", {}, {"peer": self.peer, "leader": won})
 
     async def _resign(self) -> None:
         self._until = float("-inf")

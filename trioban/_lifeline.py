@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
+from . import telemetry
 from ._sql import channel, query
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ async def rescue(pool: Pool, prefix: str, after: float) -> int:
         rows = await cur.fetchall()
         # Rows stay a while after their producer stops: a live node's late beat isn't lost.
         await conn.execute(query("forget_producers", prefix), {"after": after * 10})
+    telemetry.emit("lifeline.rescue", {"count": len(rows)}, {})
     if rows:
         discarded = [job_id for job_id, state in rows if state == "discarded"]
         log.warning(

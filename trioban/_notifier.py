@@ -19,7 +19,7 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from . import _codec, _pg
+from . import _codec, _pg, telemetry
 from ._sql import IDENTIFIER, channel
 
 log = logging.getLogger("trioban.notifier")
@@ -158,7 +158,9 @@ class Notifier:
     def _set_connected(self, connected: bool) -> None:
         if connected != self.connected:
             self.connected = connected
-            log.info("notifier %s", "connected" if connected else "disconnected")
+            status = "connected" if connected else "disconnected"
+            log.info("notifier %s", status)
+            telemetry.emit("notifier.status", {}, {"status": status})
 
     @asynccontextmanager
     async def listen(

@@ -8,13 +8,14 @@ each job in its own task and cancel scope inside the producer's nursery.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from . import _store
+from . import _store, telemetry
 from ._executor import Running, execute
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class Producer:
         if self.paused or demand <= 0 or not self._more:
             return
         wakes = self._wakes
+        started = time.perf_counter()
         try:
             fetched = await _store.fetch(
                 self._pool, self._prefix, self.queue, demand, self._node, self.uuid
@@ -140,6 +142,11 @@ class Producer:
             )
             return
         self._more = len(fetched) == demand or self._wakes != wakes
+        if telemetry.enabled("producer.fetch"):
+            measurements = {"duration": time.perf_counter() - started, "count": len(fetched)}
+            telemetry.emit(
+                "producer.fetch", measurements, {"queue": self.queue, "node": self._node}
+            )
         for job in fetched:
             assert job.id is not None
             running = self.running[job.id] = Running(job, trio.CancelScope())

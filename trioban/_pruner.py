@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from . import telemetry
 from ._sql import query
 
 if TYPE_CHECKING:
@@ -18,6 +19,7 @@ async def prune(pool: Pool, prefix: str, max_age: float, limit: int) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute(query("prune_jobs", prefix), {"max_age": max_age, "limit": limit})
         deleted = cur.rowcount
+    telemetry.emit("pruner.prune", {"count": deleted}, {})
     if deleted:
         log.info("pruned %d finished jobs", deleted)
     return deleted

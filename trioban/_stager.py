@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 import trio.lowlevel
 
-from . import _store
+from . import _store, telemetry
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -39,6 +39,7 @@ async def run(
     while True:
         try:
             staged = await _store.stage(pool, prefix, LIMIT)
+            telemetry.emit("stager.stage", {"count": staged}, {})
         except Exception as exc:
             log.warning("staging failed (%s); retrying next tick", exc)
             staged = 0

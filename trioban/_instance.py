@@ -16,6 +16,7 @@ import trio
 from . import (
     _aio,
     _codec,
+    _embedded,
     _heartbeat,
     _lifeline,
     _pg,
@@ -29,7 +30,7 @@ from ._acker import Acker
 from ._batch import Batch
 from ._config import Config
 from ._cron import CronEntry, Scheduler
-from ._errors import ConfigError, InternalError, NotRecorded, RelayTimeout, TriobanError
+from ._errors import InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._inserter import Inserter
 from ._job import Job, JobState
 from ._leader import CHANNEL as LEADER_CHANNEL
@@ -594,11 +595,9 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
     if not isinstance(conf, Config):
         raise TypeError(f"trioban.open() expects a trioban.Config, got {conf!r}")
     if conf.dsn is None:
-        raise ConfigError(
-            "dsn",
-            "no database: pass Config(dsn='postgresql://...') (the embedded server "
-            "is not available in this build)",
-        )
+        async with _embedded_dsn() as dsn, open(conf.evolve(dsn=dsn)) as oban:
+            yield oban
+        return
     body_error: BaseException | None = None
     try:
         async with (
@@ -618,6 +617,18 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
             raise
         # The user's own exception keeps its cause; ours points at the group.
         raise collapsed from (group if collapsed is not body_error else collapsed.__cause__)
+
+
+@asynccontextmanager
+async def _embedded_dsn() -> AsyncIterator[str]:
+    """The embedded server's DSN (``Config(dsn=None)``), started off the event loop."""
+    server = _embedded.embedded_server()
+    dsn = await trio.to_thread.run_sync(server.__enter__)
+    try:
+        yield dsn
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.__exit__, None, None, None)
 
 
 @asynccontextmanager

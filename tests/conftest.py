@@ -77,3 +77,6 @@ def dsn(pg_server: TempServer | ExistingServer, template: str) -> Iterator[str]:
 def empty_dsn(pg_server: TempServer | ExistingServer) -> Iterator[str]:
     """A fresh database without the schema."""
     yield from _database(pg_server, "template1")
+
+
+pytest_plugins = ["pytester"]

@@ -126,6 +126,11 @@ def _prune_limit(field: str, value: object) -> None:
     _integer(field, value, 1, 1_000_000)
 
 
+def _testing(field: str, value: object) -> None:
+    if value not in ("disabled", "manual", "inline"):
+        raise ConfigError(field, f"expected 'disabled', 'manual' or 'inline', got {value!r}")
+
+
 def _timezone(field: str, value: object) -> None:
     check_timezone(value, field)
 
@@ -161,6 +166,9 @@ class Config:
             with options ``args``, ``queue``, ``priority``, ``max_attempts``, ``tags``,
             ``meta``, ``timezone``; each slot is enqueued once across the cluster.
         timezone: the time zone crontab expressions are read in, unless an entry says.
+        testing: ``"disabled"``; ``"manual"``: no queue runs, jobs are inserted for tests to
+            drain (see ``trioban.testing``); ``"inline"``: ``insert`` runs each job here at
+            once without storing it, and relays return at once.
 
     >>> Config(dsn="postgresql:///app", queus={"default": 10})
     Traceback (most recent call last):
@@ -186,6 +194,7 @@ class Config:
     # Given as entries (see above); held as a tuple of CronEntry.
     crontab: Sequence[Any] = attrs.field(default=())
     timezone: str = attrs.field(default="UTC", validator=_check(_timezone))
+    testing: str = attrs.field(default="disabled", validator=_check(_testing))
 
     def __new__(cls, *args: Any, **settings: Any) -> Config:
         # Runs before attrs' typed __init__, so an unknown keyword gets a ConfigError with a

@@ -15,9 +15,9 @@ import trio
 from . import _codec, telemetry
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
-from ._job import Cancel, Discard, Job, Snooze
+from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._relay import META_REF, META_RESULT, build_notice
-from ._worker import Worker, lookup
+from ._worker import Worker, args_json, lookup
 from ._workflow import WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
@@ -36,6 +36,7 @@ class Ack:
     workflow: str | None = None  # the job's workflow, settled once the ack is written
     batch: str | None = None  # the job's batch (not for callback jobs)
     error: str | None = None  # the failure's text, when the job failed (for telemetry)
+    result: Any = None  # the JSON-ready result, when it is stored or relayed
 
     @property
     def final(self) -> bool:
@@ -50,6 +51,7 @@ class Running:
     job: Job
     scope: trio.CancelScope
     cancel_reason: str | None = None
+    reraise: bool = False  # testing: let the worker's exception out instead of recording it
 
 
 async def resolve(name: str) -> Worker | None:
@@ -95,6 +97,23 @@ async def execute(running: Running) -> Ack:
     return ack
 
 
+async def run_here(job: Job, *, reraise: bool = False) -> tuple[Job, Ack]:
+    """Execute an unsaved job in this process, as a node would after claiming it.
+
+    The args make the same JSON round trip as through the database. Returns the job as it
+    ran (attempt, attempted_at set) and its ack. For testing and the inline mode.
+    """
+    claimed = attrs.evolve(
+        job,
+        args=_codec.loads(args_json(job)),
+        id=job.id or 0,
+        state=JobState.EXECUTING,
+        attempt=job.attempt + 1,
+        attempted_at=datetime.now(UTC),
+    )
+    return claimed, await execute(Running(claimed, trio.CancelScope(), reraise=reraise))
+
+
 def _queue_time(job: Job) -> float:
     if job.attempted_at is None or job.scheduled_at is None:
         return 0.0
@@ -123,6 +142,8 @@ async def _run(running: Running) -> Ack:
         with running.scope:
             result = await worker.perform(prepared)
     except Exception as exc:
+        if running.reraise:
+            raise
         return _failed(job, _exception_text(exc), backoff=worker.backoff(job.attempt))
     if running.scope.cancelled_caught:
         if running.cancel_reason is not None:
@@ -157,9 +178,9 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
         )
         return _failed(job, text, backoff=worker.backoff(job.attempt))
     if ref is None:
-        return _ack(job, "completed", meta=meta)
+        return attrs.evolve(_ack(job, "completed", meta=meta), result=data)
     notice = build_notice(str(ref), _job_id(job), "completed", result=data)
-    return _ack(job, "completed", meta=meta, notice=notice)
+    return attrs.evolve(_ack(job, "completed", meta=meta, notice=notice), result=data)
 
 
 def _failed(job: Job, text: str, *, backoff: float = 0.0, final: bool = False) -> Ack:

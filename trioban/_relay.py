@@ -156,8 +156,11 @@ class Registry:
             if state in _FINAL or state == "retryable":
                 pending[job_id].offer(notice_from_row(state, errors, meta))
 
-    async def wait(self, waiter: _Waiter, job_id: int, with_retries: bool) -> Any:
-        """Wait for the relay's outcome and map it to a value or a ``RelayError``."""
+    async def wait(self, waiter: _Waiter, job_id: int | None, with_retries: bool) -> Any:
+        """Wait for the relay's outcome and map it to a value or a ``RelayError``.
+
+        ``job_id`` None (a job run inline, never stored) is never polled.
+        """
         waiter.job_id = job_id
         while True:
             await waiter.event.wait()
@@ -210,7 +213,6 @@ class Relay:
         stops only the waiting: the job goes on, and ``result()`` may be called again.
         """
         registry = self._registry
-        assert self.job.id is not None
         waiter = registry.register(self.ref)
         if waiter.notice is None and waiter.job_id is None:
             registry.poll_soon()  # a second call: the outcome may already be in the row

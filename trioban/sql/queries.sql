@@ -373,6 +373,21 @@ SELECT state::text, count(*) FROM {prefix}.oban_jobs
 WHERE meta ? 'batch_id' AND meta->>'batch_id' = %(batch_id)s AND NOT meta ? 'callback'
 GROUP BY 1
 
+-- name: make_due
+-- Testing (drain_queue with_scheduled): a queue's scheduled and retryable jobs, due now.
+UPDATE {prefix}.oban_jobs SET state = 'available', scheduled_at = timezone('UTC', now())
+WHERE queue = %(queue)s AND state IN ('scheduled', 'retryable')
+
+-- name: enqueued_jobs
+-- Testing (assert_enqueued): jobs waiting to run that match the filters; args and meta match
+-- by containment, so a partial object matches.
+SELECT {job} FROM {prefix}.oban_jobs AS j
+WHERE j.state IN ('available', 'scheduled', 'retryable')
+  AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
+  AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
+  AND j.args @> %(args)s::jsonb AND coalesce(j.meta, '{}'::jsonb) @> %(meta)s::jsonb
+ORDER BY j.id
+
 -- name: notify
 -- Publish payloads on one channel; notifications are delivered only when the transaction commits.
 SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload

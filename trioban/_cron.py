@@ -167,12 +167,16 @@ class Scheduler:
         self._clock = clock
         self._last: datetime | None = None  # the last minute handled by this node
 
-    async def enqueue(self, minute: datetime) -> int:
-        """Insert the jobs due in ``minute`` (once per slot); returns how many were new."""
-        if self._last is not None and minute <= self._last:
-            log.warning("clock went back to %s (last slot %s); skipping", minute, self._last)
-            return 0
-        self._last = minute
+    async def enqueue(self, minute: datetime, *, guard: bool = True) -> int:
+        """Insert the jobs due in ``minute`` (once per slot); returns how many were new.
+
+        With ``guard``, a minute at or before the last one handled is skipped.
+        """
+        if guard:
+            if self._last is not None and minute <= self._last:
+                log.warning("clock went back to %s (last slot %s); skipping", minute, self._last)
+                return 0
+            self._last = minute
         due = [entry for entry in self.entries if entry.is_due(minute)]
         if not due:
             return 0

@@ -6,6 +6,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, final
 
@@ -29,11 +30,11 @@ from . import (
 from ._acker import Acker
 from ._batch import Batch
 from ._config import Config
-from ._cron import CronEntry, Scheduler
+from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._executor import run_here
 from ._inserter import Inserter
-from ._job import Job, JobState
+from ._job import Job, JobState, utc_datetime
 from ._leader import CHANNEL as LEADER_CHANNEL
 from ._leader import Leadership, while_leading
 from ._notifier import Notifier, check_channel
@@ -72,6 +73,7 @@ class Oban:
         peer = f"{conf.node}/{self._origin[:8]}"
         interval = conf.heartbeat_interval
         self._leadership = Leadership(work_pool, conf.prefix, conf.name, peer, interval)
+        self._scheduler = Scheduler(cron_entries(conf), self._leadership, self.insert_all, _builder)
 
     def __repr__(self) -> str:
         return f"<trioban.Oban node={self.config.node!r} prefix={self.config.prefix!r}>"
@@ -116,6 +118,16 @@ class Oban:
         if notice is not None:
             self._relays.deliver(_codec.decode_payload(notice))
         return attrs.evolve(ran, id=None, state=JobState(ack.state), meta=job.meta)
+
+    async def run_cron(self, at: datetime | None = None) -> int:
+        """Enqueue the cron slots due in the minute of ``at`` (default: now), as the scheduler
+        does each minute; a slot already enqueued (by any node) is not enqueued again.
+
+        Returns how many jobs were new. Handy in tests and to catch up after downtime.
+        """
+        if at is not None:
+            at = utc_datetime(at, "at")
+        return await self._scheduler.enqueue(minute_of(at or datetime.now(UTC)), guard=False)
 
     async def get_job(self, job_id: int) -> Job | None:
         """The job with ``job_id``, or None if there is none."""
@@ -717,10 +729,8 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
             "pruner",
             partial(_pruner.prune, pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
         )
-    entries = cron_entries(conf)
-    if entries:
-        scheduler = Scheduler(entries, leadership, oban.insert_all, _builder)
-        await services.start(scheduler.run)
+    if oban._scheduler.entries:
+        await services.start(oban._scheduler.run)
 
 
 def cron_entries(conf: Config) -> list[CronEntry]:

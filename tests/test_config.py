@@ -38,7 +38,7 @@ def test_defaults() -> None:
         ({"stage_interval": 0}, "stage_interval", "> 0"),
         ({"stage_interval": float("nan")}, "stage_interval", "finite"),
         ({"stage_interval": "1"}, "stage_interval", "number of seconds"),
-        ({"rescue_after": 1.0}, "rescue_after", "more than heartbeat_interval"),
+        ({"rescue_after": 9.0}, "rescue_after", "at least twice heartbeat_interval"),
         ({"prune_max_age": 0}, "prune_max_age", "> 0"),
         ({"prune_limit": 0}, "prune_limit", "between 1 and 1000000"),
     ],

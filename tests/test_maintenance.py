@@ -190,3 +190,27 @@ async def test_pruner_deletes_old_finished_jobs_only(dsn: str) -> None:
             kept = await oban.get_job(waiting.id or 0)
             assert kept is not None
             assert kept.state is JobState.SCHEDULED
+
+
+async def test_a_job_whose_ack_was_lost_on_a_live_node_is_rescued(dsn: str) -> None:
+    """After a PostgreSQL crash loses an ack, the job shows executing on a node that is alive
+    but no longer runs it: the lifeline puts it back (its producer doesn't list it)."""
+    conf = fast(dsn, queues={"default": 2})
+    with trio.fail_after(20):
+        async with trioban.open(conf) as oban:
+            done = await oban.relay(echo.new({"value": "first"}), timeout=5)
+            assert done == "first"
+            job_id = await _scalar(oban, "SELECT max(id) FROM oban_jobs")
+            # What the crash leaves behind: the claim survived, the ack didn't.
+            await _scalar(
+                oban,
+                "UPDATE oban_jobs SET state = 'executing', completed_at = NULL, "
+                "attempted_at = attempted_at - interval '1 hour' WHERE id = %s RETURNING id",
+                job_id,
+            )
+
+            async def ran_again() -> bool:
+                job = await oban.get_job(job_id)
+                return job is not None and job.state is JobState.COMPLETED and job.attempt == 2
+
+            await eventually(ran_again)

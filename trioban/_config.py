@@ -158,7 +158,9 @@ class Config:
         shutdown_grace: seconds running jobs get to finish when the instance closes.
         stage_interval: seconds between stager runs (also the fallback poll for producers).
         heartbeat_interval: seconds between producer heartbeats.
-        rescue_after: seconds without a heartbeat after which a producer's jobs are rescued.
+        rescue_after: seconds an executing job may go without a live producer listing it in
+            its heartbeat (its node died, or a crash lost its ack) before it is rescued; at
+            least twice ``heartbeat_interval``.
         prune_max_age: seconds a finished (completed, cancelled, discarded) job is kept;
             ``None`` keeps them forever.
         prune_limit: jobs the pruner deletes per run, so a backlog never locks for long.
@@ -205,10 +207,11 @@ class Config:
     def __attrs_post_init__(self) -> None:
         # Parsed here, not by a converter: entries default to the config's time zone.
         object.__setattr__(self, "crontab", parse_crontab(self.crontab, self.timezone))
-        if self.rescue_after <= self.heartbeat_interval:
+        # Two beats fit in the window: the latest beat surely lists a job claimed before it.
+        if self.rescue_after < 2 * self.heartbeat_interval:
             raise ConfigError(
                 "rescue_after",
-                f"expected more than heartbeat_interval ({self.heartbeat_interval:g}s), "
+                f"expected at least twice heartbeat_interval ({self.heartbeat_interval:g}s), "
                 f"got {self.rescue_after:g}s",
             )
 

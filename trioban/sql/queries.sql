@@ -233,9 +233,11 @@ RETURNING node
 DELETE FROM {prefix}.oban_peers WHERE name = %(name)s AND node = %(node)s
 
 -- name: rescue_jobs
--- Executing jobs whose producer stopped heartbeating (its node died) and that started more
--- than %(after)s seconds ago go back to available, or to discarded when out of attempts.
--- A job on a live node is never touched, however long it runs.
+-- Executing jobs that started more than %(after)s seconds ago and that no live producer vouches
+-- for go back to available, or to discarded when out of attempts. A producer vouches for a job
+-- while it heartbeats and lists the job as running: a node that died vouches for nothing, and
+-- neither does a live node for a job it finished whose ack a PostgreSQL crash lost. A job
+-- running on a live node is never touched, however long it runs.
 WITH orphans AS (
   SELECT j.id FROM {prefix}.oban_jobs AS j
   WHERE j.state = 'executing'
@@ -243,7 +245,8 @@ WITH orphans AS (
     AND NOT EXISTS (
       SELECT 1 FROM {prefix}.trioban_producers AS p
       WHERE p.uuid::text = j.attempted_by[2]
-        AND p.updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s))
+        AND p.updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s)
+        AND p.meta->'running' @> to_jsonb(j.id))
   ORDER BY j.id
   LIMIT %(limit)s
   FOR UPDATE SKIP LOCKED

@@ -97,6 +97,8 @@ async def too_slow(job: Job) -> str:
 @worker(queue="default")
 async def count_run(job: Job) -> None:
     """Records each execution in a side table: the multi-node exactly-once proof."""
+    if job.args.get("sleep"):
+        await trio.sleep(job.args["sleep"])
     oban = trioban.current_instance()
     async with oban.transaction() as conn:
         await conn.execute(

@@ -48,6 +48,9 @@ class Ack:
 class Running:
     """A job being executed, with the scope that cancels it."""
 
+    # The claim the ack answers to. A claim lost in a PostgreSQL crash can make this node
+    # fetch a job it is still running; the producer then swaps in the new claim here, and the
+    # one run acks it (its fence must match the latest attempted_at).
     job: Job
     scope: trio.CancelScope
     cancel_reason: str | None = None
@@ -144,7 +147,9 @@ async def _run(running: Running) -> Ack:
     except Exception as exc:
         if running.reraise:
             raise
+        job = running.job  # the latest claim (see Running.job)
         return _failed(job, _exception_text(exc), backoff=worker.backoff(job.attempt))
+    job = running.job
     if running.scope.cancelled_caught:
         if running.cancel_reason is not None:
             return _ended(job, "cancelled", running.cancel_reason)

@@ -117,6 +117,8 @@ def as_str_tuple(value: Sequence[str], field: str) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise TypeError(f"expected {field} to be a list of strings, got {value!r}")
     for item in value:
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"expected every item of {field} to be a non-empty str, got {item!r}")
+        if not isinstance(item, str) or not item or "\x00" in item:
+            raise ValueError(
+                f"expected every item of {field} to be a non-empty str without NUL, got {item!r}"
+            )
     return tuple(value)

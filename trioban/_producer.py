@@ -149,6 +149,11 @@ class Producer:
             )
         for job in fetched:
             assert job.id is not None
+            already = self.running.get(job.id)
+            if already is not None:
+                # Still running here, claimed again after a crash lost the first claim.
+                already.job = job
+                continue
             running = self.running[job.id] = Running(job, trio.CancelScope())
             self._idle = trio.Event()
             jobs.start_soon(self._execute, running)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -36,6 +37,9 @@ class _Relayer(Protocol):
 CURRENT: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_instance")
 """The innermost open trioban instance of this task, set by ``trioban.open()``."""
 
+# A NUL character as JSON escapes it: \u0000 after an even run of backslashes.
+_NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
 _registry: dict[str, Worker] = {}
 _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
@@ -45,7 +49,7 @@ class WorkerNotFound(TriobanError):
 
 
 def _check_queue(queue: object, field: str = "queue") -> str:
-    if not isinstance(queue, str) or not queue or len(queue) > _MAX_NAME:
+    if not isinstance(queue, str) or not queue or len(queue) > _MAX_NAME or "\x00" in queue:
         raise ValueError(
             f"expected {field} to be a non-empty str of at most {_MAX_NAME} chars, got {queue!r}"
         )
@@ -83,6 +87,11 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
         encoded = _codec.dumps(copy)
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
+    if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
+        raise ValueError(
+            f"{field} contains the NUL character (\\u0000), which PostgreSQL's jsonb can't "
+            "store; remove it or encode the value (e.g. base64)"
+        )
     # Read-only, so the encoding cached for insert can't go stale.
     return MappingProxyType(copy), encoded
 

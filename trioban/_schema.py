@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Final
 import psycopg
 
 from ._errors import TriobanError
-from ._sql import SCHEMA_VERSION, query, schema_sql
+from ._sql import SCHEMA_VERSION, query, quoted_prefix, schema_sql, uninstall_sql
 
 if TYPE_CHECKING:
     from ._pg import Connection
 
-__all__ = ["SCHEMA_VERSION", "SchemaError", "install", "schema_sql", "verify"]
+__all__ = ["SCHEMA_VERSION", "SchemaError", "install", "schema_sql", "uninstall", "verify"]
 
 # Serialises concurrent installers (several nodes starting at once) on one database.
 _INSTALL_LOCK: Final = 0x7472696F62616E  # "trioban"
@@ -33,6 +33,16 @@ async def install(conn: Connection, prefix: str) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_INSTALL_LOCK])
         await conn.execute(schema_sql(prefix).encode())
+
+
+async def uninstall(conn: Connection, prefix: str, *, drop_schema: bool = False) -> None:
+    """Drop trioban's tables and type under ``prefix`` (and the schema, if asked and not
+    ``public``). Every job is lost."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_INSTALL_LOCK])
+        await conn.execute(uninstall_sql(prefix).encode())
+        if drop_schema and prefix != "public":
+            await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_prefix(prefix)}".encode())
 
 
 async def installed_version(conn: Connection, prefix: str) -> int:

@@ -18,7 +18,7 @@ from ._config import IDENTIFIER, validate_identifier
 
 __all__ = [
     "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "channel", "query",
-    "quoted_prefix", "schema_sql",
+    "quoted_prefix", "schema_sql", "uninstall_sql",
 ]  # fmt: skip
 
 SCHEMA_VERSION: Final = 3
@@ -61,6 +61,11 @@ def schema_sql(prefix: str) -> str:
     """The idempotent schema script for ``prefix``."""
     script = _read("schema.sql").replace("{version}", str(SCHEMA_VERSION))
     return script.replace("{prefix}", quoted_prefix(prefix))
+
+
+def uninstall_sql(prefix: str) -> str:
+    """The script removing trioban's objects from ``prefix``."""
+    return _read("uninstall.sql").replace("{prefix}", quoted_prefix(prefix))
 
 
 def channel(prefix: str, name: str) -> str:

@@ -391,6 +391,25 @@ WHERE j.state IN ('available', 'scheduled', 'retryable')
   AND j.args @> %(args)s::jsonb AND coalesce(j.meta, '{}'::jsonb) @> %(meta)s::jsonb
 ORDER BY j.id
 
+-- name: queue_states
+-- Jobs per queue and state, for `trioban status`.
+SELECT queue, state::text, count(*) FROM {prefix}.oban_jobs GROUP BY 1, 2 ORDER BY 1, 2
+
+-- name: list_jobs
+-- Jobs matching optional filters, newest first, for `trioban jobs list`.
+SELECT {job} FROM {prefix}.oban_jobs AS j
+WHERE (%(state)s::text IS NULL OR j.state::text = %(state)s)
+  AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
+  AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
+ORDER BY j.id DESC
+LIMIT %(limit)s
+
+-- name: job_ids
+-- Ids of the jobs in one state (optionally one queue), for bulk retry and cancel.
+SELECT id FROM {prefix}.oban_jobs
+WHERE state::text = %(state)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ORDER BY id
+
 -- name: notify
 -- Publish payloads on one channel; notifications are delivered only when the transaction commits.
 SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload

@@ -1,0 +1,119 @@
+"""The trioban command, run as a real process against the test database."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+import trioban
+from trioban import JobState
+
+from .helpers import eventually
+from .nodes import ROOT
+from .workers import echo, steer
+
+
+async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    result = await trio.run_process(
+        [sys.executable, "-m", "trioban._commands", *args],
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+async def cli_json(*args: str) -> Any:
+    return json.loads((await cli(*args, "--json")).stdout)
+
+
+async def test_install_status_and_uninstall(empty_dsn: str) -> None:
+    with trio.fail_after(60):
+        assert (await cli_json("install", "--dsn", empty_dsn))["installed"] is True
+        status = await cli_json("status", "--dsn", empty_dsn)
+        assert status == {"queues": {}, "nodes": []}
+        refused = await cli("uninstall", "--dsn", empty_dsn, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.decode().strip() == (
+            "trioban: error: uninstall deletes every job; run again with --yes to confirm"
+        )
+        await cli("uninstall", "--dsn", empty_dsn, "--yes")
+        gone = await cli("status", "--dsn", empty_dsn, check=False)
+        assert gone.returncode == 1
+        assert "schema in prefix 'public' is missing" in gone.stderr.decode()
+
+
+async def test_status_and_jobs_commands(dsn: str) -> None:
+    async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+        jobs = await oban.insert_all([echo.new({"i": i}) for i in range(3)])
+        failing = await oban.insert(steer.new({"kind": "raise"}, queue="other", max_attempts=1))
+    with trio.fail_after(60):
+        status = await cli_json("status", "--dsn", dsn)
+        assert status["queues"] == {"default": {"available": 3}, "other": {"available": 1}}
+        listed = await cli_json("jobs", "list", "--dsn", dsn, "--queue", "default")
+        assert [job["id"] for job in listed] == sorted((j.id or 0 for j in jobs), reverse=True)
+        cancelled = await cli_json("jobs", "cancel", str(jobs[0].id), "--dsn", dsn)
+        assert cancelled == {"cancel": 1, "of": 1}
+        bulk = await cli_json("jobs", "cancel", "--state", "available", "--dsn", dsn)
+        assert bulk == {"cancel": 3, "of": 3}
+        retried = await cli_json("jobs", "retry", "--state", "cancelled", "--queue", "other",
+                                 "--dsn", dsn)  # fmt: skip
+        assert retried == {"retry": 1, "of": 1}
+        human = (await cli("jobs", "list", "--dsn", dsn)).stdout.decode()
+        assert "4 jobs" in human
+        assert "cancelled" in human
+    async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+        again = await oban.get_job(failing.id or 0)
+    assert again is not None
+    assert again.state is JobState.AVAILABLE
+
+
+async def test_start_runs_jobs_and_stops_on_sigterm(dsn: str) -> None:
+    async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+        job = await oban.insert(echo.new({"value": 1}))
+    with trio.fail_after(60):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trioban._commands", "start", "--dsn", dsn,
+             "--queues", "default:2", "--import", "tests.workers"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        output = b""
+        while b"running default:2" not in output:
+            chunk = await proc.stdout.receive_some()
+            assert chunk, output
+            output += chunk
+        async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+
+            async def done() -> bool:
+                found = await oban.get_job(job.id or 0)
+                return found is not None and found.state is JobState.COMPLETED
+
+            await eventually(done)
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+        rest = b""
+        while chunk := await proc.stdout.receive_some():
+            rest += chunk
+        assert b"SIGTERM: stopping gracefully" in rest
+        assert b"stopped" in rest
+
+
+async def test_errors_are_one_line() -> None:
+    with trio.fail_after(60):
+        bad = await cli("status", "--dsn", "postgresql://nobody@127.0.0.1:1/x", check=False)
+        assert bad.returncode == 1
+        lines = bad.stderr.decode().strip().splitlines()
+        assert len(lines) == 1
+        assert lines[0].startswith("trioban: error: cannot connect to PostgreSQL")
+        usage = await cli("status", "--no-such-option", check=False)
+        assert usage.returncode == 2
+        assert "unrecognized arguments: --no-such-option" in usage.stderr.decode()

@@ -1,0 +1,289 @@
+"""The ``trioban`` command: install, start, status, jobs, demo.
+
+Human output uses rich tables and progress bars; ``--json`` prints one JSON document for
+machines. A user error (bad DSN, unknown queue, bad option) is one line on stderr and a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import psycopg
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.progress import Progress
+from rich.table import Table
+
+from . import _demo, _schema
+from ._config import Config, parse_queues
+from ._errors import TriobanError
+from ._instance import Oban, open
+from ._job import JobState
+from ._sql import query
+from ._store import job_from_row
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``trioban`` command."""
+    args = _parser().parse_args(argv)
+    # A running node reports its warnings; one-shot commands keep to their one line.
+    logging.basicConfig(format="trioban: %(message)s", stream=sys.stderr)
+    logging.getLogger("trioban").setLevel(
+        logging.WARNING if args.command is _start else logging.CRITICAL
+    )
+    logging.getLogger("trioban.embedded").setLevel(logging.WARNING)
+    try:
+        code = trio.run(args.command, args)
+    except KeyboardInterrupt:
+        code = 130
+    except (TriobanError, psycopg.Error, ValueError, TypeError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"trioban: error: {message}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dsn",
+        default=os.environ.get("TRIOBAN_DSN"),
+        help="PostgreSQL DSN (default: $TRIOBAN_DSN, else the embedded server)",
+    )
+    common.add_argument("--config", help="a TOML file with a [trioban] table")
+    common.add_argument("--prefix", help="the schema holding trioban's tables")
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    parser = argparse.ArgumentParser(prog="trioban", description="Trio-native job queue")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(command=handler)
+        return sub
+
+    command("install", _install, "create or upgrade the schema")
+    uninstall = command("uninstall", _uninstall, "drop trioban's tables (every job is lost)")
+    uninstall.add_argument("--yes", action="store_true", help="confirm")
+    uninstall.add_argument("--drop-schema", action="store_true", help="drop the prefix schema")
+    start = command("start", _start, "run queues until SIGINT/SIGTERM (twice: at once)")
+    start.add_argument("--queues", default="default:10", help="e.g. default:10,math:5")
+    start.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module defining workers (repeatable)",
+    )
+    status = command("status", _status, "queues by state, and live nodes")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    jobs = command("jobs", _jobs, "list, retry or cancel jobs")
+    jobs.add_argument("action", choices=["list", "retry", "cancel"])
+    jobs.add_argument("ids", nargs="*", type=int, help="job ids (retry/cancel)")
+    jobs.add_argument("--state", choices=[s.value for s in JobState])
+    jobs.add_argument("--queue")
+    jobs.add_argument("--worker")
+    jobs.add_argument("--limit", type=int, default=50)
+    command("demo", _demo_command, "relays across queues and a workflow, in seconds")
+    return parser  # fmt: skip
+
+
+def _config(args: argparse.Namespace, **settings: Any) -> Config:
+    overrides = {"dsn": args.dsn, "prefix": args.prefix, **settings}
+    if args.config:
+        return Config.from_toml(args.config, **overrides)
+    return Config.build(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _console(args: argparse.Namespace) -> Console:
+    return Console(stderr=bool(args.json))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+async def _install(args: argparse.Namespace) -> int:
+    async with open(_config(args, queues={}, install=True)) as oban:
+        version = await _version(oban)
+    _report(args, {"installed": True, "prefix": oban.config.prefix, "version": version})
+    return 0
+
+
+async def _uninstall(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise ValueError("uninstall deletes every job; run again with --yes to confirm")
+    conf = _config(args, queues={})
+    async with open(conf.evolve(install=True)) as oban, oban._pool.connection() as conn:
+        await _schema.uninstall(conn, conf.prefix, drop_schema=args.drop_schema)
+    _report(args, {"uninstalled": True, "prefix": conf.prefix})
+    return 0
+
+
+async def _start(args: argparse.Namespace) -> int:
+    for module in args.imports:
+        await trio.to_thread.run_sync(importlib.import_module, module)
+    conf = _config(args, queues=parse_queues(args.queues, "--queues"))
+    console = _console(args)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    if not stop.is_set():
+                        console.print(f"{signal.Signals(signum).name}: stopping gracefully "
+                                      "(again to stop at once)")  # fmt: skip
+                        stop.set()
+                    else:
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signals)
+            async with open(conf):
+                queues = ", ".join(f"{q}:{n}" for q, n in conf.queues.items())
+                console.print(f"trioban node {conf.node} running {queues}")
+                await stop.wait()
+            console.print("stopped")
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with open(_config(args, queues={}, install=False)) as oban:
+        if args.json:
+            _print_json(await _status_data(oban))
+            return 0
+        console = _console(args)
+        if not args.watch:
+            console.print(_status_tables(await _status_data(oban)))
+            return 0
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                live.update(_status_tables(await _status_data(oban)), refresh=True)
+                await trio.sleep(args.watch)
+
+
+async def _status_data(oban: Oban) -> dict[str, Any]:
+    async with oban._pool.connection() as conn:
+        cur = await conn.execute(query("queue_states", oban.config.prefix))
+        rows = await cur.fetchall()
+    queues: dict[str, dict[str, int]] = {}
+    for queue, state, count in rows:
+        queues.setdefault(queue, {})[state] = count
+    nodes = [
+        {"node": i.node, "queue": i.queue, "limit": i.limit, "paused": i.paused,
+         "running": len(i.running)}
+        for i in await oban.check_all_queues()
+    ]  # fmt: skip
+    return {"queues": queues, "nodes": nodes}
+
+
+def _status_tables(data: dict[str, Any]) -> Table:
+    states = [s.value for s in JobState]
+    table = Table(title="jobs by queue and state")
+    table.add_column("queue")
+    for state in states:
+        table.add_column(state, justify="right")
+    for queue, counts in sorted(data["queues"].items()):
+        table.add_row(queue, *(str(counts.get(state, 0)) for state in states))
+    nodes = Table(title="live nodes")
+    for column in ("node", "queue", "limit", "paused", "running"):
+        nodes.add_column(column)
+    for node in data["nodes"]:
+        nodes.add_row(*(str(node[c]) for c in ("node", "queue", "limit", "paused", "running")))
+    outer = Table.grid(padding=1)
+    outer.add_row(table)
+    outer.add_row(nodes)
+    return outer
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    async with open(_config(args, queues={}, install=False)) as oban:
+        if args.action == "list":
+            return await _list_jobs(oban, args)
+        ids = list(args.ids)
+        if not ids and args.state is None:
+            raise ValueError(
+                f"jobs {args.action} needs job ids or --state (e.g. --state discarded)"
+            )
+        if not ids:
+            params = {"state": args.state, "queue": args.queue}
+            async with oban._pool.connection() as conn:
+                cur = await conn.execute(query("job_ids", oban.config.prefix), params)
+                ids = [row[0] for row in await cur.fetchall()]
+        changed = 0
+        with Progress(console=_console(args), transient=True) as progress:
+            task = progress.add_task(f"{args.action} {len(ids)} jobs", total=len(ids))
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                if args.action == "cancel":
+                    changed += await oban.cancel_all_jobs(chunk)
+                else:
+                    for job_id in chunk:
+                        changed += await oban.retry_job(job_id)
+                progress.advance(task, len(chunk))
+        _report(args, {args.action: changed, "of": len(ids)})
+    return 0
+
+
+async def _list_jobs(oban: Oban, args: argparse.Namespace) -> int:
+    params = {"state": args.state, "queue": args.queue, "worker": args.worker,
+              "limit": args.limit}  # fmt: skip
+    async with oban._pool.connection() as conn:
+        cur = await conn.execute(query("list_jobs", oban.config.prefix), params)
+        jobs = [job_from_row(row) for row in await cur.fetchall()]
+    if args.json:
+        _print_json([
+            {"id": j.id, "state": j.state.value, "queue": j.queue, "worker": j.worker,
+             "attempt": j.attempt, "max_attempts": j.max_attempts, "args": dict(j.args),
+             "scheduled_at": j.scheduled_at, "errors": list(j.errors)}
+            for j in jobs
+        ])  # fmt: skip
+        return 0
+    table = Table(title=f"{len(jobs)} jobs")
+    for column in ("id", "state", "queue", "worker", "attempt", "scheduled_at", "last error"):
+        table.add_column(column)
+    for j in jobs:
+        error = str(j.errors[-1].get("error", "")).splitlines()[0][:60] if j.errors else ""
+        table.add_row(str(j.id), j.state.value, j.queue, j.worker,
+                      f"{j.attempt}/{j.max_attempts}", str(j.scheduled_at), error)  # fmt: skip
+    _console(args).print(table)
+    return 0
+
+
+async def _demo_command(args: argparse.Namespace) -> int:
+    figures = await _demo.run(args.dsn, _console(args))
+    if args.json:
+        _print_json(figures)
+    return 0
+
+
+async def _version(oban: Oban) -> int:
+    async with oban._pool.connection() as conn:
+        return await _schema.installed_version(conn, oban.config.prefix)
+
+
+def _report(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if args.json:
+        _print_json(data)
+    else:
+        _console(args).print(", ".join(f"{k}: {v}" for k, v in data.items()))
+
+
+if __name__ == "__main__":
+    main()

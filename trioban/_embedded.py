@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,12 +166,18 @@ def _start(bindir: Path, os_user: str | None, datadir: Path) -> int:
 
 
 def _others_connected(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=5) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                "AND pid <> pg_backend_pid()"
-            ).fetchone()
-    except psycopg.Error:
-        return False
-    return bool(row and row[0])
+    """Whether other clients still use the server. Our own just-closed connections can take
+    a moment to leave pg_stat_activity, so a second is given for them to go."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                    "AND pid <> pg_backend_pid()"
+                ).fetchone()
+        except psycopg.Error:
+            return False
+        if not (row and row[0]) or time.monotonic() > deadline:
+            return bool(row and row[0])
+        time.sleep(0.05)

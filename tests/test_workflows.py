@@ -336,3 +336,18 @@ def test_bad_batches_are_rejected() -> None:
         Batch().add("job")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no jobs"):
         Batch().build()
+
+
+async def test_the_leader_sweep_enqueues_callbacks_a_dead_node_missed(oban: trioban.Oban) -> None:
+    batch = Batch([MailBatch.new({})], callback=MailBatch)
+    (job,) = await oban.insert_all(batch)
+    # Finished, but the node that acked it died before checking the batch.
+    await _rows(
+        oban,
+        "UPDATE oban_jobs SET state = 'completed', completed_at = now(), attempt = 1 "
+        "WHERE id = %s RETURNING id",
+        job.id,
+    )
+    with trio.fail_after(20):
+        await eventually(partial(_has_calls, oban, batch.batch_id, 3))
+    assert await _calls(oban, batch.batch_id) == ["attempted", "completed", "exhausted"]

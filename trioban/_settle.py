@@ -34,7 +34,9 @@ log = logging.getLogger("trioban.settle")
 MAX_DEPTH: Final = 1_000
 """Rounds of cascading cancellation followed before giving up (a DAG is never deeper)."""
 SWEEP_LIMIT: Final = 100
-"""Workflows with held jobs the leader's sweep settles per tick."""
+"""Workflows with held jobs, and recently finished batches, the leader's sweep checks per tick."""
+SWEEP_WINDOW: Final = 600.0
+"""Seconds back the sweep looks for finished batch jobs."""
 
 
 async def after_acks(pool: Pool, prefix: str, acks: Sequence[Ack]) -> None:
@@ -70,11 +72,16 @@ async def release(pool: Pool, prefix: str, workflows: Collection[str]) -> int:
 
 
 async def sweep(pool: Pool, prefix: str) -> int:
-    """The leader's safety net: settle workflows whose releasing node died mid-way."""
+    """The leader's safety net: settle workflows and batches whose acking node died before
+    settling them. Returns how many jobs it released, cancelled or enqueued."""
     async with pool.connection() as conn:
         cur = await conn.execute(query("held_workflows", prefix), {"limit": SWEEP_LIMIT})
         workflows = [row[0] for row in await cur.fetchall()]
-    return await release(pool, prefix, workflows) if workflows else 0
+        params = {"window": SWEEP_WINDOW, "limit": SWEEP_LIMIT}
+        cur = await conn.execute(query("recent_batches", prefix), params)
+        batches = [row[0] for row in await cur.fetchall()]
+    settled = await release(pool, prefix, workflows) if workflows else 0
+    return settled + (await run_callbacks(pool, prefix, batches) if batches else 0)
 
 
 async def run_callbacks(pool: Pool, prefix: str, batches: Collection[str]) -> int:

@@ -342,6 +342,16 @@ SELECT DISTINCT meta->>'workflow_id' FROM {prefix}.oban_jobs
 WHERE state = 'suspended' AND meta ? 'workflow_id'
 LIMIT %(limit)s
 
+-- name: recent_batches
+-- Batches with a job finished in the last %(window)s seconds, for the leader's sweep (their
+-- callbacks are unique jobs: checking a batch again enqueues nothing twice).
+SELECT DISTINCT meta->>'batch_id' FROM {prefix}.oban_jobs
+WHERE meta ? 'batch_id' AND NOT meta ? 'callback'
+  AND state IN ('completed', 'cancelled', 'discarded')
+  AND coalesce(completed_at, cancelled_at, discarded_at)
+      > timezone('UTC', now()) - make_interval(secs => %(window)s)
+LIMIT %(limit)s
+
 -- name: workflow_jobs
 -- The steps of one workflow, optionally only the named ones.
 SELECT j.meta->>'name', j.state::text, j.worker, j.meta->'result'

@@ -1,7 +1,8 @@
 """trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), lint, typecheck,
-demo (on the embedded PostgreSQL), bench (the benchmark of PERFORMANCE.md's workloads).
+docs (Sphinx, warnings as errors), demo (on the embedded PostgreSQL), bench (the benchmark of
+PERFORMANCE.md's workloads).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1"]
@@ -38,6 +39,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package and the tests."""
     session.install("-e", ".[test]", "mypy>=1.11", "types-croniter")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with warnings as errors."""
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build")
 
 
 @nox.session

@@ -5,7 +5,8 @@ each event named in ``events``. Handlers run inline on the event loop, so keep t
 non-blocking (hand slow work to a channel). A handler that raises is logged and detached, so
 a broken handler never breaks job processing.
 
-Events (measurements; metadata):
+Events (measurements; metadata)::
+
   job.start        (queue_time: seconds from scheduled to started)        job
   job.stop         (duration, queue_time: seconds)                         job, state
   job.exception    (duration, queue_time: seconds)                         job, state, error
@@ -17,6 +18,7 @@ Events (measurements; metadata):
   cron.enqueue     (count)                                                 minute
   leader.change    -                                                       peer, leader (bool)
   notifier.status  -                                                       status
+
 ``state`` is the job's new state (completed, retryable, discarded, cancelled, scheduled).
 """
 

@@ -44,7 +44,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation with warnings as errors."""
-    session.install("-e", ".[docs]")
+    session.install("-e", ".[docs,test]")  # the reference documents trioban.testing too
     session.run("sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build")
 
 

@@ -1,10 +1,11 @@
 """trioban's benchmark: the workloads of PERFORMANCE.md, one JSON line each.
 
-    python -m benchmarks [--runs 3] [--only W1,W4] [--dsn postgresql://...]
+    python -m benchmarks [--runs 3] [--only W1,W4] [--dsn postgresql://...] [--write-docs]
 
 Without --dsn (or TRIOBAN_BENCH_DSN) a throwaway PostgreSQL with default durability (fsync
 and synchronous_commit on) is started. Each workload runs --runs times on a fresh schema; the
-line reports the median and the min-max.
+line reports the median and the min-max. --write-docs also writes the figures, with the
+machine's details, as a table to docs/reference/benchmark-results.md.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import trio
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(WORKLOADS))
     parser.add_argument("--dsn", default=os.environ.get("TRIOBAN_BENCH_DSN"))
+    parser.add_argument("--write-docs", action="store_true", help="write the docs table")
     opts = parser.parse_args()
     names = [name.strip().upper() for name in opts.only.split(",") if name.strip()]
     unknown = sorted(set(names) - set(WORKLOADS))
@@ -75,16 +78,73 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "system": platform.system(),
+        "processor": _processor(),
     }
     print(json.dumps({"benchmark": "trioban", **machine}), flush=True)
+    lines = []
     with _server(opts.dsn) as admin_dsn:
+        machine["postgresql"] = _server_version(admin_dsn)
         for name in names:
             runs = []
             for _ in range(opts.runs):
                 dsn = _fresh_database(admin_dsn)
                 runs.append(trio.run(WORKLOADS[name], dsn))
-            print(json.dumps(_summary(name, runs)), flush=True)
+            lines.append(_summary(name, runs))
+            print(json.dumps(lines[-1]), flush=True)
+    if opts.write_docs:
+        DOCS_TABLE.write_text(_table(machine, lines, opts.runs), encoding="utf-8")
+        print(f"wrote {DOCS_TABLE}", file=sys.stderr)
     sys.stdout.flush()
+
+
+DOCS_TABLE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "benchmark-results.md"
+TARGETS = {
+    "W1": "≥ 45,000 jobs/s",
+    "W2": "≥ 2,000 jobs/s",
+    "W3": "≥ 6,000 jobs/s",
+    "W4": "p50 ≤ 2.5 ms, p99 ≤ 6 ms",
+    "W5": "≤ 0.4 s",
+    "W6": "p50 ≤ 3 ms",
+}
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "unknown"
+
+
+def _table(machine: dict[str, object], lines: list[dict[str, object]], runs: int) -> str:
+    """The figures as a Markdown page for the docs."""
+    figures = []
+    for line in lines:
+        values = {k: v for k, v in line.items() if k not in {"workload", "runs"}}
+        shown = ", ".join(
+            f"{k} {v:,}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in values.items()
+            if not k.endswith("_range")
+        )
+        spread = ", ".join(f"{k} {v}" for k, v in values.items() if k.endswith("_range"))
+        figures.append(
+            f"| {line['workload']} | {shown} | {spread} | {TARGETS[str(line['workload'])]} |"
+        )
+    about = ", ".join(f"{k}: {v}" for k, v in machine.items())
+    return (
+        "# Benchmark results\n\n"
+        f"Written by `python -m benchmarks --write-docs` (medians of {runs} runs; min-max shown).\n"
+        f"Machine: {about}.\n\n"
+        "| workload | median | range | target |\n|---|---|---|---|\n" + "\n".join(figures) + "\n"
+    )
 
 
 if __name__ == "__main__":

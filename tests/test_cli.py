@@ -117,3 +117,19 @@ async def test_errors_are_one_line() -> None:
         usage = await cli("status", "--no-such-option", check=False)
         assert usage.returncode == 2
         assert "unrecognized arguments: --no-such-option" in usage.stderr.decode()
+
+
+async def test_status_watch_refreshes_until_interrupted(dsn: str) -> None:
+    with trio.fail_after(60):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trioban._commands", "status", "--watch", "0.1", "--dsn", dsn],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        output = b""
+        while output.count(b"jobs by queue and state") < 2:
+            chunk = await proc.stdout.receive_some()
+            assert chunk, output
+            output += chunk
+        proc.send_signal(signal.SIGINT)
+        assert await proc.wait() == 130

@@ -172,6 +172,10 @@ async def _status(args: argparse.Namespace) -> int:
         if not args.watch:
             console.print(_status_tables(await _status_data(oban)))
             return 0
+        if not console.is_terminal:  # piped: one snapshot after another
+            while True:
+                console.print(_status_tables(await _status_data(oban)))
+                await trio.sleep(args.watch)
         with Live(console=console, auto_refresh=False) as live:
             while True:
                 live.update(_status_tables(await _status_data(oban)), refresh=True)

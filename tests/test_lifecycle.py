@@ -13,6 +13,7 @@ import trioban
 from trioban import Config, JobState, RelayCancelled, RelayDiscard
 
 from . import workers
+from .helpers import eventually
 from .workers import echo, flaky, record, sleeper, steer, too_slow, wait_gate
 
 
@@ -334,3 +335,34 @@ async def test_insert_only_instance_runs_no_producers(dsn: str) -> None:
             stored = await oban.get_job(job.id)
             assert stored is not None
             assert stored.state is JobState.AVAILABLE
+
+
+async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
+    """A job for a queue this node runs, with a free slot and nothing waiting, is inserted
+    already claimed (executing, attempt 1) and runs at once; with no free slot it waits."""
+    workers.gates.clear()
+    with trio.fail_after(20):
+        async with running(dsn, queues={"default": 1}) as oban:
+            await oban.relay(echo.new({"value": "warm"}))  # the producer has seen an empty queue
+            gated = await oban.insert(wait_gate.new({"gate": "claim"}))
+            assert gated.state is JobState.EXECUTING
+            assert gated.attempt == 1
+            assert gated.attempted_by[0] == oban.config.node
+            waiting = await oban.insert(echo.new({"value": "later"}))
+            assert waiting.state is JobState.AVAILABLE  # the one slot is taken
+            await oban.pause_queue("default", local_only=True)
+            workers.gates.setdefault("claim", trio.Event()).set()
+            await wait_for_state(oban, gated.id or 0, JobState.COMPLETED)
+            paused = await oban.insert(echo.new({"value": "paused"}))
+            assert paused.state is JobState.AVAILABLE  # a paused queue claims nothing
+            await oban.resume_queue("default", local_only=True)
+            await wait_for_state(oban, waiting.id or 0, JobState.COMPLETED)
+            await wait_for_state(oban, paused.id or 0, JobState.COMPLETED)
+
+
+async def wait_for_state(oban: trioban.Oban, job_id: int, state: JobState) -> None:
+    async def reached() -> bool:
+        job = await oban.get_job(job_id)
+        return job is not None and job.state is state
+
+    await eventually(reached)

@@ -58,6 +58,7 @@ class Producer:
         self._wakes = 0  # counts wakeups, so one that lands during a fetch isn't lost
         self._stopping = False
         self._jobs: trio.Nursery | None = None
+        self._reserved = 0  # slots promised to jobs being inserted here (claim on insert)
 
     def info(self) -> QueueInfo:
         """This queue's limit, pause state and running job ids."""
@@ -101,6 +102,30 @@ class Producer:
         running.scope.cancel()
         return True
 
+    def reserve(self, count: int) -> int:
+        """Slots for up to ``count`` jobs this node is inserting, to claim as they are inserted.
+
+        Only while the queue looks drained (the last fetch found fewer jobs than it asked
+        for), so a job claimed this way never jumps ahead of jobs already waiting.
+        """
+        if self.paused or self._stopping or self._more or self._jobs is None:
+            return 0
+        granted = max(0, min(count, self.limit - len(self.running) - self._reserved))
+        self._reserved += granted
+        return granted
+
+    def release(self, count: int) -> None:
+        """Give back reserved slots (the insert failed)."""
+        self._reserved -= count
+
+    def adopt(self, jobs: list[Job]) -> None:
+        """Run jobs claimed for this producer as they were inserted (reserved slots)."""
+        self._reserved -= len(jobs)
+        if self._jobs is None or self._stopping:  # they wait, executing, for the lifeline
+            return
+        for job in jobs:
+            self._start(self._jobs, job)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fetch and run jobs until ``stop()``, then return once no job is running.
 
@@ -127,7 +152,7 @@ class Producer:
             self._jobs.cancel_scope.cancel()
 
     async def _fetch(self, jobs: trio.Nursery) -> None:
-        demand = self.limit - len(self.running)
+        demand = self.limit - len(self.running) - self._reserved
         if self.paused or demand <= 0 or not self._more:
             return
         wakes = self._wakes
@@ -148,15 +173,18 @@ class Producer:
                 "producer.fetch", measurements, {"queue": self.queue, "node": self._node}
             )
         for job in fetched:
-            assert job.id is not None
-            already = self.running.get(job.id)
-            if already is not None:
-                # Still running here, claimed again after a crash lost the first claim.
-                already.job = job
-                continue
-            running = self.running[job.id] = Running(job, trio.CancelScope())
-            self._idle = trio.Event()
-            jobs.start_soon(self._execute, running)
+            self._start(jobs, job)
+
+    def _start(self, jobs: trio.Nursery, job: Job) -> None:
+        assert job.id is not None
+        already = self.running.get(job.id)
+        if already is not None:
+            # Still running here, claimed again after a crash lost the first claim.
+            already.job = job
+            return
+        running = self.running[job.id] = Running(job, trio.CancelScope())
+        self._idle = trio.Event()
+        jobs.start_soon(self._execute, running)
 
     async def _execute(self, running: Running) -> None:
         job: Job = running.job

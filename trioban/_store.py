@@ -59,7 +59,8 @@ def _row_json(job: Job) -> str:
         f'{{"state":{state},"queue":{_codec.dumps(job.queue)},"worker":{_codec.dumps(job.worker)},'
         f'"args":{args_json(job)},"meta":{_codec.dumps(job.meta) if job.meta else "{}"},'
         f'"tags":{_codec.dumps(job.tags) if job.tags else "[]"},'
-        f'"max_attempts":{job.max_attempts},"priority":{job.priority},"scheduled_at":{scheduled}}}'
+        f'"max_attempts":{job.max_attempts},"priority":{job.priority},"scheduled_at":{scheduled}'
+        + (f',"attempted_by":{_codec.dumps(job.attempted_by)}}}' if job.attempted_by else "}")
     )
 
 
@@ -74,10 +75,7 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     }
     cur = await conn.execute(query("insert_jobs", prefix), params)
     rows = await cur.fetchall()
-    return [
-        _saved(job, id_, state, inserted_at, scheduled_at)
-        for job, (id_, state, inserted_at, scheduled_at) in zip(jobs, rows, strict=True)
-    ]
+    return [_saved(job, *row) for job, row in zip(jobs, rows, strict=True)]
 
 
 _AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
@@ -148,7 +146,14 @@ async def _replace(conn: Connection, prefix: str, holder: Job, job: Job) -> Job:
     return job_from_row(row)
 
 
-def _saved(job: Job, id_: int, state: str, inserted: datetime, scheduled: datetime) -> Job:
+def _saved(
+    job: Job,
+    id_: int,
+    state: str,
+    inserted: datetime,
+    scheduled: datetime,
+    attempted: datetime | None = None,
+) -> Job:
     saved = Job(
         worker=job.worker,
         args=job.args,
@@ -161,6 +166,9 @@ def _saved(job: Job, id_: int, state: str, inserted: datetime, scheduled: dateti
         state=JobState(state),
         inserted_at=_utc(inserted),
         scheduled_at=_utc(scheduled),
+        attempt=0 if attempted is None else 1,
+        attempted_at=_utc(attempted),
+        attempted_by=job.attempted_by if attempted is not None else (),
     )
     return saved
 

@@ -6,25 +6,33 @@
 -- Insert a batch in one statement; the same statement notifies each queue given available jobs,
 -- so a rolled-back insert announces nothing. The batch travels as one JSON array (cheaper to
 -- build and to parse than a column of arrays). A NULL state means "available unless scheduled".
+-- A row with attempted_by is claimed as it is inserted (executing, attempt 1) by a producer of
+-- this node with a free slot and an empty queue: it runs without a fetch round trip.
 WITH input AS (
   SELECT * FROM ROWS FROM (
     jsonb_to_recordset(%(jobs)s::jsonb) AS (
       state text, queue text, worker text, args jsonb, meta jsonb, tags text[],
-      max_attempts int, priority int, scheduled_at timestamp
+      max_attempts int, priority int, scheduled_at timestamp, attempted_by text[]
     )
   ) WITH ORDINALITY AS r(state, queue, worker, args, meta, tags, max_attempts, priority,
-                         scheduled_at, ord)
+                         scheduled_at, attempted_by, ord)
 ), inserted AS (
   INSERT INTO {prefix}.oban_jobs
-    (state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at)
+    (state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at, attempt,
+     attempted_at, attempted_by)
   SELECT
-    coalesce(r.state, CASE WHEN r.scheduled_at > timezone('UTC', now())
-                           THEN 'scheduled' ELSE 'available' END)::{prefix}.oban_job_state,
+    CASE WHEN r.attempted_by IS NOT NULL THEN 'executing'
+         ELSE coalesce(r.state, CASE WHEN r.scheduled_at > timezone('UTC', now())
+                                     THEN 'scheduled' ELSE 'available' END)
+    END::{prefix}.oban_job_state,
     r.queue, r.worker, r.args, r.meta, r.tags, r.max_attempts, r.priority,
-    coalesce(r.scheduled_at, timezone('UTC', now()))
+    coalesce(r.scheduled_at, timezone('UTC', now())),
+    CASE WHEN r.attempted_by IS NULL THEN 0 ELSE 1 END,
+    CASE WHEN r.attempted_by IS NOT NULL THEN timezone('UTC', now()) END,
+    r.attempted_by
   FROM input AS r
   ORDER BY r.ord
-  RETURNING id, state, queue, inserted_at, scheduled_at
+  RETURNING id, state, queue, inserted_at, scheduled_at, attempted_at
 ), notified AS (
   -- The batch's queues come as a parameter: a probe per queue beats sorting every row.
   SELECT pg_notify(%(channel)s, json_build_object('queue', q)::text)
@@ -32,7 +40,7 @@ WITH input AS (
   WHERE EXISTS (SELECT 1 FROM inserted AS i WHERE i.queue = q AND i.state = 'available')
 )
 -- Referencing "notified" makes PostgreSQL evaluate it; ids follow input order (ORDER BY ord).
-SELECT id, state::text, inserted_at, scheduled_at FROM inserted
+SELECT id, state::text, inserted_at, scheduled_at, attempted_at FROM inserted
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY id
 

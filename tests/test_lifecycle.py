@@ -342,8 +342,15 @@ async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
     already claimed (executing, attempt 1) and runs at once; with no free slot it waits."""
     workers.gates.clear()
     with trio.fail_after(20):
-        async with running(dsn, queues={"default": 1}) as oban:
-            await oban.relay(echo.new({"value": "warm"}))  # the producer has seen an empty queue
+        # No stager ticks: each wakes the producer, which then fetches before claiming again.
+        async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
+            await oban.relay(echo.new({"value": "warm"}))
+            producer = oban._producers["default"]
+
+            async def drained() -> bool:  # the producer's fetch after the warm job came back
+                return producer.claimable
+
+            await eventually(drained)
             gated = await oban.insert(wait_gate.new({"gate": "claim"}))
             assert gated.state is JobState.EXECUTING
             assert gated.attempt == 1
@@ -358,6 +365,42 @@ async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
             await oban.resume_queue("default", local_only=True)
             await wait_for_state(oban, waiting.id or 0, JobState.COMPLETED)
             await wait_for_state(oban, paused.id or 0, JobState.COMPLETED)
+
+
+async def test_a_claimed_insert_whose_caller_is_cancelled_still_runs(dsn: str) -> None:
+    """Cancelled before the insert is written: nothing is inserted and the slot is given back.
+    Cancelled while it is being written: the job is inserted claimed and runs all the same."""
+    with trio.fail_after(20):
+        async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
+            await oban.relay(echo.new({"value": "warm"}))
+            producer = oban._producers["default"]
+
+            async def drained() -> bool:
+                return producer.claimable
+
+            await eventually(drained)
+            workers.seen.clear()
+            with trio.move_on_after(0):  # cancelled at the insert's first checkpoint
+                await oban.insert(record.new({"tag": "never"}))
+
+            async def insert_then_cancel(scope: trio.CancelScope) -> None:
+                with scope:
+                    await oban.insert(record.new({"tag": "orphan"}))
+
+            scope = trio.CancelScope()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(insert_then_cancel, scope)
+                await trio.testing.wait_all_tasks_blocked()  # the writer awaits the server
+                scope.cancel()
+            assert scope.cancelled_caught
+
+            async def orphan_ran() -> bool:
+                return workers.seen == ["orphan"]
+
+            await eventually(orphan_ran)
+            await eventually(drained)
+            again = await oban.insert(echo.new({"value": "again"}))
+            assert again.state is JobState.EXECUTING  # the slot came back
 
 
 async def wait_for_state(oban: trioban.Oban, job_id: int, state: JobState) -> None:

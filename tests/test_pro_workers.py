@@ -235,7 +235,7 @@ async def test_key_rotation_and_wrong_keys(dsn: str, secrets: list[bytes]) -> No
                 assert (await _final(runner, sealed_with_new.id)).state is JobState.COMPLETED
                 failed = await _final(runner, tampered.id)
                 secrets[:] = [stranger]
-                foreign = await runner.insert(secret_echo.new({"secret": "foreign"}))
+                foreign = await inserter.insert(secret_echo.new({"secret": "foreign"}))
                 secrets[:] = [new]
                 wrong_key = await _final(runner, foreign.id)
     assert sorted(run["secret"] for run in workers.secret_runs) == ["new", "old"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import outcome
@@ -29,13 +29,23 @@ MAX_BATCH: Final = 5_000
 """Jobs per shared statement; a single larger request is inserted on its own."""
 
 
-class _Request:
-    __slots__ = ("done", "jobs", "result")
+Settle = Callable[["outcome.Outcome[list[Job]] | None"], None]
 
-    def __init__(self, jobs: Sequence[Job]) -> None:
+
+class _Request:
+    __slots__ = ("done", "jobs", "result", "settle")
+
+    def __init__(self, jobs: Sequence[Job], settle: Settle | None) -> None:
         self.jobs = jobs
         self.done = trio.Event()
         self.result: outcome.Outcome[list[Job]] | None = None
+        self.settle = settle
+
+    def finish(self, result: outcome.Outcome[list[Job]]) -> None:
+        self.result = result
+        if self.settle is not None:
+            self.settle(result)
+        self.done.set()
 
 
 class Inserter:
@@ -48,13 +58,15 @@ class Inserter:
         self._queue: deque[_Request] = deque()
         self._ready = trio.Event()
 
-    async def insert(self, jobs: Sequence[Job]) -> list[Job]:
+    async def insert(self, jobs: Sequence[Job], settle: Settle | None = None) -> list[Job]:
         """Insert ``jobs`` (in a statement shared with concurrent callers); return them saved.
 
         Cancelled before a writer takes the request, nothing is inserted; cancelled after, the
         insert completes without the caller (as a cancelled single insert might).
+        ``settle(outcome)`` is called once in every case, by the writer even when the caller
+        was cancelled, with None when nothing was inserted.
         """
-        request = _Request(jobs)
+        request = _Request(jobs, settle)
         self._queue.append(request)
         self._ready.set()
         try:
@@ -62,6 +74,8 @@ class Inserter:
         except trio.Cancelled:
             if request in self._queue:
                 self._queue.remove(request)
+                if settle is not None:
+                    settle(None)
             raise
         assert request.result is not None
         return request.result.unwrap()
@@ -104,12 +118,10 @@ class Inserter:
                 for request in batch:
                     await self._write([request])
                 return
-            batch[0].result = outcome.Error(exc)
-            batch[0].done.set()
+            batch[0].finish(outcome.Error(exc))
             return
         start = 0
         for request in batch:
             end = start + len(request.jobs)
-            request.result = outcome.Value(saved[start:end])
-            request.done.set()
+            request.finish(outcome.Value(saved[start:end]))
             start = end

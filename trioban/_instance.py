@@ -112,15 +112,17 @@ class Oban:
         batch, claims = self._claim_here(batch)
         if not claims:
             return await self._inserter.insert(batch)
-        try:
-            saved = await self._inserter.insert(batch)
-        except BaseException:
+
+        def settle(result: outcome.Outcome[list[Job]] | None) -> None:
+            # Called by the inserter's writer, so claimed jobs run even if we are cancelled.
+            saved = result.value if isinstance(result, outcome.Value) else None
             for producer, indexes in claims.items():
-                producer.release(len(indexes))
-            raise
-        for producer, indexes in claims.items():
-            producer.adopt([saved[i] for i in indexes])
-        return saved
+                if saved is None:
+                    producer.release(len(indexes))
+                else:
+                    producer.adopt([saved[i] for i in indexes])
+
+        return await self._inserter.insert(batch, settle)
 
     def _claim_here(self, jobs: list[Job]) -> tuple[list[Job], dict[Producer, list[int]]]:
         """Claim on insert: jobs for a queue this node runs, with free slots and nothing

@@ -108,11 +108,16 @@ class Producer:
         Only while the queue looks drained (the last fetch found fewer jobs than it asked
         for), so a job claimed this way never jumps ahead of jobs already waiting.
         """
-        if self.paused or self._stopping or self._more or self._jobs is None:
+        if not self.claimable:
             return 0
         granted = max(0, min(count, self.limit - len(self.running) - self._reserved))
         self._reserved += granted
         return granted
+
+    @property
+    def claimable(self) -> bool:
+        """Whether jobs inserted here may be claimed now: running, not paused, queue drained."""
+        return not (self.paused or self._stopping or self._more or self._jobs is None)
 
     def release(self, count: int) -> None:
         """Give back reserved slots (the insert failed)."""

@@ -54,11 +54,15 @@ async def test_pause_resume_scale_reach_every_node(dsn: str) -> None:
 
 
 async def test_start_and_stop_queues(dsn: str) -> None:
+    """A queue started on an insert-only node is woken by inserts (no stager tick here)."""
     with trio.fail_after(20):
         async with (
-            trioban.open(_conf(dsn, queues={}, node="worker")) as worker,
+            trioban.open(_conf(dsn, queues={}, node="worker").evolve(stage_interval=60)) as worker,
             trioban.open(_conf(dsn, queues={}, node="control")) as control,
         ):
+            insert_channel = "public.oban_insert"
+            # Insert-only nodes don't listen for inserts (each would come back to them).
+            assert insert_channel not in worker._notifier._listening
             with pytest.raises(ValueError, match="does not run on this node"):
                 worker.check_queue("default")
             await control.start_queue("default", limit=3, node="worker")
@@ -69,6 +73,9 @@ async def test_start_and_stop_queues(dsn: str) -> None:
             await eventually(started)
             assert worker.check_queue("default").limit == 3
             assert await control.relay(echo.new({"value": "ran"}), timeout=5) == "ran"
+            assert await control.relay(echo.new({"value": "woken"}), timeout=5) == "woken"
+            assert insert_channel in worker._notifier._listening
+            assert insert_channel not in control._notifier._listening
             with pytest.raises(ValueError, match="does not run on this node"):
                 control.check_queue("default")  # node="worker" only
             await control.stop_queue("default")

@@ -67,6 +67,7 @@ class Oban:
             work_pool, conf.prefix, partial(_settle.after_acks, work_pool, conf.prefix)
         )
         self._producers: dict[str, Producer] = {}
+        self._woken_by_inserts = False  # subscribed to the insert channel (runs a queue)
         self._queues: trio.Nursery | None = None  # where producers run, set by open()
         # Identifies this instance's own signals (several instances may share a node name).
         self._origin = uuid.uuid4().hex
@@ -553,8 +554,19 @@ class Oban:
             queue=queue,
             limit=limit,
         )
+        if not self._producers and not self._woken_by_inserts:
+            # Only a node running queues listens for inserts: an insert-only node would
+            # otherwise be sent back a notification for each of its own inserts.
+            self._notifier.subscribe("insert", self._on_insert)
+            self._woken_by_inserts = True
         self._producers[queue] = producer
         return producer
+
+    def _on_insert(self, payload: Any) -> None:
+        queue = payload.get("queue") if isinstance(payload, dict) else None
+        producer = self._producers.get(str(queue))
+        if producer is not None:
+            producer.wake()
 
     async def _start_producer(self, queue: str, limit: int) -> None:
         if self._queues is None:
@@ -565,6 +577,8 @@ class Oban:
         self, producer: Producer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
+            if self._notifier.connected:  # no insert after its first fetch goes unnoticed
+                await self._notifier.wait_listening(["insert"])
             await producer.run(task_status=task_status)
         finally:
             if self._producers.get(producer.queue) is producer:
@@ -782,17 +796,11 @@ def _builder(name: str) -> Callable[..., Job] | None:
 def _subscribe(oban: Oban) -> None:
     notifier, relays, producers = oban._notifier, oban._relays, oban._producers
 
-    def on_insert(payload: Any) -> None:
-        producer = producers.get(str(payload.get("queue"))) if isinstance(payload, dict) else None
-        if producer is not None:
-            producer.wake()
-
     def on_reconnect() -> None:
         relays.poll_soon()
         for producer in producers.values():
             producer.wake()
 
-    notifier.subscribe("insert", on_insert)
     notifier.subscribe("relay", relays.deliver)
     notifier.subscribe(SIGNAL, oban._on_signal)
     notifier.subscribe(LEADER_CHANNEL, oban._leadership.elect_soon)

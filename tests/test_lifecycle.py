@@ -380,7 +380,8 @@ async def test_a_claimed_insert_whose_caller_is_cancelled_still_runs(dsn: str) -
 
             await eventually(drained)
             workers.seen.clear()
-            with trio.move_on_after(0):  # cancelled at the insert's first checkpoint
+            with trio.CancelScope() as cancelled:
+                cancelled.cancel()  # already cancelled: the insert doesn't start
                 await oban.insert(record.new({"tag": "never"}))
 
             async def insert_then_cancel(scope: trio.CancelScope) -> None:
@@ -388,16 +389,18 @@ async def test_a_claimed_insert_whose_caller_is_cancelled_still_runs(dsn: str) -
                     await oban.insert(record.new({"tag": "orphan"}))
 
             scope = trio.CancelScope()
-            async with trio.open_nursery() as nursery:
+            async with oban.transaction() as conn, trio.open_nursery() as nursery:
+                # The table is locked: the insert, once taken, waits on the server.
+                await conn.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")
                 nursery.start_soon(insert_then_cancel, scope)
-                await trio.testing.wait_all_tasks_blocked()  # the writer awaits the server
+                await trio.testing.wait_all_tasks_blocked()
                 scope.cancel()
             assert scope.cancelled_caught
 
             async def orphan_ran() -> bool:
                 return workers.seen == ["orphan"]
 
-            await eventually(orphan_ran)
+            await eventually(orphan_ran)  # and "never" never ran
             await eventually(drained)
             again = await oban.insert(echo.new({"value": "again"}))
             assert again.state is JobState.EXECUTING  # the slot came back

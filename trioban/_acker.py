@@ -46,8 +46,11 @@ class Acker:
 
     async def send(self, ack: Ack) -> None:
         """Queue ``ack`` for writing (shielded: a finished job's outcome is never dropped)."""
-        with trio.CancelScope(shield=True):
-            await self._send.send(ack)
+        try:
+            self._send.send_nowait(ack)  # the common case: room in the buffer, no scope needed
+        except trio.WouldBlock:
+            with trio.CancelScope(shield=True):
+                await self._send.send(ack)
 
     def close(self) -> None:
         """No more acks: ``run`` writes what is queued, then returns."""

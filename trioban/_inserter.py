@@ -33,13 +33,14 @@ Settle = Callable[["outcome.Outcome[list[Job]] | None"], None]
 
 
 class _Request:
-    __slots__ = ("done", "jobs", "result", "settle")
+    __slots__ = ("done", "jobs", "result", "settle", "taken")
 
     def __init__(self, jobs: Sequence[Job], settle: Settle | None) -> None:
         self.jobs = jobs
         self.done = trio.Event()
         self.result: outcome.Outcome[list[Job]] | None = None
         self.settle = settle
+        self.taken = False  # by a writer: from then on the insert completes whatever happens
 
     def finish(self, result: outcome.Outcome[list[Job]]) -> None:
         self.result = result
@@ -67,13 +68,15 @@ class Inserter:
         was cancelled, with None when nothing was inserted.
         """
         request = _Request(jobs, settle)
-        self._queue.append(request)
-        self._ready.set()
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't start
+            self._queue.append(request)
+            self._ready.set()
             await request.done.wait()
         except trio.Cancelled:
-            if request in self._queue:
-                self._queue.remove(request)
+            if not request.taken:
+                if request in self._queue:
+                    self._queue.remove(request)
                 if settle is not None:
                     settle(None)
             raise
@@ -105,6 +108,8 @@ class Inserter:
             request = self._queue.popleft()
             batch.append(request)
             size += len(request.jobs)
+        for request in batch:
+            request.taken = True
         return batch
 
     async def _write(self, batch: list[_Request]) -> None:

@@ -68,6 +68,7 @@ def uninstall_sql(prefix: str) -> str:
     return _read("uninstall.sql").replace("{prefix}", quoted_prefix(prefix))
 
 
+@functools.cache
 def channel(prefix: str, name: str) -> str:
     """The PostgreSQL channel of notifier channel ``name`` under ``prefix``."""
     quoted_prefix(prefix)

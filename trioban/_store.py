@@ -23,6 +23,9 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.replace(tzinfo=UTC)
 
 
+_STATES: dict[str, JobState] = {state.value: state for state in JobState}
+
+
 def job_from_row(row: Sequence[Any]) -> Job:
     """A ``Job`` from a row selected with the ``{job}`` column list."""
     (id_, state, queue, worker, args, meta, tags, errors, attempt, max_attempts, priority,
@@ -30,7 +33,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
      cancelled_at) = row  # fmt: skip
     return Job(
         id=id_,
-        state=JobState(state),
+        state=_STATES[state],
         queue=queue,
         worker=worker,
         args=args,

@@ -367,11 +367,12 @@ async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
             await wait_for_state(oban, paused.id or 0, JobState.COMPLETED)
 
 
-async def test_a_claimed_insert_whose_caller_is_cancelled_still_runs(dsn: str) -> None:
-    """Cancelled before the insert is written: nothing is inserted and the slot is given back.
-    Cancelled while it is being written: the job is inserted claimed and runs all the same."""
+async def test_cancelled_claimed_inserts_give_back_their_slots_or_run(dsn: str) -> None:
+    """An insert cancelled before it starts inserts nothing; one cancelled while its caller
+    writes it is cancelled on the server; one cancelled after a writer task took it is
+    inserted and, claimed, runs all the same. Every reserved slot comes back."""
     with trio.fail_after(20):
-        async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
+        async with running(dsn, queues={"default": 2}, stage_interval=60) as oban:
             await oban.relay(echo.new({"value": "warm"}))
             producer = oban._producers["default"]
 
@@ -384,26 +385,34 @@ async def test_a_claimed_insert_whose_caller_is_cancelled_still_runs(dsn: str) -
                 cancelled.cancel()  # already cancelled: the insert doesn't start
                 await oban.insert(record.new({"tag": "never"}))
 
-            async def insert_then_cancel(scope: trio.CancelScope) -> None:
+            async def insert_then_cancel(tag: str, scope: trio.CancelScope) -> None:
                 with scope:
-                    await oban.insert(record.new({"tag": "orphan"}))
+                    await oban.insert(record.new({"tag": tag}))
 
-            scope = trio.CancelScope()
+            inline, queued = trio.CancelScope(), trio.CancelScope()
             async with oban.transaction() as conn, trio.open_nursery() as nursery:
-                # The table is locked: the insert, once taken, waits on the server.
+                # The table is locked: both inserts wait on the server once sent.
                 await conn.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")
-                nursery.start_soon(insert_then_cancel, scope)
+                nursery.start_soon(insert_then_cancel, "inline", inline)
                 await trio.testing.wait_all_tasks_blocked()
-                scope.cancel()
-            assert scope.cancelled_caught
+                nursery.start_soon(insert_then_cancel, "orphan", queued)
+                await trio.testing.wait_all_tasks_blocked()
+                inline.cancel()
+                queued.cancel()
+            assert inline.cancelled_caught
+            assert queued.cancelled_caught
 
             async def orphan_ran() -> bool:
                 return workers.seen == ["orphan"]
 
-            await eventually(orphan_ran)  # and "never" never ran
+            await eventually(orphan_ran)  # "never" and "inline" were not inserted
             await eventually(drained)
-            again = await oban.insert(echo.new({"value": "again"}))
-            assert again.state is JobState.EXECUTING  # the slot came back
+            assert producer._reserved == 0
+            async with oban.transaction() as conn:
+                cur = await conn.execute(
+                    "SELECT args->>'tag' FROM oban_jobs WHERE worker = 'tests.workers.record'"
+                )
+                assert await cur.fetchall() == [("orphan",)]
 
 
 async def wait_for_state(oban: trioban.Oban, job_id: int, state: JobState) -> None:

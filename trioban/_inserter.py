@@ -58,18 +58,28 @@ class Inserter:
         self._writers = writers
         self._queue: deque[_Request] = deque()
         self._ready = trio.Event()
+        self._inline = False  # a caller is writing its own request
 
     async def insert(self, jobs: Sequence[Job], settle: Settle | None = None) -> list[Job]:
         """Insert ``jobs`` (in a statement shared with concurrent callers); return them saved.
 
-        Cancelled before a writer takes the request, nothing is inserted; cancelled after, the
-        insert completes without the caller (as a cancelled single insert might).
-        ``settle(outcome)`` is called once in every case, by the writer even when the caller
-        was cancelled, with None when nothing was inserted.
+        With nothing queued, the caller writes its own statement; a cancelled caller then
+        cancels it on the server (it may have committed already). Otherwise the request
+        queues for a writer task: cancelled before a writer takes it, nothing is inserted;
+        after, the insert completes without the caller. ``settle(outcome)`` is called once in
+        every case (by the writer even when the caller was cancelled), with None when
+        nothing is known to be inserted.
         """
         request = _Request(jobs, settle)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't start
+        except trio.Cancelled:
+            if settle is not None:
+                settle(None)
+            raise
+        if not self._queue and not self._inline:
+            return await self._insert_inline(request)
+        try:
             self._queue.append(request)
             self._ready.set()
             await request.done.wait()
@@ -80,6 +90,23 @@ class Inserter:
                 if settle is not None:
                     settle(None)
             raise
+        assert request.result is not None
+        return request.result.unwrap()
+
+    async def _insert_inline(self, request: _Request) -> list[Job]:
+        # Nothing queued and no caller writing: write from the caller's task (a writer task
+        # would cost two trips through the scheduler); inserts arriving meanwhile queue up.
+        self._inline = True
+        try:
+            await self._write([request])
+        except trio.Cancelled:
+            if request.settle is not None and request.result is None:
+                request.settle(None)  # a claimed job that did commit waits for the lifeline
+            raise
+        finally:
+            self._inline = False
+            if self._queue:
+                self._ready.set()
         assert request.result is not None
         return request.result.unwrap()
 

@@ -96,6 +96,9 @@ class Oban:
         """Insert many jobs with one statement; returns them saved, in the order given.
 
         A ``Workflow`` or a ``Batch`` is inserted whole (its jobs, checked and tagged).
+        All or none of the jobs are inserted. Cancelled before it starts, nothing is; cancelled
+        while the statement is in flight, the jobs may or may not have been inserted (as with
+        any cancelled write), never some of them.
         """
         batch = _check_jobs(jobs)
         if self.config.testing == "inline":

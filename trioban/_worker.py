@@ -56,6 +56,10 @@ def _check_queue(queue: object, field: str = "queue") -> str:
     return queue
 
 
+MAX_ATTEMPTS: Final = 2**31 - 1
+"""The largest max_attempts the column (a PostgreSQL integer) holds."""
+
+
 def _check_int(value: object, field: str, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected {field} to be an int, got {value!r}")
@@ -126,7 +130,7 @@ class Worker:
         self.target = target
         self.name = f"{target.__module__}.{target.__qualname__}"
         self.queue = _check_queue(queue)
-        self.max_attempts = _check_int(max_attempts, "max_attempts", 1)
+        self.max_attempts = _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS)
         self.priority = _check_int(priority, "priority", 0, MAX_PRIORITY)
         self.tags = as_str_tuple(tags, "tags")
         if not callable(backoff):
@@ -202,7 +206,7 @@ class Worker:
             priority=self.priority if priority is None else _check_int(priority, "priority", 0, 9),
             max_attempts=self.max_attempts
             if max_attempts is None
-            else _check_int(max_attempts, "max_attempts", 1),
+            else _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS),
             tags=self.tags if tags is None else as_str_tuple(tags, "tags"),
             meta=job_meta,
             scheduled_at=when,

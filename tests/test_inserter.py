@@ -1,0 +1,77 @@
+"""Inserts from concurrent callers share statements; one bad request fails only itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import psycopg
+import trio
+
+import trioban
+from trioban import Config
+
+from .workers import echo
+
+POISON_TRIGGER = """
+CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.args ? 'poison' THEN RAISE EXCEPTION 'poisoned job refused'; END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_poison BEFORE INSERT ON oban_jobs
+  FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+"""
+
+
+async def _inserted_at_groups(oban: trioban.Oban) -> list[int]:
+    async with oban.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM oban_jobs GROUP BY inserted_at ORDER BY inserted_at"
+        )
+        return [int(row[0]) for row in await cur.fetchall()]
+
+
+async def test_concurrent_inserts_share_statements(dsn: str) -> None:
+    """200 callers inserting at once: far fewer statements than callers (the rows of one
+    statement share its transaction's inserted_at), and every caller gets its own job."""
+    saved: list[trioban.Job] = []
+
+    async def insert(value: int) -> None:
+        saved.append(await oban.insert(echo.new({"value": value})))
+
+    with trio.fail_after(20):
+        async with trioban.open(Config(dsn=dsn, queues={})) as oban:
+            async with trio.open_nursery() as nursery:
+                for value in range(200):
+                    nursery.start_soon(insert, value)
+            groups = await _inserted_at_groups(oban)
+    assert sorted(job.args["value"] for job in saved) == list(range(200))
+    assert len({job.id for job in saved}) == 200
+    assert sum(groups) == 200
+    assert len(groups) <= 5, groups
+
+
+async def test_a_failing_request_fails_alone(dsn: str) -> None:
+    """A statement shared by several callers fails on one bad row: each request is retried on
+    its own, so only the bad one's caller sees the error."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(POISON_TRIGGER)
+    results: dict[str, object] = {}
+
+    async def insert(name: str, args: Mapping[str, object]) -> None:
+        try:
+            results[name] = await oban.insert(echo.new(args))
+        except psycopg.Error as exc:
+            results[name] = exc
+
+    with trio.fail_after(20):
+        async with trioban.open(Config(dsn=dsn, queues={})) as oban:
+            async with trio.open_nursery() as nursery:
+                for value in range(20):
+                    nursery.start_soon(insert, f"good{value}", {"value": value})
+                nursery.start_soon(insert, "bad", {"value": -1, "poison": True})
+            groups = await _inserted_at_groups(oban)
+    assert isinstance(results.pop("bad"), psycopg.errors.RaiseException)
+    assert all(isinstance(job, trioban.Job) and job.id for job in results.values())
+    assert len(results) == 20
+    assert sum(groups) == 20

@@ -54,7 +54,8 @@ def quoted_prefix(prefix: str) -> str:
 def query(name: str, prefix: str) -> LiteralString:
     """The named statement rendered for ``prefix``."""
     # Built only from this package's own SQL and a validated, quoted identifier.
-    return QUERIES[name].replace("{job}", _JOB_SELECT).replace("{prefix}", quoted_prefix(prefix))
+    text = QUERIES[name].replace("{insert_job_row}", QUERIES["insert_job_row"])
+    return text.replace("{job}", _JOB_SELECT).replace("{prefix}", quoted_prefix(prefix))
 
 
 def schema_sql(prefix: str) -> str:

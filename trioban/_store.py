@@ -78,12 +78,16 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     """Insert ``jobs`` with one statement, which also notifies their queues."""
     if not jobs:
         return []
-    params = {
-        "jobs": "[" + ",".join(map(_row_json, jobs)) + "]",
-        "queues": list({job.queue for job in jobs}),
-        "channel": channel(prefix, "insert"),
-    }
-    cur = await conn.execute(query("insert_jobs", prefix), params)
+    if len(jobs) == 1:
+        one = {"job": _row_json(jobs[0]), "channel": channel(prefix, "insert")}
+        cur = await conn.execute(query("insert_job", prefix), one)
+    else:
+        params = {
+            "jobs": "[" + ",".join(map(_row_json, jobs)) + "]",
+            "queues": list({job.queue for job in jobs}),
+            "channel": channel(prefix, "insert"),
+        }
+        cur = await conn.execute(query("insert_jobs", prefix), params)
     rows = await cur.fetchall()
     return [_saved(job, *row) for job, row in zip(jobs, rows, strict=True)]
 

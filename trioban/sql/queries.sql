@@ -2,21 +2,11 @@
 -- {prefix} is replaced by the validated, quoted schema name; values are always %(name)s.
 -- Common columns of a job row, in trioban._sql.JOB_COLUMNS order, are selected by "{job}".
 
--- name: insert_jobs
--- Insert a batch in one statement; the same statement notifies each queue given available jobs,
--- so a rolled-back insert announces nothing. The batch travels as one JSON array (cheaper to
--- build and to parse than a column of arrays). A NULL state means "available unless scheduled".
--- A row with attempted_by is claimed as it is inserted (executing, attempt 1) by a producer of
--- this node with a free slot and an empty queue: it runs without a fetch round trip.
-WITH input AS (
-  SELECT * FROM ROWS FROM (
-    jsonb_to_recordset(%(jobs)s::jsonb) AS (
-      state text, queue text, worker text, args jsonb, meta jsonb, tags text[],
-      max_attempts int, priority int, scheduled_at timestamp, attempted_by text[]
-    )
-  ) WITH ORDINALITY AS r(state, queue, worker, args, meta, tags, max_attempts, priority,
-                         scheduled_at, attempted_by, ord)
-), inserted AS (
+-- name: insert_job_row
+-- A fragment, "{insert_job_row}": the INSERT ... SELECT of job rows from the JSON of jobs, r.
+-- A NULL state means "available unless scheduled". A row with attempted_by is claimed as it is
+-- inserted (executing, attempt 1) by a producer of this node with a free slot and an empty
+-- queue: it runs without a fetch round trip.
   INSERT INTO {prefix}.oban_jobs
     (state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at, attempt,
      attempted_at, attempted_by)
@@ -30,6 +20,21 @@ WITH input AS (
     CASE WHEN r.attempted_by IS NULL THEN 0 ELSE 1 END,
     CASE WHEN r.attempted_by IS NOT NULL THEN timezone('UTC', now()) END,
     r.attempted_by
+
+-- name: insert_jobs
+-- Insert a batch in one statement; the same statement notifies each queue given available jobs,
+-- so a rolled-back insert announces nothing. The batch travels as one JSON array (cheaper to
+-- build and to parse than a column of arrays).
+WITH input AS (
+  SELECT * FROM ROWS FROM (
+    jsonb_to_recordset(%(jobs)s::jsonb) AS (
+      state text, queue text, worker text, args jsonb, meta jsonb, tags text[],
+      max_attempts int, priority int, scheduled_at timestamp, attempted_by text[]
+    )
+  ) WITH ORDINALITY AS r(state, queue, worker, args, meta, tags, max_attempts, priority,
+                         scheduled_at, attempted_by, ord)
+), inserted AS (
+  {insert_job_row}
   FROM input AS r
   ORDER BY r.ord
   RETURNING id, state, queue, inserted_at, scheduled_at, attempted_at
@@ -43,6 +48,22 @@ WITH input AS (
 SELECT id, state::text, inserted_at, scheduled_at, attempted_at FROM inserted
 WHERE (SELECT count(*) FROM notified) >= 0
 ORDER BY id
+
+-- name: insert_job
+-- insert_jobs for one job, which the server runs about a sixth faster (no recordset, no sorts).
+WITH inserted AS (
+  {insert_job_row}
+  FROM jsonb_to_record(%(job)s::jsonb) AS r(
+    state text, queue text, worker text, args jsonb, meta jsonb, tags text[],
+    max_attempts int, priority int, scheduled_at timestamp, attempted_by text[]
+  )
+  RETURNING id, state, queue, inserted_at, scheduled_at, attempted_at
+), notified AS (
+  SELECT pg_notify(%(channel)s, json_build_object('queue', i.queue)::text)
+  FROM inserted AS i WHERE i.state = 'available'
+)
+SELECT id, state::text, inserted_at, scheduled_at, attempted_at FROM inserted
+WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: insert_unique_job
 -- Insert one unique job unless a job holds its key; returns the row only if it was inserted.

@@ -105,8 +105,6 @@ class Inserter:
             raise
         finally:
             self._inline = False
-            if self._queue:
-                self._ready.set()
         assert request.result is not None
         return request.result.unwrap()
 

@@ -166,6 +166,7 @@ async def test_graceful_shutdown_under_load(dsn: str, caplog: pytest.LogCaptureF
 
 
 @pytest.mark.skipif(os.environ.get("TRIOBAN_HEAVY") != "1", reason="the heavy variant only")
+@pytest.mark.timeout(900)  # ten minutes of load, past the suite's default limit
 async def test_soak_memory_and_tasks_stay_flat(dsn: str) -> None:
     """10 minutes of relays and jobs: task count and registry size come back to baseline."""
     import tracemalloc

@@ -18,7 +18,16 @@ from trioban._relay import _Waiter
 
 from . import workers
 from .nodes import node_processes
-from .workers import big_result, echo, flaky, steer, wait_gate, whoami
+from .workers import (
+    big_result,
+    echo,
+    flaky,
+    steer,
+    unique_echo,
+    unique_recorded_echo,
+    wait_gate,
+    whoami,
+)
 
 
 @asynccontextmanager
@@ -221,3 +230,24 @@ async def test_10000_abandoned_relays_leak_nothing(dsn: str) -> None:
             assert len(oban._relays) == 0
             assert not [o for o in gc.get_objects() if isinstance(o, _Waiter)]
             assert _rss_mb() - baseline < 20
+
+
+async def test_a_relay_that_joins_an_existing_unique_job(dsn: str) -> None:
+    """A relayed unique job that conflicts follows the existing job: its result when that job
+    stored one (relayed itself, or a recorded worker), else a RelayError saying why."""
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as inserter:
+            plain = await inserter.insert(unique_echo.new({"value": "plain"}))
+            kept = await inserter.insert(unique_recorded_echo.new({"value": "kept"}))
+            async with running(dsn) as oban:
+                assert await oban.relay(unique_echo.new({"value": "relayed"})) == "relayed"
+                again = await oban.dispatch(unique_echo.new({"value": "relayed"}))
+                assert again.job.conflict
+                assert await again.result(timeout=5) == "relayed"
+                joined = await oban.dispatch(unique_recorded_echo.new({"value": "kept"}))
+                assert joined.job.id == kept.id
+                assert await joined.result(timeout=5) == "kept"
+                unstored = await oban.dispatch(unique_echo.new({"value": "plain"}))
+                assert unstored.job.id == plain.id
+                with pytest.raises(trioban.RelayError, match="recorded=True"):
+                    await unstored.result(timeout=5)

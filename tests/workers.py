@@ -204,6 +204,11 @@ async def unique_echo(job: Job) -> Any:
     return job.args.get("value")
 
 
+@worker(queue="default", unique=Unique(period=None), recorded=True)
+async def unique_recorded_echo(job: Job) -> Any:
+    return job.args.get("value")
+
+
 # -- workflows and batches ---------------------------------------------------------------
 
 

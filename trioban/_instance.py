@@ -348,7 +348,11 @@ class Oban:
             waiter.job_id = job.id  # None for a job run inline: nothing to poll
             found = lookup(job.worker)
             load = found.load_result if found is not None and found.result_type else None
-            relays.append(Relay._create(self._relays, ref, job, load))
+            # A conflict returned an existing unique job: its result is stored only if it was
+            # itself relayed or its worker records results.
+            recorded = found is not None and found.recorded
+            stored = not job.conflict or META_REF in job.meta or recorded
+            relays.append(Relay._create(self._relays, ref, job, load, stored=stored))
         return saved, relays
 
     async def relay(

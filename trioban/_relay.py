@@ -183,20 +183,34 @@ class Relay:
     """A dispatched job whose result can be awaited: returned by ``oban.dispatch()``."""
 
     def __init__(
-        self, registry: Registry, ref: str, job: Job, load: Callable[[Any], Any] | None = None
+        self,
+        registry: Registry,
+        ref: str,
+        job: Job,
+        load: Callable[[Any], Any] | None = None,
+        *,
+        stored: bool = True,
     ) -> None:
         self.ref = ref
         self.job = job
         self._registry = registry
         self._load = load  # the worker's structured result type, when it has one
+        # False when the relay joined an existing unique job that won't store its result.
+        self._stored = stored
         # A relay that is never awaited must not keep its waiter forever.
         weakref.finalize(self, registry.discard, ref)
 
     @classmethod
     def _create(
-        cls, registry: Registry, ref: str, job: Job, load: Callable[[Any], Any] | None = None
+        cls,
+        registry: Registry,
+        ref: str,
+        job: Job,
+        load: Callable[[Any], Any] | None = None,
+        *,
+        stored: bool = True,
     ) -> Relay:
-        return cls(registry, ref, job, load)
+        return cls(registry, ref, job, load, stored=stored)
 
     def __repr__(self) -> str:
         return f"<trioban.Relay ref={self.ref} job={self.job.id}>"
@@ -211,6 +225,8 @@ class Relay:
         Raises ``RelayTimeout`` when ``timeout`` seconds pass, ``RelayCancelled`` or
         ``RelayDiscard`` when the job ends so. A timeout, or the caller's own cancel scope,
         stops only the waiting: the job goes on, and ``result()`` may be called again.
+        A relay of a unique job that joined an existing job follows that job; if that job
+        completes without storing its result, ``RelayError`` says so.
         """
         registry = self._registry
         waiter = registry.register(self.ref)
@@ -218,7 +234,14 @@ class Relay:
             registry.poll_soon()  # a second call: the outcome may already be in the row
         try:
             with trio.move_on_after(timeout):
-                return self._loaded(await registry.wait(waiter, self.job.id, with_retries))
+                value = await registry.wait(waiter, self.job.id, with_retries)
+                if not self._stored:
+                    raise RelayError(
+                        f"job {self.job.id} completed, but its result was not stored: this "
+                        f"relay joined that existing unique job, whose worker doesn't record "
+                        "results; declare the worker with recorded=True to relay unique jobs"
+                    )
+                return self._loaded(value)
             raise RelayTimeout(f"no result for job {self.job.id} within {timeout}s")
         finally:
             registry.discard(self.ref)

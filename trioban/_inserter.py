@@ -73,40 +73,31 @@ class Inserter:
         request = _Request(jobs, settle)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't start
+            if not self._queue and not self._inline:
+                await self._write_inline(request)
+            else:
+                self._queue.append(request)
+                self._ready.set()
+                await request.done.wait()
         except trio.Cancelled:
-            if settle is not None:
-                settle(None)
-            raise
-        if not self._queue and not self._inline:
-            return await self._insert_inline(request)
-        try:
-            self._queue.append(request)
-            self._ready.set()
-            await request.done.wait()
-        except trio.Cancelled:
-            if not request.taken:
+            # No writer task will finish this request: settle it here (once).
+            if not request.taken and request.result is None:
                 if request in self._queue:
                     self._queue.remove(request)
                 if settle is not None:
-                    settle(None)
+                    settle(None)  # a claimed job that did commit inline waits for the lifeline
             raise
         assert request.result is not None
         return request.result.unwrap()
 
-    async def _insert_inline(self, request: _Request) -> list[Job]:
+    async def _write_inline(self, request: _Request) -> None:
         # Nothing queued and no caller writing: write from the caller's task (a writer task
         # would cost two trips through the scheduler); inserts arriving meanwhile queue up.
         self._inline = True
         try:
             await self._write([request])
-        except trio.Cancelled:
-            if request.settle is not None and request.result is None:
-                request.settle(None)  # a claimed job that did commit waits for the lifeline
-            raise
         finally:
             self._inline = False
-        assert request.result is not None
-        return request.result.unwrap()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writers until cancelled."""

@@ -352,7 +352,7 @@ class Oban:
             # itself relayed or its worker records results.
             recorded = found is not None and found.recorded
             stored = not job.conflict or META_REF in job.meta or recorded
-            relays.append(Relay._create(self._relays, ref, job, load, stored=stored))
+            relays.append(Relay(self._relays, ref, job, load, stored=stored))
         return saved, relays
 
     async def relay(

@@ -200,18 +200,6 @@ class Relay:
         # A relay that is never awaited must not keep its waiter forever.
         weakref.finalize(self, registry.discard, ref)
 
-    @classmethod
-    def _create(
-        cls,
-        registry: Registry,
-        ref: str,
-        job: Job,
-        load: Callable[[Any], Any] | None = None,
-        *,
-        stored: bool = True,
-    ) -> Relay:
-        return cls(registry, ref, job, load, stored=stored)
-
     def __repr__(self) -> str:
         return f"<trioban.Relay ref={self.ref} job={self.job.id}>"
 
@@ -238,7 +226,7 @@ class Relay:
                 if not self._stored:
                     raise RelayError(
                         f"job {self.job.id} completed, but its result was not stored: this "
-                        f"relay joined that existing unique job, whose worker doesn't record "
+                        "relay joined that existing unique job, whose worker doesn't record "
                         "results; declare the worker with recorded=True to relay unique jobs"
                     )
                 return self._loaded(value)

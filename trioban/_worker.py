@@ -203,7 +203,9 @@ class Worker:
             worker=self.name,
             args=job_args,
             queue=queue,
-            priority=self.priority if priority is None else _check_int(priority, "priority", 0, 9),
+            priority=self.priority
+            if priority is None
+            else _check_int(priority, "priority", 0, MAX_PRIORITY),
             max_attempts=self.max_attempts
             if max_attempts is None
             else _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS),

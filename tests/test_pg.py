@@ -5,8 +5,19 @@ from __future__ import annotations
 import psycopg
 import pytest
 import trio
+from psycopg import generators
+from psycopg.adapt import Transformer
 
 from trioban import _pg
+from trioban._sql import Prepared, prepared
+
+ADD = Prepared(b"test_add", b"SELECT $1::int + 1, $2::text, now() > '2000-01-01'", ("x", "y"))
+SLEEP = Prepared(b"test_sleep", b"SELECT 1 FROM pg_sleep($1)", ("seconds",))
+
+
+async def _prepared_names(conn: _pg.Connection) -> list[str]:
+    cur = await conn.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'test_%%'")
+    return sorted(row[0] for row in await cur.fetchall())
 
 
 async def _active_queries(dsn: str, text: str) -> int:
@@ -28,6 +39,10 @@ def test_the_psycopg_seams_we_rely_on_exist() -> None:
     for name in ("wait", "_connect_gen", "_cancel_gen", "_get_connection_params", "cancel"):
         assert callable(getattr(conn_type, name)), name
     assert hasattr(psycopg.errors, "_WaitTimeout")
+    assert callable(psycopg.errors.error_from_result)
+    assert callable(generators.execute)
+    assert callable(Transformer.set_pgresult)
+    assert callable(Transformer.load_rows)
     from psycopg._conninfo_attempts import conninfo_attempts
     from psycopg._enums import Ready, Wait
 
@@ -163,3 +178,71 @@ def test_with_options_keeps_existing_options() -> None:
     dsn = "postgresql://u@h/db?options=-c%20search_path%3Dx"
     params = psycopg.conninfo.conninfo_to_dict(_pg.with_options(dsn, synchronous_commit="off"))
     assert params["options"] == "-c search_path=x -c synchronous_commit=off"
+
+
+def test_prepared_statements_number_their_parameters() -> None:
+    fetch = prepared("fetch_jobs", "public")
+    assert fetch.params == ("queue", "demand", "node", "producer")
+    assert b"%(" not in fetch.sql
+    assert b"--" not in fetch.sql
+    assert b"LIMIT $2" in fetch.sql
+    assert b"ARRAY[$3::text, $4::text]" in fetch.sql
+    other = prepared("fetch_jobs", "other")
+    assert other.name != fetch.name
+    assert b'"other".oban_jobs' in other.sql
+    assert len(fetch.name) < 64  # PostgreSQL's identifier limit
+
+
+async def test_run_prepares_once_and_returns_psycopg_rows(dsn: str) -> None:
+    with trio.fail_after(10):
+        conn = await _pg.connect(dsn)
+        try:
+            assert await conn.run(ADD, {"x": 41, "y": None}) == [(42, None, True)]
+            assert await conn.run(ADD, {"x": "1", "y": "tab\tquote'"}) == [(2, "tab\tquote'", True)]
+            assert await _prepared_names(conn) == ["test_add"]
+            with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+                await conn.run(ADD, {"x": "not a number", "y": None})
+            with pytest.raises(KeyError):
+                await conn.run(ADD, {"x": 1})
+            await conn.execute("DEALLOCATE ALL")  # outside a transaction: prepared again
+            assert await conn.run(ADD, {"x": 0, "y": "a"}) == [(1, "a", True)]
+            async with conn.transaction():
+                assert await conn.run(ADD, {"x": 1, "y": "b"}) == [(2, "b", True)]
+            assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        finally:
+            await conn.close()
+
+
+async def test_cancelling_run_cancels_it_on_the_server(dsn: str) -> None:
+    with trio.fail_after(10):
+        conn = await _pg.connect(dsn)
+        try:
+            with trio.move_on_after(0.3):
+                await conn.run(SLEEP, {"seconds": 10})
+            assert await _active_queries(dsn, "SELECT 1 FROM pg_sleep($1)") == 0
+            assert await conn.run(SLEEP, {"seconds": 0}) == [(1,)]
+        finally:
+            await conn.close()
+
+
+async def test_an_interrupted_prepare_is_checked_before_preparing_again(dsn: str) -> None:
+    """Preparing reads the table's definition, so it waits behind an exclusive lock; cancelled
+    there, it may or may not exist on the server: the next run looks before preparing."""
+    count = Prepared(b"test_count", b"SELECT count(*) FROM locked", ())
+    with trio.fail_after(10):
+        conn = await _pg.connect(dsn)
+        locker = await _pg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE locked (x int)")
+            async with locker.transaction():
+                await locker.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+                with trio.move_on_after(0.3) as scope:
+                    await conn.run(count, {})
+                assert scope.cancelled_caught
+            assert await _prepared_names(conn) == []
+            assert await conn.run(count, {}) == [(0,)]
+            assert await conn.run(count, {}) == [(0,)]
+            assert await _prepared_names(conn) == ["test_count"]
+        finally:
+            await locker.close()
+            await conn.close()

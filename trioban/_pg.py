@@ -7,6 +7,8 @@ and drives them with Trio's own waits, instead of asyncio's. Undocumented seams 
 
 - ``AsyncConnection.wait(gen, interval, timeout)`` and ``psycopg.errors._WaitTimeout``;
 - ``AsyncConnection.lock`` (an asyncio.Lock, replaced by a trio.Lock);
+- ``psycopg.generators.execute`` and ``psycopg.errors.error_from_result``, which ``run`` uses
+  for the hot statements, skipping the cursor layer;
 - ``AsyncConnection._connect_gen``, ``_cancel_gen``, ``_get_connection_params`` and
   ``psycopg._conninfo_attempts.conninfo_attempts`` (``connect()`` is re-implemented: psycopg's
   calls asyncio directly).
@@ -19,7 +21,7 @@ import math
 import random
 import select
 from collections import deque
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
@@ -27,12 +29,14 @@ import attrs
 import psycopg
 import trio
 from psycopg import errors as e
-from psycopg import pq
+from psycopg import generators, pq
 from psycopg._conninfo_attempts import conninfo_attempts
 from psycopg._enums import Ready, Wait
+from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 
 from ._errors import TriobanError
+from ._sql import Prepared
 
 log = logging.getLogger("trioban.pg")
 
@@ -41,6 +45,7 @@ _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 _IDLE: Final = pq.TransactionStatus.IDLE
 _CANCEL_TIMEOUT: Final = 5.0
 _ROLLBACK_TIMEOUT: Final = 5.0
+_IS_PREPARED: Final = b"SELECT 1 FROM pg_prepared_statements WHERE name = $1"
 
 
 class DatabaseUnavailable(TriobanError):
@@ -105,8 +110,64 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
 
     def __init__(self, pgconn: pq.abc.PGconn, **kwargs: Any) -> None:
         super().__init__(pgconn, **kwargs)
-        self.lock = trio.Lock()  # type: ignore[assignment]
+        self._trio_lock = trio.Lock()
+        self.lock = self._trio_lock  # type: ignore[assignment]
         self.created_at = trio.current_time()
+        # Statements run() has prepared here, and ones whose prepare was interrupted.
+        self._statements_ready: set[bytes] = set()
+        self._statements_unsure: set[bytes] = set()
+        self._row_loader = Transformer(self)
+
+    async def run(self, statement: Prepared, params: Mapping[str, object]) -> list[tuple[Any, ...]]:
+        """Run ``statement`` with ``params`` (sent as text) and return its rows.
+
+        The lean path for the hot statements: prepared on first use on this connection, then
+        one round trip with no cursor and no query parsing. Types and errors are psycopg's.
+        """
+        values = [None if (v := params[n]) is None else str(v).encode() for n in statement.params]
+        try:
+            self._trio_lock.acquire_nowait()  # the query checkpoints: skip the lock's own trip
+        except trio.WouldBlock:
+            await self._trio_lock.acquire()
+        try:
+            try:
+                result = await self._run(statement, values)
+            except e.InvalidSqlStatementName:
+                # DEALLOCATE or DISCARD ALL ran on this connection. Outside a transaction
+                # nothing ran, so prepare again; inside one, the transaction is lost anyway.
+                self._statements_ready.clear()
+                if self.pgconn.transaction_status != _IDLE:
+                    raise
+                result = await self._run(statement, values)
+        finally:
+            self._trio_lock.release()
+        self._row_loader.set_pgresult(result)
+        return self._row_loader.load_rows(0, result.ntuples, tuple)
+
+    async def _run(self, statement: Prepared, values: list[bytes | None]) -> pq.abc.PGresult:
+        if statement.name not in self._statements_ready:
+            await self._prepare(statement)
+        self.pgconn.send_query_prepared(statement.name, values)
+        return self._checked(await self.wait(generators.execute(self.pgconn)))
+
+    async def _prepare(self, statement: Prepared) -> None:
+        if statement.name in self._statements_unsure:
+            self.pgconn.send_query_params(_IS_PREPARED, [statement.name])
+            if self._checked(await self.wait(generators.execute(self.pgconn))).ntuples:
+                self._statements_unsure.discard(statement.name)
+                self._statements_ready.add(statement.name)
+                return
+        self._statements_unsure.add(statement.name)  # until the server has answered
+        self.pgconn.send_prepare(statement.name, statement.sql)
+        self._checked(await self.wait(generators.execute(self.pgconn)))
+        self._statements_unsure.discard(statement.name)
+        self._statements_ready.add(statement.name)
+
+    def _checked(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
+        for result in results:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                raise e.error_from_result(result, encoding=self.info.encoding)
+        return results[-1]
 
     async def wait(
         self,

@@ -8,17 +8,19 @@ as parameters. Nothing else is spliced into SQL.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from importlib import resources
 from typing import Final, LiteralString
 
+import attrs
 from psycopg import sql
 
 from ._config import IDENTIFIER, validate_identifier
 
 __all__ = [
-    "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "channel", "query",
-    "quoted_prefix", "schema_sql", "uninstall_sql",
+    "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "Prepared", "channel", "prepared",
+    "query", "quoted_prefix", "schema_sql", "uninstall_sql",
 ]  # fmt: skip
 
 SCHEMA_VERSION: Final = 3
@@ -31,6 +33,7 @@ JOB_COLUMNS: Final = (
 )  # fmt: skip
 _JOB_SELECT = ", ".join(f"j.{name}" for name in JOB_COLUMNS).replace("j.state", "j.state::text")
 _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%%")
 
 
 def _read(filename: str) -> str:
@@ -56,6 +59,34 @@ def query(name: str, prefix: str) -> LiteralString:
     # Built only from this package's own SQL and a validated, quoted identifier.
     text = QUERIES[name].replace("{insert_job_row}", QUERIES["insert_job_row"])
     return text.replace("{job}", _JOB_SELECT).replace("{prefix}", quoted_prefix(prefix))
+
+
+@attrs.frozen
+class Prepared:
+    """A statement for ``Connection.run``: prepared once per connection, run by name."""
+
+    name: bytes
+    sql: bytes
+    params: tuple[str, ...]  # the parameter names, in $1, $2, ... order
+
+
+@functools.cache
+def prepared(name: str, prefix: str) -> Prepared:
+    """The named statement rendered for ``prefix``, with ``$n`` placeholders."""
+    params: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        if match.group(1) not in params:
+            params.append(match.group(1))
+        return f"${params.index(match.group(1)) + 1}"
+
+    lines = query(name, prefix).splitlines()
+    code = "\n".join(line for line in lines if not line.lstrip().startswith("--"))
+    text = _PLACEHOLDER.sub(number, code)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Prepared(f"trioban_{name[:30]}_{digest}".encode(), text.encode(), tuple(params))
 
 
 def schema_sql(prefix: str) -> str:

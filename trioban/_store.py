@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from . import _codec
+from . import _bulk, _codec
 from ._errors import InternalError
 from ._job import Job, JobState
-from ._sql import channel, query
+from ._sql import channel, prepared, query
 from ._worker import args_json
 
 if TYPE_CHECKING:
@@ -78,17 +78,18 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     """Insert ``jobs`` with one statement, which also notifies their queues."""
     if not jobs:
         return []
+    if len(jobs) >= _bulk.MIN_ROWS:
+        return await _bulk.insert(conn, prefix, jobs)
     if len(jobs) == 1:
         one = {"job": _row_json(jobs[0]), "channel": channel(prefix, "insert")}
-        cur = await conn.execute(query("insert_job", prefix), one)
+        rows = await conn.run(prepared("insert_job", prefix), one)
     else:
         params = {
             "jobs": "[" + ",".join(map(_row_json, jobs)) + "]",
-            "queues": list({job.queue for job in jobs}),
+            "queues": _bulk.array_literal(list({job.queue for job in jobs})),
             "channel": channel(prefix, "insert"),
         }
-        cur = await conn.execute(query("insert_jobs", prefix), params)
-    rows = await cur.fetchall()
+        rows = await conn.run(prepared("insert_jobs", prefix), params)
     return [_saved(job, *row) for job, row in zip(jobs, rows, strict=True)]
 
 
@@ -193,8 +194,7 @@ async def fetch(
     """Claim up to ``demand`` available jobs of ``queue``."""
     params = {"queue": queue, "demand": demand, "node": node, "producer": producer}
     async with pool.connection() as conn:
-        cur = await conn.execute(query("fetch_jobs", prefix), params)
-        rows = await cur.fetchall()
+        rows = await conn.run(prepared("fetch_jobs", prefix), params)
     return [job_from_row(row) for row in rows]
 
 
@@ -205,8 +205,7 @@ async def ack(pool: Pool, prefix: str, acks: Sequence[Ack]) -> int:
         "relay_channel": channel(prefix, "relay"),
     }
     async with pool.connection() as conn:
-        cur = await conn.execute(query("ack_jobs", prefix), params)
-        return len(await cur.fetchall())
+        return len(await conn.run(prepared("ack_jobs", prefix), params))
 
 
 async def stage(pool: Pool, prefix: str, limit: int) -> int:

@@ -65,6 +65,18 @@ WITH inserted AS (
 SELECT id, state::text, inserted_at, scheduled_at, attempted_at FROM inserted
 WHERE (SELECT count(*) FROM notified) >= 0
 
+-- name: reserve_job_ids
+-- Draw %(count)s ids from the jobs' sequence for a COPY, with the transaction's time as UTC.
+SELECT array_agg(nextval('{prefix}.oban_jobs_id_seq')), timezone('UTC', now())
+FROM generate_series(1, %(count)s)
+
+-- name: copy_jobs
+-- The rows of a bulk insert, in the column order trioban._bulk writes them.
+COPY {prefix}.oban_jobs
+  (id, state, queue, worker, args, meta, tags, max_attempts, priority, scheduled_at, attempt,
+   attempted_at, attempted_by)
+FROM STDIN
+
 -- name: insert_unique_job
 -- Insert one unique job unless a job holds its key; returns the row only if it was inserted.
 INSERT INTO {prefix}.oban_jobs AS j

@@ -1,0 +1,122 @@
+"""Bulk insert with COPY: one transaction takes a block of ids, streams the rows, notifies.
+
+For a large batch COPY costs the server about half what ``INSERT ... SELECT`` from a JSON
+recordset does, and as the rows stream Python builds the next chunk and the saved jobs while
+the server writes the previous ones. The ids are drawn from the table's own sequence first,
+so the saved jobs are known without reading the rows back. The transaction makes the insert
+all or nothing, and its notifications go out only if it commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
+
+from . import _codec
+from ._job import Job, JobState
+from ._sql import channel, query
+from ._worker import args_json
+
+if TYPE_CHECKING:
+    from ._pg import Connection
+
+MIN_ROWS: Final = 100
+"""Below this many jobs a single INSERT statement is quicker (COPY costs extra round trips)."""
+
+_CHUNK: Final = 1_000  # rows per write: the server ingests one while the next is built
+_AUTO_STATES: Final = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """``value`` escaped for a field of COPY's text format."""
+    return value.translate(_COPY_ESCAPES)
+
+
+def array_literal(items: Sequence[str]) -> str:
+    """A PostgreSQL ``text[]`` literal of ``items``, every element quoted."""
+    quoted = (item.replace("\\", "\\\\").replace('"', '\\"') for item in items)
+    return "{" + ",".join(f'"{item}"' for item in quoted) + "}"
+
+
+def _state(job: Job, now: datetime) -> JobState:
+    if job.attempted_by:
+        return JobState.EXECUTING  # claimed on insert by a producer of this node
+    if job.state not in _AUTO_STATES:
+        return job.state
+    at = job.scheduled_at
+    return JobState.SCHEDULED if at is not None and at > now else JobState.AVAILABLE
+
+
+def _line(job: Job, id_: int, state: JobState, stamp: str) -> str:
+    at = job.scheduled_at
+    scheduled = stamp if at is None else at.astimezone(UTC).replace(tzinfo=None).isoformat()
+    claimed = bool(job.attempted_by)
+    return "\t".join((
+        str(id_),
+        state.value,
+        copy_text(job.queue),
+        copy_text(job.worker),
+        copy_text(args_json(job)),
+        copy_text(_codec.dumps(job.meta)) if job.meta else "{}",
+        copy_text(array_literal(job.tags)) if job.tags else "{}",
+        str(job.max_attempts),
+        str(job.priority),
+        scheduled,
+        "1" if claimed else "0",
+        stamp if claimed else "\\N",
+        copy_text(array_literal(job.attempted_by)) if claimed else "\\N",
+    )) + "\n"  # fmt: skip
+
+
+def _chunks(
+    jobs: Sequence[Job], ids: Sequence[int], states: Sequence[JobState], stamp: str
+) -> Iterator[bytes]:
+    for start in range(0, len(jobs), _CHUNK):
+        end = start + _CHUNK
+        rows = zip(jobs[start:end], ids[start:end], states[start:end], strict=True)
+        yield "".join(_line(job, id_, state, stamp) for job, id_, state in rows).encode()
+
+
+def _saved(job: Job, id_: int, state: JobState, now: datetime) -> Job:
+    claimed = state is JobState.EXECUTING
+    return Job(
+        worker=job.worker,
+        args=job.args,
+        queue=job.queue,
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        tags=job.tags,
+        meta=job.meta,
+        id=id_,
+        state=state,
+        inserted_at=now,
+        scheduled_at=now if job.scheduled_at is None else job.scheduled_at,
+        attempt=1 if claimed else 0,
+        attempted_at=now if claimed else None,
+        attempted_by=job.attempted_by if claimed else (),
+    )
+
+
+async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
+    """Insert ``jobs`` in one transaction with COPY and notify their queues; return them saved."""
+    async with conn.transaction():
+        cur = await conn.execute(query("reserve_job_ids", prefix), {"count": len(jobs)})
+        reserved = await cur.fetchone()
+        assert reserved is not None
+        ids, naive_now = sorted(reserved[0]), reserved[1]
+        now = naive_now.replace(tzinfo=UTC)
+        stamp = naive_now.isoformat()
+        states = [_state(job, now) for job in jobs]
+        async with cur.copy(query("copy_jobs", prefix)) as copy:
+            for chunk in _chunks(jobs, ids, states, stamp):
+                await copy.write(chunk)
+            # Built while the server writes the last rows; the block's end waits for it.
+            saved = list(map(_saved, jobs, ids, states, [now] * len(jobs)))
+        woken = sorted({job.queue for job in saved if job.state is JobState.AVAILABLE})
+        if woken:
+            payloads = [_codec.dumps({"queue": queue}) for queue in woken]
+            params = {"channel": channel(prefix, "insert"), "payloads": payloads}
+            await conn.execute(query("notify", prefix), params)
+    return saved

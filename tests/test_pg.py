@@ -137,20 +137,32 @@ async def test_pool_limits_concurrency_and_cancelled_checkouts_leak_nothing(dsn:
         assert stats.idle <= 2
 
 
+async def _terminate(dsn: str, pid: int) -> None:
+    killer = await _pg.connect(dsn)
+    try:  # waits (up to 5 s) until the backend has gone
+        await killer.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+    finally:
+        await killer.close()
+
+
 async def test_broken_connections_are_replaced(dsn: str) -> None:
+    """An idle connection the server closed is replaced at checkout, unnoticed; one that breaks
+    while in use fails that use, and is replaced too."""
     async with _pg.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             pid = conn.pgconn.backend_pid
-        killer = await _pg.connect(dsn)
-        await killer.execute("SELECT pg_terminate_backend(%s)", [pid])
-        await killer.close()
-        with pytest.raises(psycopg.OperationalError):
-            async with pool.connection() as conn:
+        await _terminate(dsn, pid)
+        async with pool.connection() as conn:
+            assert conn.pgconn.backend_pid != pid
+            pid = conn.pgconn.backend_pid
+            await _terminate(dsn, pid)
+            with pytest.raises(psycopg.OperationalError):
                 await conn.execute("SELECT 1")
         async with pool.connection() as conn:
             assert conn.pgconn.backend_pid != pid
             cur = await conn.execute("SELECT 1")
             assert await cur.fetchone() == (1,)
+        assert pool.statistics().idle == 1
 
 
 async def test_connections_past_their_lifetime_are_recycled(dsn: str) -> None:

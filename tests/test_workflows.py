@@ -123,6 +123,21 @@ async def test_fan_out_and_fan_in(oban: trioban.Oban) -> None:
     assert {name: r["total"] for name, r in ends.items()} == {"b": 3, "c": 3}
 
 
+async def test_a_wide_workflow_inserted_by_copy_runs_in_order(oban: trioban.Oban) -> None:
+    """120 parts between a start and a merge: a batch large enough for the COPY path, with
+    suspended steps and workflow meta, behaves as a small one does."""
+    wf = Workflow().add("start", step(1))
+    for i in range(120):
+        wf.add(f"part{i}", step(1), deps=["start"])
+    wf.add("merge", step(0), deps=[f"part{i}" for i in range(120)])
+    jobs = await oban.insert_workflow(wf)
+    assert [job.state for job in jobs].count(JobState.SUSPENDED) == 121
+    status = await _settled(oban, wf.workflow_id)
+    assert set(status.values()) == {JobState.COMPLETED}
+    results = await oban.workflow_results(jobs[-1])
+    assert sum(r["total"] for r in results.values()) == 120 * 2
+
+
 async def test_dep_results_are_structured_for_downstream_steps(oban: trioban.Oban) -> None:
     wf = Workflow().add("one", step(1)).add("two", step(2)).add("sum", step(), deps=["one", "two"])
     jobs = await oban.insert_workflow(wf)

@@ -292,8 +292,9 @@ class Pool:
     async def _checkout(self) -> Connection:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if _alive(conn):
                 return conn
+            await _close(conn)
         return await self._connect()
 
     async def _connect(self) -> Connection:
@@ -331,6 +332,22 @@ class Pool:
         self._closed = True
         while self._idle:
             await _close(self._idle.pop())
+
+
+def _alive(conn: Connection) -> bool:
+    """Whether an idle connection is still open. One the server has closed (a restart, an
+    idle timeout, pg_terminate_backend) shows as readable: read what it sent, and see."""
+    if conn.closed:
+        return False
+    pgconn = conn.pgconn
+    for _ in range(3):  # a goodbye message, then the end of the stream
+        if not _poll(pgconn.socket, Wait.R):
+            break
+        try:
+            pgconn.consume_input()
+        except e.OperationalError:
+            return False
+    return pgconn.status == pq.ConnStatus.OK
 
 
 async def _close(conn: Connection) -> None:

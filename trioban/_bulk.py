@@ -31,7 +31,9 @@ _COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\
 
 def copy_text(value: str) -> str:
     """``value`` escaped for a field of COPY's text format."""
-    return value.translate(_COPY_ESCAPES)
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value  # the usual case, found by four scans in C
 
 
 def array_literal(items: Sequence[str]) -> str:
@@ -52,22 +54,17 @@ def _state(job: Job, now: datetime) -> JobState:
 def _line(job: Job, id_: int, state: JobState, stamp: str) -> str:
     at = job.scheduled_at
     scheduled = stamp if at is None else at.astimezone(UTC).replace(tzinfo=None).isoformat()
-    claimed = bool(job.attempted_by)
-    return "\t".join((
-        str(id_),
-        state.value,
-        copy_text(job.queue),
-        copy_text(job.worker),
-        copy_text(args_json(job)),
-        copy_text(_codec.dumps(job.meta)) if job.meta else "{}",
-        copy_text(array_literal(job.tags)) if job.tags else "{}",
-        str(job.max_attempts),
-        str(job.priority),
-        scheduled,
-        "1" if claimed else "0",
-        stamp if claimed else "\\N",
-        copy_text(array_literal(job.attempted_by)) if claimed else "\\N",
-    )) + "\n"  # fmt: skip
+    meta = copy_text(_codec.dumps(job.meta)) if job.meta else "{}"
+    tags = copy_text(array_literal(job.tags)) if job.tags else "{}"
+    if job.attempted_by:  # attempt, attempted_at, attempted_by
+        claim = f"1\t{stamp}\t{copy_text(array_literal(job.attempted_by))}"
+    else:
+        claim = "0\t\\N\t\\N"
+    return (
+        f"{id_}\t{state.value}\t{copy_text(job.queue)}\t{copy_text(job.worker)}\t"
+        f"{copy_text(args_json(job))}\t{meta}\t{tags}\t{job.max_attempts}\t{job.priority}\t"
+        f"{scheduled}\t{claim}\n"
+    )
 
 
 def _chunks(
@@ -92,7 +89,7 @@ def _saved(job: Job, id_: int, state: JobState, now: datetime) -> Job:
         id=id_,
         state=state,
         inserted_at=now,
-        scheduled_at=now if job.scheduled_at is None else job.scheduled_at,
+        scheduled_at=now if job.scheduled_at is None else job.scheduled_at.astimezone(UTC),
         attempt=1 if claimed else 0,
         attempted_at=now if claimed else None,
         attempted_by=job.attempted_by if claimed else (),

@@ -13,10 +13,11 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout
+from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg
 from trioban._relay import _Waiter
 
 from . import workers
+from .helpers import eventually
 from .nodes import node_processes
 from .workers import (
     big_result,
@@ -114,6 +115,70 @@ async def test_timeout_stops_the_waiting_not_the_job(dsn: str) -> None:
             assert len(oban._relays) == 0
             gate.set()
             assert await relay.result(timeout=5) == "opened"
+
+
+async def _relay_notices(dsn: str, body: Any) -> list[str]:
+    """The relay notices published on the server while ``body()`` runs."""
+    listener = await _pg.connect(dsn)
+    try:
+        await listener.execute('LISTEN "public.oban_relay"')
+        await body()
+        return [n.payload async for n in listener.notifies(timeout=0.3)]
+    finally:
+        await listener.close()
+
+
+async def test_outcomes_of_relays_run_on_their_own_node_are_handed_over(dsn: str) -> None:
+    """A relay whose job runs on its own node gets the outcome from the acker once it is
+    written, without a notification; one run on another node is still notified."""
+
+    async def local() -> None:
+        async with running(dsn) as oban:
+            assert await oban.relay(echo.new({"value": 1}), timeout=5) == 1
+            with pytest.raises(RelayDiscard, match="failing attempt 1"):
+                await oban.relay(flaky.new({"succeed_on": 3}, max_attempts=1), timeout=5)
+            relays = [await oban.dispatch(echo.new({"value": i})) for i in range(50)]
+            outcomes = await oban.await_many(relays, timeout=5)
+            assert [o.unwrap() for o in outcomes] == list(range(50))
+            assert await oban.relay(big_result.new({"size": 100_000}), timeout=5) == "x" * 100_000
+
+    async def remote() -> None:
+        async with running(dsn, queues={}, node="caller") as caller, running(dsn, node="worker"):
+            assert await caller.relay(echo.new({"value": 2}), timeout=5) == 2
+
+    with trio.fail_after(20):
+        assert await _relay_notices(dsn, local) == []
+        (notice,) = await _relay_notices(dsn, remote)
+    assert '"result":2' in notice
+
+
+async def test_a_stale_ack_hands_nothing_over(dsn: str) -> None:
+    """An ack the fence turns away (the job was claimed again meanwhile) must not reach the
+    relay waiting on the same node."""
+    gate = workers.gates["stale"] = trio.Event()
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(20):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "stale"}))
+            await workers.wait_started(1)
+            async with oban.transaction() as conn:  # as a rescue and a new claim would
+                await conn.execute(
+                    "UPDATE oban_jobs SET attempted_at = attempted_at + interval '1 second'"
+                    " WHERE id = %s",
+                    [relay.job.id],
+                )
+            written = oban._acker.written
+
+            async def acked() -> bool:
+                return oban._acker.written > written
+
+            gate.set()
+            await eventually(acked)
+            with pytest.raises(RelayTimeout):
+                await relay.result(timeout=0.3)
+            job = await oban.get_job(relay.job.id or 0)
+    assert job is not None
+    assert job.state is trioban.JobState.EXECUTING
 
 
 async def test_relay_from_insert_only_instance_runs_on_a_node_process(dsn: str) -> None:

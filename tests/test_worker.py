@@ -5,10 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import attrs
 import pytest
 
 import trioban
-from trioban import Job, worker
+from trioban import Job, JobState, worker
+from trioban._job import evolve
+
+from .workers import echo
 
 
 @worker(queue="math", max_attempts=3, priority=2, tags=["calc"])
@@ -123,3 +127,17 @@ def test_result_values_validate() -> None:
         trioban.Snooze("5")  # type: ignore[arg-type]
     assert trioban.Cancel("why").reason == "why"
     assert trioban.Discard().reason == "discarded"
+
+
+def test_evolve_matches_attrs_evolve_private_fields_included() -> None:
+    job = echo.new({"a": 1}, tags=["x"], meta={"m": 1}, schedule_in=5)
+    for changes in (
+        {"meta": {"relay": "ref"}},
+        {"attempted_by": ("node", "producer"), "state": JobState.EXECUTING},
+        {"_unique": None, "args": {"b": 2}},
+    ):
+        ours, theirs = evolve(job, **changes), attrs.evolve(job, **changes)
+        assert ours == theirs
+        assert (ours._args_json, ours._unique) == (theirs._args_json, theirs._unique)
+    with pytest.raises(TypeError):
+        evolve(job, nonsense=1)

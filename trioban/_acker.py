@@ -19,6 +19,7 @@ from . import _store, telemetry
 if TYPE_CHECKING:
     from ._executor import Ack
     from ._pg import Pool
+    from ._relay import Registry
 
 log = logging.getLogger("trioban.acker")
 
@@ -36,11 +37,13 @@ class Acker:
         self,
         pool: Pool,
         prefix: str,
-        after_write: Callable[[Sequence[Ack]], Awaitable[None]] | None = None,
+        after_write: Callable[[Sequence[Ack]], Awaitable[None]],
+        relays: Registry,
     ) -> None:
         self._pool = pool
         self._prefix = prefix
         self._after_write = after_write  # settles workflows and batches of written acks
+        self._relays = relays  # this instance's relays: their outcomes skip the notifier
         self._send, self._receive = trio.open_memory_channel["Ack"](BUFFER)
         self.written = 0
 
@@ -72,7 +75,7 @@ class Acker:
 
     async def _settle(self, batch: list[Ack]) -> None:
         settling = [ack for ack in batch if ack.workflow or ack.batch]
-        if not settling or self._after_write is None:
+        if not settling:
             return
         try:
             await self._after_write(settling)
@@ -81,6 +84,8 @@ class Acker:
             log.warning("settling workflows/batches after acks failed (%s)", exc)
 
     async def _write(self, batch: list[Ack]) -> None:
+        # Outcomes of relays waiting here are handed over once written, not published.
+        local = [ack for ack in batch if ack.relay and self._relays.waiting(ack.relay[0])]
         delay = 0.05
         while True:
             # Each attempt is shielded and bounded; the pause between attempts is not, so a
@@ -88,13 +93,19 @@ class Acker:
             with trio.move_on_after(WRITE_TIMEOUT, shield=True):
                 started = time.perf_counter()
                 try:
-                    await _store.ack(self._pool, self._prefix, batch)
+                    written = await _store.ack(self._pool, self._prefix, batch, local)
                 except Exception as exc:
                     log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
                 else:
                     self.written += len(batch)
                     elapsed = time.perf_counter() - started
                     telemetry.emit("acker.write", {"duration": elapsed, "count": len(batch)}, {})
+                    self._hand_over(local, written)
                     return
             await trio.sleep(delay)
             delay = min(_RETRY_MAX, delay * 2)
+
+    def _hand_over(self, local: list[Ack], written: set[int]) -> None:
+        for ack in local:
+            if ack.id in written and ack.relay is not None:  # a stale ack hands over nothing
+                self._relays.offer(*ack.relay)

@@ -19,9 +19,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, final
 
-import attrs
-
-from ._job import Job
+from ._job import Job, evolve
 from ._worker import Worker, check_json_object
 
 BATCH_ID: Final = "batch_id"
@@ -98,4 +96,4 @@ class Batch:
                 CALLBACK_QUEUE: self.callback.queue,
                 CALLBACK_ARGS: self.callback_args,
             }
-        return [attrs.evolve(job, meta={**job.meta, **extra}) for job in self._jobs]
+        return [evolve(job, meta={**job.meta, **extra}) for job in self._jobs]

@@ -16,7 +16,7 @@ from . import _codec, telemetry
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
-from ._relay import META_REF, META_RESULT, build_notice
+from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice, build_notice
 from ._worker import Worker, args_json, lookup
 from ._workflow import WORKFLOW_ID
 
@@ -37,6 +37,7 @@ class Ack:
     batch: str | None = None  # the job's batch (not for callback jobs)
     error: str | None = None  # the failure's text, when the job failed (for telemetry)
     result: Any = None  # the JSON-ready result, when it is stored or relayed
+    relay: tuple[str, Notice] | None = None  # a relayed job's ref and outcome
 
     @property
     def final(self) -> bool:
@@ -182,10 +183,7 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
             f"limit of {limit}; return less or raise the limit with @worker(recorded=<bytes>)"
         )
         return _failed(job, text, backoff=worker.backoff(job.attempt))
-    if ref is None:
-        return attrs.evolve(_ack(job, "completed", meta=meta), result=data)
-    notice = build_notice(str(ref), _job_id(job), "completed", result=data)
-    return attrs.evolve(_ack(job, "completed", meta=meta, notice=notice), result=data)
+    return _ack(job, "completed", meta=meta, result=data)
 
 
 def _failed(job: Job, text: str, *, backoff: float = 0.0, final: bool = False) -> Ack:
@@ -210,12 +208,14 @@ def _ack(
     error: str | None = None,
     meta: str | None = None,
     extra_attempts: int = 0,
-    notice: str | None = None,
+    result: Any = None,
     reason: str = "",
 ) -> Ack:
     ref = job.meta.get(META_REF)
-    if notice is None and ref is not None and state != "scheduled":
-        notice = build_notice(str(ref), _job_id(job), state, reason=reason)
+    notice = relay = None
+    if ref is not None and state != "scheduled":
+        notice = build_notice(str(ref), _job_id(job), state, result=result, reason=reason)
+        relay = (str(ref), Notice(state, result, reason[:REASON_LIMIT]))
     assert job.attempted_at is not None
     job_id = _job_id(job)
     # Written out by hand (the hot path of every job): ints, a state name and an ISO time need
@@ -238,6 +238,8 @@ def _ack(
         json=text,
         workflow=None if workflow is None else str(workflow),
         batch=None if batch is None else str(batch),
+        result=result,
+        relay=relay,
     )
 
 

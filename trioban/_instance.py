@@ -34,7 +34,7 @@ from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import InternalError, NotRecorded, RelayTimeout, TriobanError
 from ._executor import run_here
 from ._inserter import Inserter
-from ._job import Job, JobState, utc_datetime
+from ._job import Job, JobState, evolve, utc_datetime
 from ._leader import CHANNEL as LEADER_CHANNEL
 from ._leader import Leadership, while_leading
 from ._notifier import Notifier, check_channel
@@ -63,9 +63,8 @@ class Oban:
         self._notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
         self._relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
         self._inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
-        self._acker = Acker(
-            work_pool, conf.prefix, partial(_settle.after_acks, work_pool, conf.prefix)
-        )
+        settle = partial(_settle.after_acks, work_pool, conf.prefix)
+        self._acker = Acker(work_pool, conf.prefix, settle, self._relays)
         self._producers: dict[str, Producer] = {}
         self._woken_by_inserts = False  # subscribed to the insert channel (runs a queue)
         self._queues: trio.Nursery | None = None  # where producers run, set by open()
@@ -142,7 +141,7 @@ class Oban:
                 continue
             if producer.reserve(1):
                 attempted_by = (self.config.node, producer.uuid)
-                claimed[index] = attrs.evolve(job, attempted_by=attempted_by)
+                claimed[index] = evolve(job, attempted_by=attempted_by)
                 claims.setdefault(producer, []).append(index)
         return claimed, claims
 
@@ -331,7 +330,7 @@ class Oban:
         waiters = [None if ref is None else self._relays.register(ref) for ref in refs]
         try:
             tagged = [
-                job if ref is None else attrs.evolve(job, meta={**job.meta, META_REF: ref})
+                job if ref is None else evolve(job, meta={**job.meta, META_REF: ref})
                 for job, ref in zip(jobs, refs, strict=True)
             ]
             saved = await self.insert_all(tagged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, final
@@ -68,6 +69,17 @@ class Job:
     def saved(self) -> bool:
         """Whether the job has been written to the database."""
         return self.id is not None
+
+
+_FIELD_VALUES = operator.attrgetter(*(field.name for field in attrs.fields(Job)))
+_FIELD_ARGUMENTS = tuple(str(field.alias) for field in attrs.fields(Job))
+
+
+def evolve(job: Job, **changes: Any) -> Job:
+    """``job`` with ``changes`` applied: ``attrs.evolve`` in half the time, for hot paths."""
+    values: dict[str, Any] = dict(zip(_FIELD_ARGUMENTS, _FIELD_VALUES(job), strict=True))
+    values.update(changes)
+    return Job(**values)
 
 
 @final

@@ -34,6 +34,8 @@ META_RESULT: Final = "result"
 """The key of ``job.meta`` holding a relayed job's result."""
 CHANNEL: Final = "relay"
 
+REASON_LIMIT: Final = 2000
+"""The most of a failure's reason a notice carries."""
 POLL_INTERVAL: Final = 1.0
 """Seconds between polls of pending relays' rows (the fallback for missed notices)."""
 
@@ -56,7 +58,7 @@ def build_notice(ref: str, job_id: int, state: str, result: Any = None, reason: 
     if state == "completed":
         body["result"] = result
     elif reason:
-        body["reason"] = reason[:2000]
+        body["reason"] = reason[:REASON_LIMIT]
     text = _codec.encode_payload(body)
     if len(text.encode()) < _codec.NOTIFY_LIMIT:
         return text
@@ -117,6 +119,16 @@ class Registry:
 
     def discard(self, ref: str) -> None:
         self._waiters.pop(ref, None)
+
+    def waiting(self, ref: str) -> bool:
+        """Whether a relay of this instance waits on ``ref``."""
+        return ref in self._waiters
+
+    def offer(self, ref: str, notice: Notice) -> None:
+        """Hand ``notice`` to the relay waiting on ``ref``, if any (a job run on this node)."""
+        waiter = self._waiters.get(ref)
+        if waiter is not None:
+            waiter.offer(notice)
 
     def deliver(self, payload: Any) -> None:
         """Notifier handler for the relay channel."""

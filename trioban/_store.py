@@ -198,14 +198,20 @@ async def fetch(
     return [job_from_row(row) for row in rows]
 
 
-async def ack(pool: Pool, prefix: str, acks: Sequence[Ack]) -> int:
-    """Write a batch of outcomes in one statement; returns how many rows the fence let in."""
+async def ack(
+    pool: Pool, prefix: str, acks: Sequence[Ack], unpublished: Sequence[Ack] = ()
+) -> set[int]:
+    """Write a batch of outcomes in one statement; returns the ids the fence let in.
+
+    Relay notices are published, except those of ``unpublished`` (handed over in-process).
+    """
     params = {
         "acks": "[" + ",".join(a.json for a in acks) + "]",
         "relay_channel": channel(prefix, "relay"),
+        "unpublished": "{" + ",".join(str(a.id) for a in unpublished) + "}",
     }
     async with pool.connection() as conn:
-        return len(await conn.run(prepared("ack_jobs", prefix), params))
+        return {row[0] for row in await conn.run(prepared("ack_jobs", prefix), params)}
 
 
 async def stage(pool: Pool, prefix: str, limit: int) -> int:

@@ -11,14 +11,12 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol, final, overload
 
-import attrs
-
 from . import _aio, _codec, _structured
 from ._backoff import default_backoff
 from ._cron import check_expression
 from ._crypto import Encrypted
 from ._errors import TriobanError
-from ._job import Job, JobState, as_str_tuple, utc_datetime
+from ._job import Job, JobState, as_str_tuple, evolve, utc_datetime
 from ._unique import Unique
 
 Backoff = Callable[[int], float]
@@ -237,7 +235,7 @@ class Worker:
             args = _structured.structure(
                 args, self.args_type, "args", forbid_extra=self.strict_args
             )
-        return job if args is job.args else attrs.evolve(job, args=args)
+        return job if args is job.args else evolve(job, args=args)
 
     def dump_result(self, value: Any) -> Any:
         """A return value as JSON-ready data (unstructured for a worker with ``result=Cls``)."""

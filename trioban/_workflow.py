@@ -16,7 +16,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from ._job import Job, JobState
+from ._job import Job, JobState, evolve
 
 WORKFLOW_ID: Final = "workflow_id"
 NAME: Final = "name"
@@ -137,7 +137,7 @@ class Workflow:
         if step.ignore_discarded:
             meta[IGNORE_DISCARDED] = True
         state = JobState.SUSPENDED if step.deps else step.job.state
-        return attrs.evolve(step.job, meta=meta, state=state)
+        return evolve(step.job, meta=meta, state=state)
 
     @classmethod
     def _appending(

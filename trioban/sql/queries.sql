@@ -170,7 +170,9 @@ WITH acks AS (
   WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.attempted_at
   RETURNING j.id, a.notice
 ), notified AS (
-  SELECT pg_notify(%(relay_channel)s, notice) FROM updated WHERE notice IS NOT NULL
+  -- Not for relays waiting on the node writing the acks: it hands their outcomes over itself.
+  SELECT pg_notify(%(relay_channel)s, notice) FROM updated
+  WHERE notice IS NOT NULL AND id <> ALL(%(unpublished)s::bigint[])
 )
 SELECT id FROM updated WHERE (SELECT count(*) FROM notified) >= 0
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 from . import _codec
 from ._job import Job, JobState
-from ._sql import channel, query
+from ._sql import channel, query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
@@ -36,12 +36,6 @@ def copy_text(value: str) -> str:
     return value  # the usual case, found by four scans in C
 
 
-def array_literal(items: Sequence[str]) -> str:
-    """A PostgreSQL ``text[]`` literal of ``items``, every element quoted."""
-    quoted = (item.replace("\\", "\\\\").replace('"', '\\"') for item in items)
-    return "{" + ",".join(f'"{item}"' for item in quoted) + "}"
-
-
 def _state(job: Job, now: datetime) -> JobState:
     if job.attempted_by:
         return JobState.EXECUTING  # claimed on insert by a producer of this node
@@ -55,9 +49,9 @@ def _line(job: Job, id_: int, state: JobState, stamp: str) -> str:
     at = job.scheduled_at
     scheduled = stamp if at is None else at.astimezone(UTC).replace(tzinfo=None).isoformat()
     meta = copy_text(_codec.dumps(job.meta)) if job.meta else "{}"
-    tags = copy_text(array_literal(job.tags)) if job.tags else "{}"
+    tags = copy_text(text_array(job.tags)) if job.tags else "{}"
     if job.attempted_by:  # attempt, attempted_at, attempted_by
-        claim = f"1\t{stamp}\t{copy_text(array_literal(job.attempted_by))}"
+        claim = f"1\t{stamp}\t{copy_text(text_array(job.attempted_by))}"
     else:
         claim = "0\t\\N\t\\N"
     return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Final, LiteralString
 
@@ -20,7 +21,7 @@ from ._config import IDENTIFIER, validate_identifier
 
 __all__ = [
     "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "Prepared", "channel", "prepared",
-    "query", "quoted_prefix", "schema_sql", "uninstall_sql",
+    "query", "quoted_prefix", "schema_sql", "text_array", "uninstall_sql",
 ]  # fmt: skip
 
 SCHEMA_VERSION: Final = 3
@@ -87,6 +88,12 @@ def prepared(name: str, prefix: str) -> Prepared:
     text = _PLACEHOLDER.sub(number, code)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return Prepared(f"trioban_{name[:30]}_{digest}".encode(), text.encode(), tuple(params))
+
+
+def text_array(items: Sequence[str]) -> str:
+    """A ``text[]`` literal of ``items``, every element quoted (a text-format parameter)."""
+    quoted = (item.replace("\\", "\\\\").replace('"', '\\"') for item in items)
+    return "{" + ",".join(f'"{item}"' for item in quoted) + "}"
 
 
 def schema_sql(prefix: str) -> str:

@@ -12,7 +12,7 @@ import attrs
 from . import _bulk, _codec
 from ._errors import InternalError
 from ._job import Job, JobState
-from ._sql import channel, prepared, query
+from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     else:
         params = {
             "jobs": "[" + ",".join(map(_row_json, jobs)) + "]",
-            "queues": _bulk.array_literal(list({job.queue for job in jobs})),
+            "queues": text_array(list({job.queue for job in jobs})),
             "channel": channel(prefix, "insert"),
         }
         rows = await conn.run(prepared("insert_jobs", prefix), params)

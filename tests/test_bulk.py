@@ -15,7 +15,7 @@ from trioban import Config, JobState, _bulk, _pg
 
 from .helpers import eventually
 from .test_inserter import POISON_TRIGGER
-from .workers import echo
+from .workers import echo, unique_echo
 
 HOSTILE = "tab\there, line\nbreak, cr\r, back\\slash \\N \\t, \"quote\", 'single', ünï✓, {b,r}"
 FUTURE = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
@@ -160,3 +160,23 @@ async def test_copied_jobs_claimed_on_insert_run_once(dsn: str) -> None:
     claimed = [job for job in saved if job.state is JobState.EXECUTING]
     assert len(claimed) == 5  # one per free slot
     assert all(job.attempt == 1 and job.attempted_by for job in claimed)
+
+
+async def test_unique_jobs_amid_a_copied_batch(dsn: str) -> None:
+    """Plain jobs of a batch holding unique ones go through COPY inside the same transaction;
+    the unique ones keep their places and their conflicts."""
+    plain = [echo.new({"i": i}) for i in range(_bulk.MIN_ROWS + 20)]
+    with trio.fail_after(20):
+        async with trioban.open(Config(dsn=dsn, queues={})) as oban:
+            first = await oban.insert(unique_echo.new({"value": "u"}))
+            batch = [unique_echo.new({"value": "u"}), *plain, unique_echo.new({"value": "v"})]
+            saved = await oban.insert_all(batch)
+            async with oban.transaction() as conn:
+                cur = await conn.execute("SELECT count(*) FROM oban_jobs")
+                assert await cur.fetchone() == (len(plain) + 2,)
+    assert saved[0].conflict
+    assert saved[0].id == first.id
+    assert not saved[-1].conflict
+    assert [job.args["i"] for job in saved[1:-1]] == list(range(len(plain)))
+    ids = [job.id or 0 for job in saved[1:]]
+    assert ids == sorted(ids)

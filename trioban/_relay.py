@@ -3,8 +3,9 @@
 A waiter is registered under a fresh ref before the job is inserted (the ref travels in the
 job's meta), so a job that finishes in microseconds can't be missed. The executing node stores
 the result with the job and publishes a notice in the same statement as its ack; the notifier
-routes it here by ref. A poller re-reads the rows of pending relays at an interval, and at once
-after the notifier reconnects, so a missed notice only delays a result.
+routes it here by ref. When that node is this one, its acker hands the notice over instead,
+once the ack is written. A poller re-reads the rows of pending relays at an interval, and at
+once after the notifier reconnects, so a missed notice only delays a result.
 """
 
 from __future__ import annotations

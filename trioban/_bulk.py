@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from . import _codec
-from ._job import Job, JobState
+from ._job import Job, JobState, as_inserted
 from ._sql import channel, query, text_array
 from ._worker import args_json
 
@@ -71,23 +71,8 @@ def _chunks(
 
 
 def _saved(job: Job, id_: int, state: JobState, now: datetime) -> Job:
-    claimed = state is JobState.EXECUTING
-    return Job(
-        worker=job.worker,
-        args=job.args,
-        queue=job.queue,
-        priority=job.priority,
-        max_attempts=job.max_attempts,
-        tags=job.tags,
-        meta=job.meta,
-        id=id_,
-        state=state,
-        inserted_at=now,
-        scheduled_at=now if job.scheduled_at is None else job.scheduled_at.astimezone(UTC),
-        attempt=1 if claimed else 0,
-        attempted_at=now if claimed else None,
-        attempted_by=job.attempted_by if claimed else (),
-    )
+    at = now if job.scheduled_at is None else job.scheduled_at.astimezone(UTC)
+    return as_inserted(job, id_, state, now, at, now if state is JobState.EXECUTING else None)
 
 
 async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:

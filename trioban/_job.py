@@ -82,6 +82,33 @@ def evolve(job: Job, **changes: Any) -> Job:
     return Job(**values)
 
 
+def as_inserted(
+    job: Job,
+    id_: int,
+    state: JobState,
+    inserted_at: datetime,
+    scheduled_at: datetime,
+    attempted_at: datetime | None,
+) -> Job:
+    """``job`` as its insert saved it; ``attempted_at`` is set when it was claimed on insert."""
+    return Job(
+        worker=job.worker,
+        args=job.args,
+        queue=job.queue,
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        tags=job.tags,
+        meta=job.meta,
+        id=id_,
+        state=state,
+        inserted_at=inserted_at,
+        scheduled_at=scheduled_at,
+        attempt=0 if attempted_at is None else 1,
+        attempted_at=attempted_at,
+        attempted_by=() if attempted_at is None else job.attempted_by,
+    )
+
+
 @final
 @attrs.frozen
 class Cancel:

@@ -11,7 +11,7 @@ import attrs
 
 from . import _bulk, _codec
 from ._errors import InternalError
-from ._job import Job, JobState
+from ._job import Job, JobState, as_inserted
 from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
@@ -169,23 +169,9 @@ def _saved(
     scheduled: datetime,
     attempted: datetime | None = None,
 ) -> Job:
-    saved = Job(
-        worker=job.worker,
-        args=job.args,
-        queue=job.queue,
-        priority=job.priority,
-        max_attempts=job.max_attempts,
-        tags=job.tags,
-        meta=job.meta,
-        id=id_,
-        state=_STATES[state],
-        inserted_at=_utc(inserted),
-        scheduled_at=_utc(scheduled),
-        attempt=0 if attempted is None else 1,
-        attempted_at=_utc(attempted),
-        attempted_by=job.attempted_by if attempted is not None else (),
+    return as_inserted(
+        job, id_, _STATES[state], _aware(inserted), _aware(scheduled), _utc(attempted)
     )
-    return saved
 
 
 async def fetch(

@@ -23,6 +23,7 @@ from .workers import (
     big_result,
     echo,
     flaky,
+    json_shaped,
     steer,
     unique_echo,
     unique_recorded_echo,
@@ -141,6 +142,9 @@ async def test_outcomes_of_relays_run_on_their_own_node_are_handed_over(dsn: str
             outcomes = await oban.await_many(relays, timeout=5)
             assert [o.unwrap() for o in outcomes] == list(range(50))
             assert await oban.relay(big_result.new({"size": 100_000}), timeout=5) == "x" * 100_000
+            # What the notifier would give: the result as JSON holds it.
+            shaped = await oban.relay(json_shaped.new({}), timeout=5)
+            assert shaped == {"pair": [1, 2], "3": "three"}
 
     async def remote() -> None:
         async with running(dsn, queues={}, node="caller") as caller, running(dsn, node="worker"):

@@ -111,6 +111,12 @@ async def big_result(job: Job) -> str:
     return "x" * int(job.args["size"])
 
 
+@worker(queue="default")
+async def json_shaped(job: Job) -> Any:
+    """Returns what JSON reshapes: a tuple, an int key."""
+    return {"pair": (1, 2), 3: "three"}
+
+
 @worker(queue="other")
 async def whoami(job: Job) -> str:
     """Returns the node that ran it."""

@@ -215,7 +215,9 @@ def _ack(
     notice = relay = None
     if ref is not None and state != "scheduled":
         notice = build_notice(str(ref), _job_id(job), state, result=result, reason=reason)
-        relay = (str(ref), Notice(state, result, reason[:REASON_LIMIT]))
+        # The result as JSON holds it (tuples as lists, keys as str), as the notifier gives it.
+        relayed = _codec.loads(meta).get(META_RESULT) if meta is not None else None
+        relay = (str(ref), Notice(state, relayed, reason[:REASON_LIMIT]))
     assert job.attempted_at is not None
     job_id = _job_id(job)
     # Written out by hand (the hot path of every job): ints, a state name and an ISO time need

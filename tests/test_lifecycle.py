@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -191,6 +192,12 @@ async def test_transactional_insert_commits_or_rolls_back(dsn: str) -> None:
             with trio.move_on_after(0.3):
                 extra = await messages.receive()
                 pytest.fail(f"a rolled-back insert was announced: {extra}")
+            # Anything but a connection from oban.transaction() is refused, saying so.
+            with psycopg.connect(oban.config.dsn or "") as foreign:
+                with pytest.raises(TypeError, match=r"conn to be a connection from .*transaction"):
+                    await oban.insert(echo.new({}), conn=foreign)  # type: ignore[arg-type]
+                with pytest.raises(TypeError, match=r"got a psycopg\.Connection"):
+                    await oban.notify("gossip", {"a": 1}, conn=foreign)  # type: ignore[arg-type]
 
 
 async def _insert_then_fail(oban: trioban.Oban, inserted: list[trioban.Job]) -> None:

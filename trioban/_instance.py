@@ -100,6 +100,7 @@ class Oban:
         any cancelled write), never some of them.
         """
         batch = _check_jobs(jobs)
+        _check_conn(conn)
         if self.config.testing == "inline":
             return [await self._run_inline(job) for job in batch]
         if any(job._unique is not None for job in batch):
@@ -403,6 +404,7 @@ class Oban:
         A payload over PostgreSQL's 8,000-byte limit, even compressed, raises ValueError.
         """
         check_channel(channel)
+        _check_conn(conn)
         items = [payload] if isinstance(payload, Mapping) else list(payload)
         texts = [_encode_message(item) for item in items]
         if conn is not None:
@@ -624,6 +626,14 @@ def _check_jobs(jobs: Iterable[Job] | Workflow | Batch) -> list[Job]:
         if job.id is not None:
             raise ValueError(f"job {job.id} is already saved; build a new one with Worker.new()")
     return batch
+
+
+def _check_conn(conn: object) -> None:
+    if conn is not None and not isinstance(conn, _pg.Connection):
+        raise TypeError(
+            "expected conn to be a connection from `async with oban.transaction() as conn`, "
+            f"got a {type(conn).__module__}.{type(conn).__qualname__}"
+        )
 
 
 def _check_type(value: object, kind: type, what: str) -> None:

@@ -301,6 +301,20 @@ async def test_10000_abandoned_relays_leak_nothing(dsn: str) -> None:
             assert _rss_mb() - baseline < 20
 
 
+async def test_a_relay_never_awaited_drops_its_waiter_when_collected(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            kept = await oban.dispatch(echo.new({}, queue="nobody"))
+            for _ in range(100):
+                await oban.dispatch(echo.new({}, queue="nobody"))  # dropped at once
+            gc.collect()
+            assert len(oban._relays) == 1
+            assert oban._relays.waiting(kept.ref)
+            del kept
+            gc.collect()
+            assert len(oban._relays) == 0
+
+
 async def test_a_relay_that_joins_an_existing_unique_job(dsn: str) -> None:
     """A relayed unique job that conflicts follows the existing job: its result when that job
     stored one (relayed itself, or a recorded worker), else a RelayError saying why."""

@@ -81,23 +81,39 @@ def notice_from_row(state: str, errors: Sequence[Any] | None, meta: Mapping[str,
 class _Waiter:
     """A per-ref slot holding the latest notice; a final notice is never overwritten."""
 
-    __slots__ = ("event", "job_id", "notice")
+    __slots__ = ("_event", "job_id", "notice", "owner")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        self._event: trio.Event | None = None  # made only while a task waits (memory)
         self.notice: Notice | None = None
         self.job_id: int | None = None
+        self.owner: _Owner | None = None  # the Relay it serves, weakly
 
     def offer(self, notice: Notice) -> None:
         if self.notice is not None and self.notice.state in _FINAL:
             return
         self.notice = notice
-        self.event.set()
+        if self._event is not None:
+            self._event.set()
 
-    def take(self) -> Notice | None:
+    async def take(self) -> Notice:
+        """The notice held, or the next one offered."""
+        if self.notice is None:
+            while self.notice is None:
+                self._event = trio.Event()
+                await self._event.wait()
+            self._event = None
+        else:
+            await trio.lowlevel.checkpoint()
         notice, self.notice = self.notice, None
-        self.event = trio.Event()
         return notice
+
+
+class _Owner(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to a Relay that knows its ref (lighter than weakref.finalize)."""
+
+    __slots__ = ("key",)
+    key: str  # the relay's ref
 
 
 class Registry:
@@ -120,6 +136,16 @@ class Registry:
 
     def discard(self, ref: str) -> None:
         self._waiters.pop(ref, None)
+
+    def own(self, ref: str, relay: Relay) -> None:
+        """Drop ``ref``'s waiter when ``relay`` is collected: one never awaited can't leak."""
+        waiter = self._waiters.get(ref)
+        if waiter is not None:
+            waiter.owner = _Owner(relay, self._forget)
+            waiter.owner.key = ref
+
+    def _forget(self, owner: _Owner) -> None:
+        self.discard(owner.key)
 
     def waiting(self, ref: str) -> bool:
         """Whether a relay of this instance waits on ``ref``."""
@@ -176,10 +202,7 @@ class Registry:
         """
         waiter.job_id = job_id
         while True:
-            await waiter.event.wait()
-            notice = waiter.take()
-            if notice is None:
-                continue
+            notice = await waiter.take()
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it
                 continue
@@ -194,6 +217,8 @@ class Registry:
 @final
 class Relay:
     """A dispatched job whose result can be awaited: returned by ``oban.dispatch()``."""
+
+    __slots__ = ("__weakref__", "_load", "_registry", "_stored", "job", "ref")
 
     def __init__(
         self,
@@ -210,8 +235,7 @@ class Relay:
         self._load = load  # the worker's structured result type, when it has one
         # False when the relay joined an existing unique job that won't store its result.
         self._stored = stored
-        # A relay that is never awaited must not keep its waiter forever.
-        weakref.finalize(self, registry.discard, ref)
+        registry.own(ref, self)
 
     def __repr__(self) -> str:
         return f"<trioban.Relay ref={self.ref} job={self.job.id}>"

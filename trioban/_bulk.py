@@ -1,10 +1,10 @@
-"""Bulk insert with COPY: one transaction takes a block of ids, streams the rows, notifies.
+"""Bulk insert with COPY: take a block of ids, then stream the rows.
 
 For a large batch COPY costs the server about half what ``INSERT ... SELECT`` from a JSON
 recordset does, and as the rows stream Python builds the next chunk and the saved jobs while
 the server writes the previous ones. The ids are drawn from the table's own sequence first,
-so the saved jobs are known without reading the rows back. The transaction makes the insert
-all or nothing, and its notifications go out only if it commits.
+so the saved jobs are known without reading the rows back. The caller's transaction makes the
+insert all or nothing and carries its notifications (``_store.insert``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from . import _codec
-from ._job import Job, JobState, as_inserted
-from ._sql import channel, query, text_array
+from ._job import AUTO_STATES, Job, JobState, as_inserted
+from ._sql import query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ MIN_ROWS: Final = 100
 """Below this many jobs a single INSERT statement is quicker (COPY costs extra round trips)."""
 
 _CHUNK: Final = 1_000  # rows per write: the server ingests one while the next is built
-_AUTO_STATES: Final = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
 _COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -39,7 +38,7 @@ def copy_text(value: str) -> str:
 def _state(job: Job, now: datetime) -> JobState:
     if job.attempted_by:
         return JobState.EXECUTING  # claimed on insert by a producer of this node
-    if job.state not in _AUTO_STATES:
+    if job.state not in AUTO_STATES:
         return job.state
     at = job.scheduled_at
     return JobState.SCHEDULED if at is not None and at > now else JobState.AVAILABLE
@@ -75,24 +74,18 @@ def _saved(job: Job, id_: int, state: JobState, now: datetime) -> Job:
     return as_inserted(job, id_, state, now, at, now if state is JobState.EXECUTING else None)
 
 
-async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
-    """Insert ``jobs`` in one transaction with COPY and notify their queues; return them saved."""
-    async with conn.transaction():
-        cur = await conn.execute(query("reserve_job_ids", prefix), {"count": len(jobs)})
-        reserved = await cur.fetchone()
-        assert reserved is not None
-        ids, naive_now = sorted(reserved[0]), reserved[1]
-        now = naive_now.replace(tzinfo=UTC)
-        stamp = naive_now.isoformat()
-        states = [_state(job, now) for job in jobs]
-        async with cur.copy(query("copy_jobs", prefix)) as copy:
-            for chunk in _chunks(jobs, ids, states, stamp):
-                await copy.write(chunk)
-            # Built while the server writes the last rows; the block's end waits for it.
-            saved = list(map(_saved, jobs, ids, states, [now] * len(jobs)))
-        woken = sorted({job.queue for job in saved if job.state is JobState.AVAILABLE})
-        if woken:
-            payloads = [_codec.dumps({"queue": queue}) for queue in woken]
-            params = {"channel": channel(prefix, "insert"), "payloads": payloads}
-            await conn.execute(query("notify", prefix), params)
+async def copy(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
+    """Write ``jobs`` with COPY, in the caller's transaction; return them saved."""
+    cur = await conn.execute(query("reserve_job_ids", prefix), {"count": len(jobs)})
+    reserved = await cur.fetchone()
+    assert reserved is not None
+    ids, naive_now = sorted(reserved[0]), reserved[1]
+    now = naive_now.replace(tzinfo=UTC)
+    stamp = naive_now.isoformat()
+    states = [_state(job, now) for job in jobs]
+    async with cur.copy(query("copy_jobs", prefix)) as copy:
+        for chunk in _chunks(jobs, ids, states, stamp):
+            await copy.write(chunk)
+        # Built while the server writes the last rows; the block's end waits for it.
+        saved = list(map(_saved, jobs, ids, states, [now] * len(jobs)))
     return saved

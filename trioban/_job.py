@@ -29,6 +29,8 @@ class JobState(enum.StrEnum):
 
 
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.DISCARDED, JobState.CANCELLED})
+AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
+"""States an insert derives from ``scheduled_at``; any other state is written as given."""
 
 
 @final

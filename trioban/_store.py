@@ -11,7 +11,7 @@ import attrs
 
 from . import _bulk, _codec
 from ._errors import InternalError
-from ._job import Job, JobState, as_inserted
+from ._job import AUTO_STATES, Job, JobState, as_inserted
 from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
@@ -62,7 +62,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
 
 def _row_json(job: Job) -> str:
     """One job as a JSON object for the insert statement, reusing its encoded args."""
-    state = "null" if job.state in _AUTO_STATES else f'"{job.state.value}"'
+    state = "null" if job.state in AUTO_STATES else f'"{job.state.value}"'
     at = job.scheduled_at
     scheduled = "null" if at is None else f'"{at.astimezone(UTC).replace(tzinfo=None).isoformat()}"'
     return (
@@ -79,7 +79,10 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     if not jobs:
         return []
     if len(jobs) >= _bulk.MIN_ROWS:
-        return await _bulk.insert(conn, prefix, jobs)
+        async with conn.transaction():
+            saved = await _bulk.copy(conn, prefix, jobs)
+            await _notify_inserted(conn, prefix, saved)
+        return saved
     if len(jobs) == 1:
         one = {"job": _row_json(jobs[0]), "channel": channel(prefix, "insert")}
         rows = await conn.run(prepared("insert_job", prefix), one)
@@ -93,7 +96,6 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
     return [_saved(job, *row) for job, row in zip(jobs, rows, strict=True)]
 
 
-_AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
 _UNIQUE_ROUNDS = 5
 
 
@@ -109,20 +111,25 @@ async def insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job])
     async with conn.transaction():
         plain = [job for job in jobs if job._unique is None]
         saved = iter(await insert(conn, prefix, plain))
-        woken: set[str] = set()
+        uniques = []
         results = []
         for job in jobs:
             if job._unique is None:
                 results.append(next(saved))
                 continue
             unique = await _insert_unique(conn, prefix, job)
-            if unique.state is JobState.AVAILABLE:
-                woken.add(unique.queue)
+            uniques.append(unique)
             results.append(unique)
-        if woken:
-            payloads = [_codec.dumps({"queue": queue}) for queue in sorted(woken)]
-            await notify(conn, prefix, "insert", payloads)
+        await _notify_inserted(conn, prefix, uniques)
         return results
+
+
+async def _notify_inserted(conn: Connection, prefix: str, saved: Sequence[Job]) -> None:
+    """Notify the queues of the ``saved`` jobs that are available, in ``conn``'s transaction."""
+    woken = sorted({job.queue for job in saved if job.state is JobState.AVAILABLE})
+    if woken:
+        payloads = [_codec.dumps({"queue": queue}) for queue in woken]
+        await notify(conn, prefix, "insert", payloads)
 
 
 async def _insert_unique(conn: Connection, prefix: str, job: Job) -> Job:

@@ -4,8 +4,9 @@
 
 Without --dsn (or TRIOBAN_BENCH_DSN) a throwaway PostgreSQL with default durability (fsync
 and synchronous_commit on) is started. Each workload runs --runs times on a fresh schema; the
-line reports the median and the min-max. --write-docs also writes the figures, with the
-machine's details, as a table to docs/reference/benchmark-results.md.
+line reports the median and the min-max. The workloads take turns (W1..W6, then again), so a
+slow stretch of the machine touches all of them alike. --write-docs also writes the figures,
+with the machine's details, as a table to docs/reference/benchmark-results.md.
 """
 
 from __future__ import annotations
@@ -81,16 +82,18 @@ def main() -> None:
         "processor": _processor(),
     }
     print(json.dumps({"benchmark": "trioban", **machine}), flush=True)
-    lines = []
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with _server(opts.dsn) as admin_dsn:
         machine["postgresql"] = _server_version(admin_dsn)
-        for name in names:
-            runs = []
-            for _ in range(opts.runs):
-                dsn = _fresh_database(admin_dsn)
-                runs.append(trio.run(WORKLOADS[name], dsn))
-            lines.append(_summary(name, runs))
-            print(json.dumps(lines[-1]), flush=True)
+        # Round-robin: a machine's speed drifts over minutes, so each workload is sampled
+        # across the whole session rather than all its runs landing in one stretch.
+        for round_ in range(1, opts.runs + 1):
+            for name in names:
+                runs[name].append(trio.run(WORKLOADS[name], _fresh_database(admin_dsn)))
+            print(f"round {round_}/{opts.runs} done", file=sys.stderr, flush=True)
+    lines = [_summary(name, runs[name]) for name in names]
+    for line in lines:
+        print(json.dumps(line), flush=True)
     if opts.write_docs:
         DOCS_TABLE.write_text(_table(machine, lines, opts.runs), encoding="utf-8")
         print(f"wrote {DOCS_TABLE}", file=sys.stderr)

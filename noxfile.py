@@ -13,7 +13,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
-LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1"]
+LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1", "import-linter>=2.1"]
 FLAKE8_ASYNC = "ASYNC102,ASYNC111,ASYNC112,ASYNC113,ASYNC118,ASYNC119,ASYNC120,ASYNC121,ASYNC122"
 
 
@@ -26,12 +26,13 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) and flake8-async."""
+    """ruff (lint and format), flake8-async and the import layers."""
     session.install(*LINT_TOOLS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # The flake8-async checks ruff lacks (ruff runs the rest).
     session.run("flake8", f"--select={FLAKE8_ASYNC}", "trioban")
+    session.run("lint-imports")  # the layers contract in pyproject.toml
 
 
 @nox.session

@@ -141,7 +141,7 @@ async def test_copied_jobs_claimed_on_insert_run_once(dsn: str) -> None:
         # No stager ticks: each wakes the producer, which then fetches before claiming again.
         settings: dict[str, Any] = {"queues": {"default": 5}, "stage_interval": 60}
         async with trioban.open(Config(dsn=dsn, **settings)) as oban:
-            producer = oban._producers["default"]
+            producer = oban._queues.producers["default"]
 
             async def drained() -> bool:  # the producer's first fetch came back short
                 return producer.claimable

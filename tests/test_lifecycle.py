@@ -352,7 +352,7 @@ async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
         # No stager ticks: each wakes the producer, which then fetches before claiming again.
         async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
             await oban.relay(echo.new({"value": "warm"}))
-            producer = oban._producers["default"]
+            producer = oban._queues.producers["default"]
 
             async def drained() -> bool:  # the producer's fetch after the warm job came back
                 return producer.claimable
@@ -381,7 +381,7 @@ async def test_cancelled_claimed_inserts_give_back_their_slots_or_run(dsn: str) 
     with trio.fail_after(20):
         async with running(dsn, queues={"default": 2}, stage_interval=60) as oban:
             await oban.relay(echo.new({"value": "warm"}))
-            producer = oban._producers["default"]
+            producer = oban._queues.producers["default"]
 
             async def drained() -> bool:
                 return producer.claimable

@@ -68,7 +68,7 @@ async def test_start_and_stop_queues(dsn: str) -> None:
             await control.start_queue("default", limit=3, node="worker")
 
             async def started() -> bool:
-                return "default" in worker._producers
+                return "default" in worker._queues.producers
 
             await eventually(started)
             assert worker.check_queue("default").limit == 3
@@ -81,7 +81,7 @@ async def test_start_and_stop_queues(dsn: str) -> None:
             await control.stop_queue("default")
 
             async def stopped() -> bool:
-                return "default" not in worker._producers
+                return "default" not in worker._queues.producers
 
             await eventually(stopped)
 

@@ -1,12 +1,14 @@
 """trioban: Trio-native, PostgreSQL-backed job orchestration.
 
-Layers (imports go one way, downwards):
-  pure       _errors telemetry _config _cron _job _backoff _codec _structured _crypto
-             _unique _aio _worker _workflow _batch
-  database   _sql _schema _pg _store
-  services   _notifier _relay _executor _acker _producer _stager _heartbeat _leader
-             _lifeline _pruner _settle
-  instance   _instance (open(), Oban)
+Layers (imports go one way, downwards; `nox -s lint` checks them with import-linter, whose
+contract in pyproject.toml lists every module):
+  entry      _commands testing _demo
+  instance   _open (open()) > _instance (Oban) > _queues _checks
+  services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
+             _notifier _leader _lifeline _pruner
+  database   _store _schema > _bulk > _pg > _sql
+  pure       _batch _workflow > _worker > _config _cron _crypto _structured _aio _backoff
+             > _unique > _job > _codec _errors telemetry _embedded _devserver
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ from ._errors import RelayTimeout as RelayTimeout
 from ._errors import TriobanError as TriobanError
 from ._instance import Oban as Oban
 from ._instance import current_instance as current_instance
-from ._instance import open as open
 from ._job import Cancel as Cancel
 from ._job import Discard as Discard
 from ._job import Job as Job
 from ._job import JobState as JobState
 from ._job import Snooze as Snooze
 from ._notifier import LISTEN_BUFFER as LISTEN_BUFFER
+from ._open import open as open
 from ._producer import QueueInfo as QueueInfo
 from ._relay import Relay as Relay
 from ._schema import SchemaError as SchemaError

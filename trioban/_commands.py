@@ -27,8 +27,9 @@ from rich.table import Table
 from . import _demo, _schema
 from ._config import Config, parse_queues
 from ._errors import TriobanError
-from ._instance import Oban, open
+from ._instance import Oban
 from ._job import JobState
+from ._open import open
 from ._sql import query
 from ._store import job_from_row
 

@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ._config import Config
-from ._instance import Oban, open
+from ._instance import Oban
 from ._job import Job
+from ._open import open
 from ._worker import worker
 from ._workflow import Workflow
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -22,7 +22,8 @@ import trio
 
 from . import _codec
 from ._errors import RelayCancelled, RelayDiscard, RelayError, RelayTimeout
-from ._job import Job
+from ._job import Job, evolve
+from ._worker import lookup
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -279,6 +280,43 @@ class Relay:
         except ValueError as exc:
             text = f"job {self.job.id} completed, but its result doesn't load: {exc}"
             raise RelayError(text) from None
+
+
+async def insert_relayed(
+    registry: Registry,
+    insert_all: Callable[[list[Job]], Awaitable[list[Job]]],
+    jobs: list[Job],
+    relayed: list[bool],
+) -> tuple[list[Job], list[Relay | None]]:
+    """Insert ``jobs`` in one statement with a relay for each one flagged in ``relayed``."""
+    refs = [new_ref() if flag else None for flag in relayed]
+    # Registered before the insert: a job that finishes at once can't be missed.
+    waiters = [None if ref is None else registry.register(ref) for ref in refs]
+    try:
+        tagged = [
+            job if ref is None else evolve(job, meta={**job.meta, META_REF: ref})
+            for job, ref in zip(jobs, refs, strict=True)
+        ]
+        saved = await insert_all(tagged)
+    except BaseException:
+        for ref in refs:
+            if ref is not None:
+                registry.discard(ref)
+        raise
+    relays: list[Relay | None] = []
+    for job, ref, waiter in zip(saved, refs, waiters, strict=True):
+        if ref is None or waiter is None:
+            relays.append(None)
+            continue
+        waiter.job_id = job.id  # None for a job run inline: nothing to poll
+        found = lookup(job.worker)
+        load = found.load_result if found is not None and found.result_type else None
+        # A conflict returned an existing unique job: its result is stored only if it was
+        # itself relayed or its worker records results.
+        recorded = found is not None and found.recorded
+        stored = not job.conflict or META_REF in job.meta or recorded
+        relays.append(Relay(registry, ref, job, load, stored=stored))
+    return saved, relays
 
 
 def new_ref() -> str:

@@ -231,6 +231,23 @@ async def relay_states(pool: Pool, prefix: str, ids: list[int]) -> list[tuple[An
         return await cur.fetchall()
 
 
+async def workflow_rows(
+    pool: Pool, prefix: str, workflow_id: str, names: list[str] | None
+) -> list[tuple[Any, ...]]:
+    """``(name, state, worker, result)`` of a workflow's steps (those in ``names``, if given)."""
+    params = {"workflow_id": workflow_id, "names": names}
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("workflow_jobs", prefix), params)
+        return await cur.fetchall()
+
+
+async def batch_counts(pool: Pool, prefix: str, batch_id: str) -> dict[str, int]:
+    """How many of a batch's jobs are in each state they are in."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("batch_states", prefix), {"batch_id": batch_id})
+        return {state: int(count) for state, count in await cur.fetchall()}
+
+
 async def retry_job(pool: Pool, prefix: str, job_id: int) -> bool:
     """Make a job available again; False if it is already available or executing."""
     params = {"id": job_id, "channel": channel(prefix, "insert")}

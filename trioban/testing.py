@@ -27,8 +27,9 @@ from psycopg import sql
 from . import _codec, _settle, _store
 from ._config import Config
 from ._executor import Running, execute, run_here
-from ._instance import Oban, open
+from ._instance import Oban
 from ._job import Job, JobState
+from ._open import open
 from ._relay import META_REF
 from ._sql import query, schema_sql
 from ._worker import CURRENT, Worker

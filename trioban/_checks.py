@@ -1,0 +1,72 @@
+"""Checks of the arguments of ``Oban``'s methods: each error says what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import _codec, _pg
+from ._batch import Batch
+from ._job import Job
+from ._workflow import Workflow
+
+
+def check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise ValueError(f"expected limit to be an int between 1 and 10000, got {limit!r}")
+    return limit
+
+
+def check_jobs(jobs: Iterable[Job] | Workflow | Batch) -> list[Job]:
+    if isinstance(jobs, Job):
+        raise TypeError("insert_all expects a list of jobs; use insert(job) for one")
+    batch = jobs.build() if isinstance(jobs, Workflow | Batch) else list(jobs)
+    for job in batch:
+        if not isinstance(job, Job):
+            raise TypeError(f"expected a Job built by Worker.new(), got {job!r}")
+        if job.id is not None:
+            raise ValueError(f"job {job.id} is already saved; build a new one with Worker.new()")
+    return batch
+
+
+def check_conn(conn: object) -> None:
+    if conn is not None and not isinstance(conn, _pg.Connection):
+        raise TypeError(
+            "expected conn to be a connection from `async with oban.transaction() as conn`, "
+            f"got a {type(conn).__module__}.{type(conn).__qualname__}"
+        )
+
+
+def check_type(value: object, kind: type, what: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"expected {what}, got {value!r}")
+
+
+def check_key(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"expected {what} (a non-empty str), got {value!r}")
+    return value
+
+
+def check_id(job_id: int) -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+        raise TypeError(f"expected a job id (a positive int), got {job_id!r}")
+    return job_id
+
+
+def check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise ValueError(f"expected timeout to be a number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def encode_message(item: Mapping[str, Any]) -> str:
+    if not isinstance(item, Mapping):
+        raise TypeError(f"expected a notifier payload to be a dict, got {type(item).__name__}")
+    text = _codec.encode_payload(item)
+    if len(text.encode()) >= _codec.NOTIFY_LIMIT:
+        raise ValueError(
+            f"notifier payload is {len(text.encode())} bytes even compressed; PostgreSQL's "
+            f"limit is {_codec.NOTIFY_LIMIT}: store the data in a table and send its key"
+        )
+    return text

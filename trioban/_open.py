@@ -1,0 +1,196 @@
+"""``trioban.open()``: start an instance's services in order, and stop them in reverse."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Final
+
+import trio
+
+from . import _aio, _embedded, _heartbeat, _lifeline, _pg, _pruner, _schema, _settle, _stager
+from ._config import Config
+from ._errors import InternalError, TriobanError
+from ._instance import Oban
+from ._leader import CHANNEL as LEADER_CHANNEL
+from ._leader import while_leading
+from ._queues import SIGNAL
+from ._worker import CURRENT, asyncio_queues
+
+PRUNE_INTERVAL: Final = 30.0
+"""Seconds between pruner runs (sooner when ``prune_max_age`` is shorter)."""
+
+
+@asynccontextmanager
+async def open(conf: Config) -> AsyncIterator[Oban]:
+    """Start a trioban instance: schema verified, notifier, queues and services running.
+
+    The block is entered once every service is ready. Leaving it stops the queues from
+    fetching, gives running jobs ``conf.shutdown_grace`` seconds, cancels the rest (they stay
+    ``executing`` for the lifeline to rescue), writes every pending ack and closes connections.
+    An exception raised inside the block comes out unchanged; a failure of one of trioban's own
+    tasks comes out as a ``TriobanError``.
+    """
+    if not isinstance(conf, Config):
+        raise TypeError(f"trioban.open() expects a trioban.Config, got {conf!r}")
+    if conf.dsn is None:
+        async with _embedded_dsn() as dsn, open(conf.evolve(dsn=dsn)) as oban:
+            yield oban
+        return
+    body_error: BaseException | None = None
+    try:
+        async with (
+            _pg.open_pool(conf.dsn, size=conf.pool_size) as pool,
+            _pg.open_pool(_relaxed(conf.dsn), size=len(conf.queues) + 2) as work_pool,
+        ):
+            await _prepare_schema(pool, conf)
+            async with _running(conf, pool, work_pool) as oban:
+                try:
+                    yield oban
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+    except BaseExceptionGroup as group:
+        collapsed = _collapse(group, body_error)
+        if collapsed is group:
+            raise
+        # The user's own exception keeps its cause; ours points at the group.
+        raise collapsed from (group if collapsed is not body_error else collapsed.__cause__)
+
+
+@asynccontextmanager
+async def _embedded_dsn() -> AsyncIterator[str]:
+    """The embedded server's DSN (``Config(dsn=None)``), started off the event loop."""
+    server = _embedded.embedded_server()
+    dsn = await trio.to_thread.run_sync(server.__enter__)
+    try:
+        yield dsn
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(server.__exit__, None, None, None)
+
+
+@asynccontextmanager
+async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIterator[Oban]:
+    oban = Oban._create(conf, pool, work_pool)
+    if conf.testing == "disabled":  # testing modes run no queue: tests drain them
+        for queue, limit in conf.queues.items():
+            oban._queues.add(queue, limit)
+    _subscribe(oban)
+    # Set before any task starts, so jobs inherit it (a job may relay or insert in turn).
+    token = CURRENT.set(oban)
+    try:
+        async with (
+            _aio.loop_if(bool(asyncio_queues() & set(conf.queues))),
+            _services(oban) as running,
+        ):
+            yield running
+    finally:
+        CURRENT.reset(token)
+
+
+@asynccontextmanager
+async def _services(oban: Oban) -> AsyncIterator[Oban]:
+    conf, producers = oban.config, oban._queues.producers
+    async with trio.open_nursery() as services:
+        await services.start(oban._notifier.run)
+        await services.start(oban._relays.run)
+        await services.start(oban._inserter.run)
+        await services.start(
+            _heartbeat.run, oban._work_pool, conf.prefix, conf.heartbeat_interval, producers
+        )
+        await services.start(oban._leadership.run)
+        if conf.testing == "disabled":
+            await _start_maintenance(services, oban)
+        async with trio.open_nursery() as acking:
+            await acking.start(oban._acker.run)
+            async with oban._queues.serve(conf.shutdown_grace):
+                if producers:
+                    await services.start(
+                        _stager.run, oban._work_pool, conf.prefix, conf.stage_interval, producers
+                    )
+                yield oban
+            oban._acker.close()
+        services.cancel_scope.cancel()
+
+
+async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
+    """The leader's periodic work (lifeline, workflow sweep, pruner) and the cron scheduler."""
+    conf, pool, leadership = oban.config, oban._work_pool, oban._leadership
+    await services.start(
+        while_leading,
+        leadership,
+        conf.heartbeat_interval,
+        "lifeline",
+        partial(_lifeline.rescue, pool, conf.prefix, conf.rescue_after),
+    )
+    await services.start(
+        while_leading,
+        leadership,
+        conf.heartbeat_interval,
+        "workflow sweep",
+        partial(_settle.sweep, pool, conf.prefix),
+    )
+    if conf.prune_max_age is not None:
+        await services.start(
+            while_leading,
+            leadership,
+            min(PRUNE_INTERVAL, conf.prune_max_age),
+            "pruner",
+            partial(_pruner.prune, pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
+        )
+    if oban._scheduler.entries:
+        await services.start(oban._scheduler.run)
+
+
+def _subscribe(oban: Oban) -> None:
+    notifier, relays, queues = oban._notifier, oban._relays, oban._queues
+
+    def on_reconnect() -> None:
+        relays.poll_soon()
+        queues.wake_all()
+
+    notifier.subscribe("relay", relays.deliver)
+    notifier.subscribe(SIGNAL, oban._on_signal)
+    notifier.subscribe(LEADER_CHANNEL, oban._leadership.elect_soon)
+    notifier.on_reconnect(on_reconnect)
+
+
+def _relaxed(dsn: str) -> str:
+    """The DSN for the pool that claims and acks jobs: commits there don't wait for the disk.
+
+    Inserts stay durable on commit. A claim or an ack lost to a PostgreSQL crash at worst runs
+    a job again (at-least-once), and this halves the disk flushes on the path of every job.
+    """
+    return _pg.with_options(dsn, synchronous_commit="off")
+
+
+async def _prepare_schema(pool: _pg.Pool, conf: Config) -> None:
+    async with pool.connection() as conn:
+        if conf.install:
+            await _schema.install(conn, conf.prefix)
+        else:
+            await _schema.verify(conn, conf.prefix)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _collapse(
+    group: BaseExceptionGroup[BaseException], body: BaseException | None
+) -> BaseException:
+    """What to raise for an exception group from the instance's nurseries (STYLE rule 8)."""
+    leaves = _leaves(group)
+    if body is not None and all(leaf is body for leaf in leaves):
+        return body
+    if all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
+        return group
+    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if len(errors) == 1 and isinstance(errors[0], TriobanError) and body is None:
+        return errors[0]
+    return InternalError(f"a trioban task failed: {errors[0]!r}")

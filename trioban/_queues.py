@@ -1,0 +1,168 @@
+"""This node's queues: a producer per queue, run in one nursery, steered by signals.
+
+``Queues`` starts and stops producers, applies queue signals (pause, resume, scale, start,
+stop, pkill) whichever node sent them, wakes producers on insert notifications and claims
+jobs on insert for queues with free slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import trio
+
+from . import _pg
+from ._acker import Acker
+from ._errors import TriobanError
+from ._job import Job, JobState, evolve
+from ._notifier import Notifier
+from ._producer import Producer
+
+SIGNAL: Final = "signal"
+"""The notifier channel of queue signals."""
+
+
+@final
+class Queues:
+    """The producers of one instance, by queue name."""
+
+    def __init__(
+        self, work_pool: _pg.Pool, acker: Acker, notifier: Notifier, prefix: str, node: str
+    ) -> None:
+        self._work_pool = work_pool
+        self._acker = acker
+        self._notifier = notifier
+        self._prefix = prefix
+        self._node = node
+        self.producers: dict[str, Producer] = {}
+        self._woken_by_inserts = False  # subscribed to the insert channel (runs a queue)
+        self._nursery: trio.Nursery | None = None  # where producers run, while open
+        self._grace = 0.0
+
+    def get(self, queue: str) -> Producer:
+        """The producer of ``queue``; ValueError naming the queues here if it doesn't run."""
+        producer = self.producers.get(queue)
+        if producer is None:
+            known = ", ".join(sorted(self.producers)) or "none (an insert-only instance)"
+            raise ValueError(f"queue {queue!r} does not run on this node; its queues: {known}")
+        return producer
+
+    def add(self, queue: str, limit: int) -> Producer:
+        """A new producer for ``queue``, registered (started by ``serve`` or ``start``)."""
+        producer = Producer(
+            pool=self._work_pool,
+            acker=self._acker,
+            prefix=self._prefix,
+            node=self._node,
+            queue=queue,
+            limit=limit,
+        )
+        if not self.producers and not self._woken_by_inserts:
+            # Only a node running queues listens for inserts: an insert-only node would
+            # otherwise be sent back a notification for each of its own inserts.
+            self._notifier.subscribe("insert", self._on_insert)
+            self._woken_by_inserts = True
+        self.producers[queue] = producer
+        return producer
+
+    async def start(self, queue: str, limit: int) -> None:
+        """Start running ``queue`` here; the producer has fetched once when this returns."""
+        if self._nursery is None:
+            raise TriobanError("the instance is not running")
+        await self._nursery.start(self._run, self.add(queue, limit))
+
+    @asynccontextmanager
+    async def serve(self, grace: float) -> AsyncIterator[None]:
+        """Run the registered producers; on exit stop them, giving jobs ``grace`` seconds."""
+        self._grace = grace
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for producer in list(self.producers.values()):
+                await nursery.start(self._run, producer)
+            try:
+                yield
+            finally:
+                self._nursery = None
+                await stop(self.producers.values(), grace)  # noqa: ASYNC102
+
+    def claim(self, jobs: list[Job]) -> tuple[list[Job], dict[Producer, list[int]]]:
+        """Claim on insert: jobs for a queue this node runs, with free slots and nothing
+        waiting, are inserted already claimed by its producer and run at once, skipping the
+        notification and fetch round trips. Returns the jobs and each producer's indexes."""
+        claims: dict[Producer, list[int]] = {}
+        if not self.producers:
+            return jobs, claims
+        claimed = list(jobs)
+        for index, job in enumerate(jobs):
+            producer = self.producers.get(job.queue)
+            if producer is None or job.state is not JobState.AVAILABLE or job.scheduled_at:
+                continue
+            if producer.reserve(1):
+                claimed[index] = evolve(job, attempted_by=(self._node, producer.uuid))
+                claims.setdefault(producer, []).append(index)
+        return claimed, claims
+
+    def apply(self, message: dict[str, Any]) -> None:
+        """Apply a queue signal meant for this node (or for every node)."""
+        if message.get("node") not in (None, self._node):
+            return
+        if message.get("action") == "pkill":
+            reason = str(message.get("reason", "cancelled"))
+            for job_id in message.get("job_ids", ()):
+                for producer in self.producers.values():
+                    producer.cancel_job(job_id, reason)
+            return
+        self._steer(str(message.get("action")), str(message.get("queue")), message.get("limit"))
+
+    def wake_all(self) -> None:
+        """Make every producer fetch now (after the notifier missed notifications)."""
+        for producer in self.producers.values():
+            producer.wake()
+
+    def _steer(self, action: str, queue: str, raw: object) -> None:
+        limit = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else None
+        target = self.producers.get(queue)
+        if action == "start" and target is None and limit and self._nursery is not None:
+            self._nursery.start_soon(self._run, self.add(queue, limit))
+        if target is None:
+            return
+        if action == "pause":
+            target.pause()
+        elif action == "resume":
+            target.resume()
+        elif action == "scale" and limit:
+            target.scale(limit)
+        elif action == "stop" and self._nursery is not None:
+            del self.producers[queue]
+            self._nursery.start_soon(stop, [target], self._grace)
+
+    def _on_insert(self, payload: Any) -> None:
+        queue = payload.get("queue") if isinstance(payload, dict) else None
+        producer = self.producers.get(str(queue))
+        if producer is not None:
+            producer.wake()
+
+    async def _run(
+        self, producer: Producer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            if self._notifier.connected:  # no insert after its first fetch goes unnoticed
+                await self._notifier.wait_listening(["insert"])
+            await producer.run(task_status=task_status)
+        finally:
+            if self.producers.get(producer.queue) is producer:
+                del self.producers[producer.queue]
+
+
+async def stop(producers: Iterable[Producer], grace: float) -> None:
+    """Stop fetching, give running jobs ``grace`` seconds, then abandon what still runs."""
+    stopping = list(producers)
+    for producer in stopping:
+        producer.stop()
+    with trio.move_on_after(grace):
+        for producer in stopping:
+            await producer.wait_idle()
+    for producer in stopping:
+        producer.abandon()

@@ -86,6 +86,16 @@ def test_held_jobs_are_suspended_and_tagged() -> None:
 # -- running -------------------------------------------------------------------------------
 
 
+async def test_bad_workflow_and_batch_ids_are_refused(oban: trioban.Oban) -> None:
+    with pytest.raises(TypeError, match=r"expected a workflow id \(a non-empty str\), got 7"):
+        await oban.workflow_status(7)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected a workflow id"):
+        await oban.append_workflow("", lambda wf: None)
+    with pytest.raises(TypeError, match=r"expected a batch id \(a non-empty str\), got ''"):
+        await oban.batch_status("")
+    assert await oban.workflow_status("no-such-workflow") == {}
+
+
 async def test_linear_workflow_relays_its_final_result(oban: trioban.Oban) -> None:
     wf = (
         Workflow()

@@ -36,7 +36,7 @@ from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
 from ._notifier import Notifier, check_channel
 from ._producer import QueueInfo
-from ._queues import SIGNAL, Queues
+from ._queues import SIGNAL, Queues, settle_claims
 from ._relay import META_RESULT, Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
 from ._sql import query
@@ -106,19 +106,8 @@ class Oban:
             await trio.lowlevel.checkpoint()
             return []
         batch, claims = self._queues.claim(batch)
-        if not claims:
-            return await self._inserter.insert(batch)
-
-        def settle(result: outcome.Outcome[list[Job]] | None) -> None:
-            # Called by the inserter's writer, so claimed jobs run even if we are cancelled.
-            saved = result.value if isinstance(result, outcome.Value) else None
-            for producer, indexes in claims.items():
-                if saved is None:
-                    producer.release(len(indexes))
-                else:
-                    producer.adopt([saved[i] for i in indexes])
-
-        return await self._inserter.insert(batch, settle)
+        # The inserter's writer settles claims, so claimed jobs run even if we are cancelled.
+        return await self._inserter.insert(batch, settle_claims(claims) if claims else None)
 
     async def _run_inline(self, job: Job) -> Job:
         """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""
@@ -235,6 +224,7 @@ class Oban:
         if workflow_id is None or not isinstance(deps, list):
             raise ValueError(f"job {job.id} is not a step of a workflow")
         results: dict[str, Any] = dict.fromkeys(deps)
+        check_key(workflow_id, "a workflow id")
         rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, deps)
         for name, state, worker_name, result in rows:
             worker = lookup(worker_name)

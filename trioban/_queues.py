@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
+import outcome
 import trio
 
 from . import _pg
 from ._acker import Acker
 from ._errors import TriobanError
+from ._inserter import Settle
 from ._job import Job, JobState, evolve
 from ._notifier import Notifier
 from ._producer import Producer
@@ -154,6 +156,21 @@ class Queues:
         finally:
             if self.producers.get(producer.queue) is producer:
                 del self.producers[producer.queue]
+
+
+def settle_claims(claims: dict[Producer, list[int]]) -> Settle:
+    """The inserter's callback for jobs claimed on insert: once the insert's outcome is known,
+    each producer runs its saved jobs, or frees their slots if nothing was inserted."""
+
+    def settle(result: outcome.Outcome[list[Job]] | None) -> None:
+        saved = result.value if isinstance(result, outcome.Value) else None
+        for producer, indexes in claims.items():
+            if saved is None:
+                producer.release(len(indexes))
+            else:
+                producer.adopt([saved[i] for i in indexes])
+
+    return settle
 
 
 async def stop(producers: Iterable[Producer], grace: float) -> None:

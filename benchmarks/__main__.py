@@ -1,12 +1,15 @@
 """trioban's benchmark: the workloads of PERFORMANCE.md, one JSON line each.
 
-    python -m benchmarks [--runs 3] [--only W1,W4] [--dsn postgresql://...] [--write-docs]
+    python -m benchmarks [--runs 3] [--pause 0] [--only W1,W4] [--dsn postgresql://...]
+                         [--write-docs]
 
 Without --dsn (or TRIOBAN_BENCH_DSN) a throwaway PostgreSQL with default durability (fsync
 and synchronous_commit on) is started. Each workload runs --runs times on a fresh schema; the
 line reports the median and the min-max. The workloads take turns (W1..W6, then again), so a
-slow stretch of the machine touches all of them alike. --write-docs also writes the figures,
-with the machine's details, as a table to docs/reference/benchmark-results.md.
+slow stretch of the machine touches all of them alike; --pause waits that many seconds between
+rounds, to spread the runs over a machine whose speed drifts over minutes. --write-docs also
+writes the figures, with the machine's details, as a table to
+docs/reference/benchmark-results.md.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -66,6 +70,7 @@ def _summary(name: str, runs: list[dict[str, float]]) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between rounds")
     parser.add_argument("--only", default=",".join(WORKLOADS))
     parser.add_argument("--dsn", default=os.environ.get("TRIOBAN_BENCH_DSN"))
     parser.add_argument("--write-docs", action="store_true", help="write the docs table")
@@ -82,12 +87,17 @@ def main() -> None:
         "processor": _processor(),
     }
     print(json.dumps({"benchmark": "trioban", **machine}), flush=True)
+    if opts.runs < 1 or opts.pause < 0:
+        parser.error("--runs must be at least 1 and --pause at least 0")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    started = time.monotonic()
     with _server(opts.dsn) as admin_dsn:
         machine["postgresql"] = _server_version(admin_dsn)
         # Round-robin: a machine's speed drifts over minutes, so each workload is sampled
         # across the whole session rather than all its runs landing in one stretch.
         for round_ in range(1, opts.runs + 1):
+            if round_ > 1:
+                time.sleep(opts.pause)
             for name in names:
                 runs[name].append(trio.run(WORKLOADS[name], _fresh_database(admin_dsn)))
             print(f"round {round_}/{opts.runs} done", file=sys.stderr, flush=True)
@@ -95,7 +105,8 @@ def main() -> None:
     for line in lines:
         print(json.dumps(line), flush=True)
     if opts.write_docs:
-        DOCS_TABLE.write_text(_table(machine, lines, opts.runs), encoding="utf-8")
+        how = f"medians of {opts.runs} runs over {(time.monotonic() - started) / 60:.0f} minutes"
+        DOCS_TABLE.write_text(_table(machine, lines, how), encoding="utf-8")
         print(f"wrote {DOCS_TABLE}", file=sys.stderr)
     sys.stdout.flush()
 
@@ -127,7 +138,7 @@ def _server_version(dsn: str) -> str:
     return str(row[0]) if row else "unknown"
 
 
-def _table(machine: dict[str, object], lines: list[dict[str, object]], runs: int) -> str:
+def _table(machine: dict[str, object], lines: list[dict[str, object]], how: str) -> str:
     """The figures as a Markdown page for the docs."""
     figures = []
     for line in lines:
@@ -144,7 +155,7 @@ def _table(machine: dict[str, object], lines: list[dict[str, object]], runs: int
     about = ", ".join(f"{k}: {v}" for k, v in machine.items())
     return (
         "# Benchmark results\n\n"
-        f"Written by `python -m benchmarks --write-docs` (medians of {runs} runs; min-max shown).\n"
+        f"Written by `python -m benchmarks --write-docs` ({how}; min-max shown).\n"
         f"Machine: {about}.\n\n"
         "| workload | median | range | target |\n|---|---|---|---|\n" + "\n".join(figures) + "\n"
     )

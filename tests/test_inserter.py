@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import psycopg
+import pytest
 import trio
 
 import trioban
 from trioban import Config
 
+from .helpers import eventually
 from .workers import echo
 
 POISON_TRIGGER = """
@@ -75,3 +77,26 @@ async def test_a_failing_request_fails_alone(dsn: str) -> None:
     assert all(isinstance(job, trioban.Job) and job.id for job in results.values())
     assert len(results) == 20
     assert sum(groups) == 20
+
+
+async def test_a_failed_claimed_insert_gives_its_slot_back(dsn: str) -> None:
+    """A job claimed on insert whose statement fails holds no slot: the next insert is
+    claimed in its place and runs."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(POISON_TRIGGER)
+    conf = Config(dsn=dsn, queues={"default": 1}, stage_interval=60)
+    with trio.fail_after(20):
+        async with trioban.open(conf) as oban:
+            await oban.relay(echo.new({"value": 0}))
+            producer = oban._queues.producers["default"]
+
+            async def claimable() -> bool:
+                return producer.claimable
+
+            await eventually(claimable)
+            with pytest.raises(psycopg.errors.RaiseException, match="poisoned"):
+                await oban.insert(echo.new({"value": -1, "poison": True}))
+            assert producer._reserved == 0
+            claimed = await oban.insert(echo.new({"value": 1}))
+            assert claimed.state is trioban.JobState.EXECUTING
+            assert await oban.relay(echo.new({"value": 2})) == 2

@@ -70,34 +70,44 @@ class Inserter:
         every case (by the writer even when the caller was cancelled), with None when
         nothing is known to be inserted.
         """
+        if not self._queue and not self._inline:
+            return await self._write_own(jobs, settle)
         request = _Request(jobs, settle)
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't start
-            if not self._queue and not self._inline:
-                await self._write_inline(request)
-            else:
-                self._queue.append(request)
-                self._ready.set()
-                await request.done.wait()
+            await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't queue
+            self._queue.append(request)
+            self._ready.set()
+            await request.done.wait()
         except trio.Cancelled:
             # No writer task will finish this request: settle it here (once).
             if not request.taken and request.result is None:
                 if request in self._queue:
                     self._queue.remove(request)
                 if settle is not None:
-                    settle(None)  # a claimed job that did commit inline waits for the lifeline
+                    settle(None)
             raise
         assert request.result is not None
         return request.result.unwrap()
 
-    async def _write_inline(self, request: _Request) -> None:
+    async def _write_own(self, jobs: Sequence[Job], settle: Settle | None) -> list[Job]:
         # Nothing queued and no caller writing: write from the caller's task (a writer task
         # would cost two trips through the scheduler); inserts arriving meanwhile queue up.
         self._inline = True
         try:
-            await self._write([request])
+            await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't start
+            async with self._pool.connection() as conn:
+                saved = await _store.insert(conn, self._prefix, jobs)
+        except BaseException as exc:
+            if settle is not None:
+                # Cancelled, nothing is known to be inserted: a claimed job whose insert did
+                # commit waits for the lifeline.
+                settle(outcome.Error(exc) if isinstance(exc, Exception) else None)
+            raise
         finally:
             self._inline = False
+        if settle is not None:
+            settle(outcome.Value(saved))
+        return saved
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the writers until cancelled."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import psycopg
 import pytest
 import trio
@@ -221,6 +223,27 @@ async def test_run_prepares_once_and_returns_psycopg_rows(dsn: str) -> None:
             async with conn.transaction():
                 assert await conn.run(ADD, {"x": 1, "y": "b"}) == [(2, "b", True)]
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        finally:
+            await conn.close()
+
+
+JSON_VALUES = ["{}", '{"a": [1, 2.5, null, true, "\u00e9\\n"]}', "[]", "null", '"s"', "-0.5e3"]
+
+
+async def test_json_columns_decode_as_json_loads_does(dsn: str) -> None:
+    """trioban's connections decode json and jsonb with their own loads (a fast path for
+    ``{}``): the values are json.loads's, and each ``{}`` is a dict of its own."""
+    statement = "SELECT %s::jsonb, %s::json"
+    with trio.fail_after(10):
+        conn = await _pg.connect(dsn)
+        try:
+            for text in JSON_VALUES:
+                cur = await conn.execute(statement, [text, text])
+                assert await cur.fetchone() == (json.loads(text), json.loads(text))
+            cur = await conn.execute("SELECT '{}'::jsonb FROM generate_series(1, 2)")
+            first, second = (row[0] for row in await cur.fetchall())
+            first["changed"] = True
+            assert second == {}
         finally:
             await conn.close()
 

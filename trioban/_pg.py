@@ -34,7 +34,9 @@ from psycopg._conninfo_attempts import conninfo_attempts
 from psycopg._enums import Ready, Wait
 from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
+from psycopg.types.json import set_json_loads
 
+from . import _codec
 from ._errors import TriobanError
 from ._sql import Prepared
 
@@ -116,6 +118,7 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
         # Statements run() has prepared here, and ones whose prepare was interrupted.
         self._statements_ready: set[bytes] = set()
         self._statements_unsure: set[bytes] = set()
+        set_json_loads(_codec.loads_column, self)  # json and jsonb columns
         self._row_loader = Transformer(self)
 
     async def run(self, statement: Prepared, params: Mapping[str, object]) -> list[tuple[Any, ...]]:

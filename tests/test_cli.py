@@ -6,6 +6,8 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -33,6 +35,23 @@ async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[byt
 
 async def cli_json(*args: str) -> Any:
     return json.loads((await cli(*args, "--json")).stdout)
+
+
+@asynccontextmanager
+async def _command(argv: list[str]) -> AsyncIterator[trio.Process]:
+    """``python -m trioban._commands *argv`` with piped output; killed if still running
+    when the block exits (a failed or timed-out test leaves nothing behind)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioban._commands", *argv],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
 
 
 async def test_install_status_and_uninstall(empty_dsn: str) -> None:
@@ -80,31 +99,28 @@ async def test_start_runs_jobs_and_stops_on_sigterm(dsn: str) -> None:
     async with trioban.open(trioban.Config(dsn=dsn)) as oban:
         job = await oban.insert(echo.new({"value": 1}))
     with trio.fail_after(60):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trioban._commands", "start", "--dsn", dsn,
-             "--queues", "default:2", "--import", "tests.workers"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        output = b""
-        while b"running default:2" not in output:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, output
-            output += chunk
-        async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+        argv = ["start", "--dsn", dsn, "--queues", "default:2", "--import", "tests.workers"]
+        async with _command(argv) as proc:
+            assert proc.stdout is not None
+            output = b""
+            while b"running default:2" not in output:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+            async with trioban.open(trioban.Config(dsn=dsn)) as oban:
 
-            async def done() -> bool:
-                found = await oban.get_job(job.id or 0)
-                return found is not None and found.state is JobState.COMPLETED
+                async def done() -> bool:
+                    found = await oban.get_job(job.id or 0)
+                    return found is not None and found.state is JobState.COMPLETED
 
-            await eventually(done)
-        proc.send_signal(signal.SIGTERM)
-        assert await proc.wait() == 0
-        rest = b""
-        while chunk := await proc.stdout.receive_some():
-            rest += chunk
-        assert b"SIGTERM: stopping gracefully" in rest
-        assert b"stopped" in rest
+                await eventually(done)
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            rest = b""
+            while chunk := await proc.stdout.receive_some():
+                rest += chunk
+            assert b"SIGTERM: stopping gracefully" in rest
+            assert b"stopped" in rest
 
 
 async def test_errors_are_one_line() -> None:
@@ -121,15 +137,12 @@ async def test_errors_are_one_line() -> None:
 
 async def test_status_watch_refreshes_until_interrupted(dsn: str) -> None:
     with trio.fail_after(60):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "trioban._commands", "status", "--watch", "0.1", "--dsn", dsn],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        output = b""
-        while output.count(b"jobs by queue and state") < 2:
-            chunk = await proc.stdout.receive_some()
-            assert chunk, output
-            output += chunk
-        proc.send_signal(signal.SIGINT)
-        assert await proc.wait() == 130
+        async with _command(["status", "--watch", "0.1", "--dsn", dsn]) as proc:
+            assert proc.stdout is not None
+            output = b""
+            while output.count(b"jobs by queue and state") < 2:
+                chunk = await proc.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 130

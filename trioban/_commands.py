@@ -173,14 +173,26 @@ async def _status(args: argparse.Namespace) -> int:
         if not args.watch:
             console.print(_status_tables(await _status_data(oban)))
             return 0
-        if not console.is_terminal:  # piped: one snapshot after another
-            while True:
-                console.print(_status_tables(await _status_data(oban)))
-                await trio.sleep(args.watch)
-        with Live(console=console, auto_refresh=False) as live:
-            while True:
-                live.update(_status_tables(await _status_data(oban)), refresh=True)
-                await trio.sleep(args.watch)
+        # Ctrl-C arrives as a message and ends the watch through its cancel scope, so the
+        # instance always shuts down cleanly (a KeyboardInterrupt could land anywhere).
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch, oban, console, args.watch)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        return 130
+
+
+async def _watch(oban: Oban, console: Console, every: float) -> None:
+    if not console.is_terminal:  # piped: one snapshot after another
+        while True:
+            console.print(_status_tables(await _status_data(oban)))
+            await trio.sleep(every)
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            live.update(_status_tables(await _status_data(oban)), refresh=True)
+            await trio.sleep(every)
 
 
 async def _status_data(oban: Oban) -> dict[str, Any]:

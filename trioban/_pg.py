@@ -118,7 +118,7 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
         # Statements run() has prepared here, and ones whose prepare was interrupted.
         self._statements_ready: set[bytes] = set()
         self._statements_unsure: set[bytes] = set()
-        set_json_loads(_codec.loads_column, self)  # json and jsonb columns
+        set_json_loads(_codec.loads, self)  # json and jsonb columns
         self._row_loader = Transformer(self)
 
     async def run(self, statement: Prepared, params: Mapping[str, object]) -> list[tuple[Any, ...]]:

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config, JobState, RelayCancelled, RelayDiscard
+from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique
 
 from . import workers
 from .helpers import eventually
@@ -372,6 +372,33 @@ async def test_claim_on_insert_when_the_queue_is_drained(dsn: str) -> None:
             await oban.resume_queue("default", local_only=True)
             await wait_for_state(oban, waiting.id or 0, JobState.COMPLETED)
             await wait_for_state(oban, paused.id or 0, JobState.COMPLETED)
+
+
+async def test_a_job_inserted_here_is_not_overtaken_by_a_claim(dsn: str) -> None:
+    """An available job this node inserts wakes its producer at once: a job inserted next is
+    not claimed ahead of it, even before the insert notification comes back (here it never
+    does)."""
+    with trio.fail_after(20):
+        async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
+            await oban.relay(echo.new({"value": "warm"}))
+            producer = oban._queues.producers["default"]
+            oban._notifier.unsubscribe("insert", oban._queues._on_insert)
+
+            async def drained() -> bool:
+                return producer.claimable
+
+            await eventually(drained)
+            workers.seen.clear()
+            first = await oban.insert(record.new({"tag": "first"}, unique=Unique(period=None)))
+            assert first.state is JobState.AVAILABLE  # unique inserts are never claimed
+            second = await oban.insert(record.new({"tag": "second"}))
+            assert second.state is JobState.AVAILABLE
+
+            async def both_ran() -> bool:
+                return len(workers.seen) == 2
+
+            await eventually(both_ran)
+            assert workers.seen == ["first", "second"]
 
 
 async def test_cancelled_claimed_inserts_give_back_their_slots_or_run(dsn: str) -> None:

@@ -99,7 +99,9 @@ class Oban:
             if conn is not None:
                 return await _store.insert_with_unique(conn, self.config.prefix, batch)
             async with self._pool.connection() as pooled:
-                return await _store.insert_with_unique(pooled, self.config.prefix, batch)
+                saved = await _store.insert_with_unique(pooled, self.config.prefix, batch)
+            self._queues.wake_for(saved)
+            return saved
         if conn is not None:
             return await _store.insert(conn, self.config.prefix, batch)
         if not batch:
@@ -107,7 +109,9 @@ class Oban:
             return []
         batch, claims = self._queues.claim(batch)
         # The inserter's writer settles claims, so claimed jobs run even if we are cancelled.
-        return await self._inserter.insert(batch, settle_claims(claims) if claims else None)
+        saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
+        self._queues.wake_for(saved)
+        return saved
 
     async def _run_inline(self, job: Job) -> Job:
         """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""

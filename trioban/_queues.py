@@ -7,7 +7,7 @@ jobs on insert for queues with free slots.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -106,6 +106,17 @@ class Queues:
                 claims.setdefault(producer, []).append(index)
         return claimed, claims
 
+    def wake_for(self, saved: Sequence[Job]) -> None:
+        """Wake the producers of the available jobs this node has just inserted (committed).
+
+        They learn of the jobs at once rather than when the insert notification comes back,
+        so a job inserted here next can't be claimed on insert ahead of them.
+        """
+        if not self.producers:
+            return
+        for queue in {job.queue for job in saved if job.state is JobState.AVAILABLE}:
+            self._wake(queue)
+
     def apply(self, message: dict[str, Any]) -> None:
         """Apply a queue signal meant for this node (or for every node)."""
         if message.get("node") not in (None, self._node):
@@ -141,8 +152,10 @@ class Queues:
             self._nursery.start_soon(stop, [target], self._grace)
 
     def _on_insert(self, payload: Any) -> None:
-        queue = payload.get("queue") if isinstance(payload, dict) else None
-        producer = self.producers.get(str(queue))
+        self._wake(str(payload.get("queue") if isinstance(payload, dict) else None))
+
+    def _wake(self, queue: str) -> None:
+        producer = self.producers.get(queue)
         if producer is not None:
             producer.wake()
 

@@ -380,25 +380,47 @@ async def test_a_job_inserted_here_is_not_overtaken_by_a_claim(dsn: str) -> None
     does)."""
     with trio.fail_after(20):
         async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
-            await oban.relay(echo.new({"value": "warm"}))
-            producer = oban._queues.producers["default"]
-            oban._notifier.unsubscribe("insert", oban._queues._on_insert)
-
-            async def drained() -> bool:
-                return producer.claimable
-
-            await eventually(drained)
-            workers.seen.clear()
+            await _drain_unnotified(oban)
             first = await oban.insert(record.new({"tag": "first"}, unique=Unique(period=None)))
             assert first.state is JobState.AVAILABLE  # unique inserts are never claimed
-            second = await oban.insert(record.new({"tag": "second"}))
-            assert second.state is JobState.AVAILABLE
+            await _second_runs_after_first(oban)
 
-            async def both_ran() -> bool:
-                return len(workers.seen) == 2
 
-            await eventually(both_ran)
-            assert workers.seen == ["first", "second"]
+async def test_a_job_committed_in_a_transaction_is_not_overtaken_by_a_claim(dsn: str) -> None:
+    """The same for a job inserted in ``oban.transaction()``: its producer is woken when the
+    transaction commits."""
+    with trio.fail_after(20):
+        async with running(dsn, queues={"default": 1}, stage_interval=60) as oban:
+            await _drain_unnotified(oban)
+            async with oban.transaction() as conn:
+                first = await oban.insert(record.new({"tag": "first"}), conn=conn)
+            assert first.state is JobState.AVAILABLE  # inserts in a transaction aren't claimed
+            assert not oban._uncommitted  # forgotten once the transaction is over
+            await _second_runs_after_first(oban)
+
+
+async def _drain_unnotified(oban: trioban.Oban) -> None:
+    """Wait until the default queue is idle, with insert notifications unsubscribed."""
+    await oban.relay(echo.new({"value": "warm"}))
+    producer = oban._queues.producers["default"]
+    oban._notifier.unsubscribe("insert", oban._queues._on_insert)
+
+    async def drained() -> bool:
+        return producer.claimable
+
+    await eventually(drained)
+    workers.seen.clear()
+
+
+async def _second_runs_after_first(oban: trioban.Oban) -> None:
+    second = await oban.insert(record.new({"tag": "second"}))
+    assert second.state is JobState.AVAILABLE
+
+    async def both_ran() -> bool:
+        return len(workers.seen) == 2
+
+    await eventually(both_ran)
+    assert workers.seen == ["first", "second"]
 
 
 async def test_cancelled_claimed_inserts_give_back_their_slots_or_run(dsn: str) -> None:

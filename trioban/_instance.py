@@ -57,6 +57,8 @@ class Oban:
         self._notifier = Notifier(conf.dsn or "", conf.prefix, conf.node)
         self._relays = Registry(work_pool, lambda p, ids: _store.relay_states(p, conf.prefix, ids))
         self._inserter = Inserter(pool, conf.prefix, writers=max(1, conf.pool_size // 2))
+        # Jobs inserted in each open oban.transaction(): their producers are woken on commit.
+        self._uncommitted: dict[_pg.Connection, list[Job]] = {}
         settle = partial(_settle.after_acks, work_pool, conf.prefix)
         self._acker = Acker(work_pool, conf.prefix, settle, self._relays)
         self._queues = Queues(work_pool, self._acker, self._notifier, conf.prefix, conf.node)
@@ -95,15 +97,16 @@ class Oban:
         check_conn(conn)
         if self.config.testing == "inline":
             return [await self._run_inline(job) for job in batch]
+        prefix = self.config.prefix
         if any(job._unique is not None for job in batch):
             if conn is not None:
-                return await _store.insert_with_unique(conn, self.config.prefix, batch)
+                return self._inserted_in(conn, await _store.insert_with_unique(conn, prefix, batch))
             async with self._pool.connection() as pooled:
-                saved = await _store.insert_with_unique(pooled, self.config.prefix, batch)
+                saved = await _store.insert_with_unique(pooled, prefix, batch)
             self._queues.wake_for(saved)
             return saved
         if conn is not None:
-            return await _store.insert(conn, self.config.prefix, batch)
+            return self._inserted_in(conn, await _store.insert(conn, prefix, batch))
         if not batch:
             await trio.lowlevel.checkpoint()
             return []
@@ -111,6 +114,12 @@ class Oban:
         # The inserter's writer settles claims, so claimed jobs run even if we are cancelled.
         saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
         self._queues.wake_for(saved)
+        return saved
+
+    def _inserted_in(self, conn: _pg.Connection, saved: list[Job]) -> list[Job]:
+        # Inserted in a caller's transaction: remembered to wake producers once it commits.
+        if (uncommitted := self._uncommitted.get(conn)) is not None:
+            uncommitted.extend(saved)
         return saved
 
     async def _run_inline(self, job: Job) -> Job:
@@ -182,8 +191,17 @@ class Oban:
 
         The transaction commits when the block exits normally and rolls back on an exception.
         """
-        async with self._pool.connection() as conn, conn.transaction():
-            yield conn
+        async with self._pool.connection() as conn:
+            inserted: list[Job] = []
+            self._uncommitted[conn] = inserted
+            try:
+                async with conn.transaction():
+                    yield conn
+            finally:
+                del self._uncommitted[conn]
+            # Committed: this node's producers learn of the jobs now, not when the insert
+            # notification comes back, so a job inserted next can't be claimed ahead of them.
+            self._queues.wake_for(inserted)
 
     # -- workflows and batches --------------------------------------------------------------
 

@@ -271,9 +271,12 @@ class Pool:
         waiting = self._slots.statistics().tasks_waiting
         return PoolStatistics(self._size, len(self._idle), len(self._in_use), waiting)
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        """Check out a connection; it returns to the pool clean (idle) or is discarded."""
+    def connection(self) -> Checkout:
+        """Check out a connection (``async with``); it returns to the pool clean (idle) or is
+        discarded."""
+        return Checkout(self)
+
+    async def _acquire(self) -> Connection:
         if self._closed:
             raise TriobanError("the connection pool is closed")
         try:
@@ -283,12 +286,16 @@ class Pool:
             await self._slots.acquire()
         try:
             conn = await self._checkout()
-            self._in_use.add(conn)
-            try:
-                yield conn
-            finally:
-                self._in_use.discard(conn)
-                await self._checkin(conn)  # noqa: ASYNC102  # shielded inside
+        except BaseException:
+            self._slots.release()
+            raise
+        self._in_use.add(conn)
+        return conn
+
+    async def _release(self, conn: Connection) -> None:
+        try:
+            self._in_use.discard(conn)
+            await self._checkin(conn)  # shielded inside
         finally:
             self._slots.release()
 
@@ -335,6 +342,25 @@ class Pool:
         self._closed = True
         while self._idle:
             await _close(self._idle.pop())
+
+
+class Checkout:
+    """``async with pool.connection() as conn``: a slot, then an idle or new connection.
+
+    A class rather than a generator-based context manager: every statement passes through here.
+    """
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._pool._acquire()
+        return self._conn
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._pool._release(self._conn)
 
 
 def _alive(conn: Connection) -> bool:

@@ -8,9 +8,10 @@ and synchronous_commit on) is started. Each workload runs --runs times on a fres
 line reports the median and the min-max. The workloads take turns (W1..W6, then again), so a
 slow stretch of the machine touches all of them alike; --pause waits that many seconds between
 rounds, to spread the runs over a machine whose speed drifts over minutes. Each line also
-counts the runs that met the workload's target (``runs_meeting_target``). --write-docs also
-writes the figures, with the machine's details, as a table to
-docs/reference/benchmark-results.md.
+counts the runs that met the workload's target (``runs_meeting_target``), and a last line gives
+the CPU probe, a fixed Python loop timed before each round, so that figures taken on a machine
+in a slow stretch can be told apart. --write-docs also writes the figures, with the machine's
+details, as a table to docs/reference/benchmark-results.md.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> None:
     if opts.runs < 1 or opts.pause < 0:
         parser.error("--runs must be at least 1 and --pause at least 0")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    probes: list[float] = []
     started = time.monotonic()
     with _server(opts.dsn) as admin_dsn:
         machine["postgresql"] = _server_version(admin_dsn)
@@ -100,14 +102,20 @@ def main() -> None:
         for round_ in range(1, opts.runs + 1):
             if round_ > 1:
                 time.sleep(opts.pause)
+            probes.append(cpu_probe_ms())
             for name in names:
                 runs[name].append(trio.run(WORKLOADS[name], _fresh_database(admin_dsn)))
             print(f"round {round_}/{opts.runs} done", file=sys.stderr, flush=True)
     lines = [_summary(name, runs[name]) for name in names]
+    low, mid, high = round(min(probes)), round(statistics.median(probes)), round(max(probes))
     for line in lines:
         print(json.dumps(line), flush=True)
+    print(json.dumps({"cpu_probe_ms": mid, "cpu_probe_ms_range": [low, high]}), flush=True)
     if opts.write_docs:
-        how = f"medians of {opts.runs} runs over {(time.monotonic() - started) / 60:.0f} minutes"
+        how = (
+            f"medians of {opts.runs} runs over {(time.monotonic() - started) / 60:.0f} minutes; "
+            f"the CPU probe took {mid} ms ({low}-{high})"
+        )
         DOCS_TABLE.write_text(_table(machine, lines, how), encoding="utf-8")
         print(f"wrote {DOCS_TABLE}", file=sys.stderr)
     sys.stdout.flush()
@@ -137,6 +145,15 @@ def _target_text(name: str) -> str:
         f"{metric} {'≥' if op == '>=' else '≤'} {bound:,}"
         for metric, (op, bound) in TARGETS[name].items()
     )
+
+
+def cpu_probe_ms() -> float:
+    """How long a fixed pure-Python loop takes, in ms: the machine's speed at this moment."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i
+    return (time.perf_counter() - started) * 1000
 
 
 def _processor() -> str:

@@ -118,6 +118,21 @@ async def test_timeout_stops_the_waiting_not_the_job(dsn: str) -> None:
             assert await relay.result(timeout=5) == "opened"
 
 
+async def test_a_relay_timeout_says_which_step_ran_out(dsn: str) -> None:
+    """``oban.relay`` puts the insert and the wait under one deadline; its error says which
+    step the deadline cut short, and nothing is left registered."""
+    gate = workers.gates["relay-timeout"] = trio.Event()
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            with pytest.raises(RelayTimeout, match="timed out inserting the job within"):
+                await oban.relay(wait_gate.new({"gate": "relay-timeout"}), timeout=1e-6)
+            with pytest.raises(RelayTimeout, match=r"no result for job \d+ within 0.2s"):
+                await oban.relay(wait_gate.new({"gate": "relay-timeout"}), timeout=0.2)
+            assert len(oban._relays) == 0
+            gate.set()
+            assert await oban.relay(wait_gate.new({"gate": "relay-timeout"})) == "opened"
+
+
 async def _relay_notices(dsn: str, body: Any) -> list[str]:
     """The relay notices published on the server while ``body()`` runs."""
     listener = await _pg.connect(dsn)

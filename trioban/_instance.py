@@ -307,12 +307,13 @@ class Oban:
 
         A timeout raises ``RelayTimeout`` and stops only the waiting; the job goes on.
         """
-        with trio.move_on_after(check_timeout(timeout)) as scope:
+        relay: Relay | None = None
+        with trio.move_on_after(check_timeout(timeout)):  # one deadline for both steps
             relay = await self.dispatch(job)
-        if scope.cancelled_caught:
+            return await relay._wait(with_retries)
+        if relay is None:
             raise RelayTimeout(f"timed out inserting the job within {timeout}s")
-        remaining = max(0.0, scope.deadline - trio.current_time())
-        return await relay.result(timeout=remaining, with_retries=with_retries)
+        raise RelayTimeout(f"no result for job {relay.job.id} within {timeout}s")
 
     async def await_many(
         self,

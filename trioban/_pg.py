@@ -360,7 +360,7 @@ class Checkout:
         return self._conn
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._pool._release(self._conn)
+        await self._pool._release(self._conn)  # noqa: ASYNC102  # shielded inside
 
 
 def _alive(conn: Connection) -> bool:

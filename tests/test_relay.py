@@ -13,7 +13,9 @@ import pytest
 import trio
 
 import trioban
+import trioban.testing
 from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg
+from trioban._codec import decode_payload
 from trioban._relay import _Waiter
 
 from . import workers
@@ -164,11 +166,25 @@ async def test_outcomes_of_relays_run_on_their_own_node_are_handed_over(dsn: str
     async def remote() -> None:
         async with running(dsn, queues={}, node="caller") as caller, running(dsn, node="worker"):
             assert await caller.relay(echo.new({"value": 2}), timeout=5) == 2
+            with pytest.raises(RelayDiscard, match="failing attempt 1"):
+                await caller.relay(flaky.new({"succeed_on": 3}, max_attempts=1), timeout=5)
+            assert await caller.relay(big_result.new({"size": 100_000}), timeout=5) == "x" * 100_000
 
-    with trio.fail_after(20):
+    async def drained() -> None:
+        async with running(dsn, queues={}) as oban:  # drain_queue publishes, like a node
+            relay = await oban.dispatch(echo.new({"value": 3}))
+            assert (await trioban.testing.drain_queue(oban, "default"))["completed"] == 1
+            assert await relay.result(timeout=5) == 3
+
+    with trio.fail_after(30):
         assert await _relay_notices(dsn, local) == []
-        (notice,) = await _relay_notices(dsn, remote)
-    assert '"result":2' in notice
+        completed, discarded, big = map(decode_payload, await _relay_notices(dsn, remote))
+        (from_drain,) = map(decode_payload, await _relay_notices(dsn, drained))
+    assert (completed["state"], completed["result"]) == ("completed", 2)
+    assert discarded["state"] == "discarded"
+    assert "failing attempt 1" in discarded["reason"]
+    assert big["result"] == "x" * 100_000  # compressed, it fits in a notification
+    assert from_drain["result"] == 3
 
 
 async def test_a_stale_ack_hands_nothing_over(dsn: str) -> None:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from . import _store, telemetry
+from . import _codec, _store, telemetry
+from ._relay import build_notice
 
 if TYPE_CHECKING:
     from ._executor import Ack
@@ -86,6 +87,8 @@ class Acker:
     async def _write(self, batch: list[Ack]) -> None:
         # Outcomes of relays waiting here are handed over once written, not published.
         local = [ack for ack in batch if ack.relay and self._relays.waiting(ack.relay[0])]
+        here = {ack.id for ack in local}
+        texts = [ack_json(ack, publish=ack.id not in here) for ack in batch]
         delay = 0.05
         while True:
             # Each attempt is shielded and bounded; the pause between attempts is not, so a
@@ -93,7 +96,7 @@ class Acker:
             with trio.move_on_after(WRITE_TIMEOUT, shield=True):
                 started = time.perf_counter()
                 try:
-                    written = await _store.ack(self._pool, self._prefix, batch, local)
+                    written = await _store.ack(self._pool, self._prefix, texts)
                 except Exception as exc:
                     log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
                 else:
@@ -109,3 +112,13 @@ class Acker:
         for ack in local:
             if ack.id in written and ack.relay is not None:  # a stale ack hands over nothing
                 self._relays.offer(*ack.relay)
+
+
+def ack_json(ack: Ack, *, publish: bool) -> str:
+    """The ack as the ack statement takes it; with ``publish``, a relayed job's ack carries the
+    notice the statement publishes."""
+    if ack.relay is None or not publish:
+        return ack.json
+    ref, notice = ack.relay
+    text = build_notice(ref, ack.id, notice.state, result=notice.result, reason=notice.reason)
+    return f'{ack.json[:-1]},"notice":{_codec.dumps(text)}}}'

@@ -16,7 +16,7 @@ from . import _codec, telemetry
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
-from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice, build_notice
+from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice
 from ._worker import Worker, args_json, lookup
 from ._workflow import WORKFLOW_ID
 
@@ -212,16 +212,16 @@ def _ack(
     reason: str = "",
 ) -> Ack:
     ref = job.meta.get(META_REF)
-    notice = relay = None
+    relay = None
     if ref is not None and state != "scheduled":
-        notice = build_notice(str(ref), _job_id(job), state, result=result, reason=reason)
+        # Published by the acker unless the relay waits here (then handed over in-process).
         # The result as JSON holds it (tuples as lists, keys as str), as the notifier gives it.
         relayed = _codec.loads(meta).get(META_RESULT) if meta is not None else None
         relay = (str(ref), Notice(state, relayed, reason[:REASON_LIMIT]))
     assert job.attempted_at is not None
     job_id = _job_id(job)
     # Written out by hand (the hot path of every job): ints, a state name and an ISO time need
-    # no escaping; notice is encoded; error and meta are JSON texts already.
+    # no escaping; error and meta are JSON texts already.
     text = (
         f'{{"id":{job_id:d},'
         # The fence: the ack applies only to the attempt that produced it.
@@ -229,7 +229,6 @@ def _ack(
         f'"state":"{state}",'
         f'"schedule_in":{"null" if schedule_in is None else _codec.dumps(schedule_in)},'
         f'"extra_attempts":{extra_attempts:d},'
-        f'"notice":{"null" if notice is None else _codec.dumps(notice)},'
         f'"error":{error or "null"},"meta":{meta or "null"}}}'
     )
     workflow = job.meta.get(WORKFLOW_ID)

@@ -14,7 +14,7 @@ import attrs
 import outcome
 import trio
 
-from . import _codec, _pg, _schema, _settle, _store
+from . import _pg, _schema, _settle, _store
 from ._acker import Acker
 from ._batch import Batch
 from ._checks import (
@@ -125,9 +125,8 @@ class Oban:
     async def _run_inline(self, job: Job) -> Job:
         """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""
         ran, ack = await run_here(job)
-        notice = _codec.loads(ack.json).get("notice")
-        if notice is not None:
-            self._relays.deliver(_codec.decode_payload(notice))
+        if ack.relay is not None:
+            self._relays.offer(*ack.relay)
         return attrs.evolve(ran, id=None, state=JobState(ack.state), meta=job.meta)
 
     async def run_cron(self, at: datetime | None = None) -> int:

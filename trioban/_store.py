@@ -16,7 +16,6 @@ from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
-    from ._executor import Ack
     from ._pg import Connection, Pool
 
 
@@ -191,18 +190,10 @@ async def fetch(
     return [job_from_row(row) for row in rows]
 
 
-async def ack(
-    pool: Pool, prefix: str, acks: Sequence[Ack], unpublished: Sequence[Ack] = ()
-) -> set[int]:
-    """Write a batch of outcomes in one statement; returns the ids the fence let in.
-
-    Relay notices are published, except those of ``unpublished`` (handed over in-process).
-    """
-    params = {
-        "acks": "[" + ",".join(a.json for a in acks) + "]",
-        "relay_channel": channel(prefix, "relay"),
-        "unpublished": "{" + ",".join(str(a.id) for a in unpublished) + "}",
-    }
+async def ack(pool: Pool, prefix: str, acks: Sequence[str]) -> set[int]:
+    """Write a batch of outcomes (each an ack's JSON) in one statement; returns the ids the
+    fence let in. Relay notices in the acks are published."""
+    params = {"acks": "[" + ",".join(acks) + "]", "relay_channel": channel(prefix, "relay")}
     async with pool.connection() as conn:
         return {row[0] for row in await conn.run(prepared("ack_jobs", prefix), params)}
 

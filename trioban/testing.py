@@ -25,6 +25,7 @@ import trio
 from psycopg import sql
 
 from . import _codec, _settle, _store
+from ._acker import ack_json
 from ._config import Config
 from ._executor import Running, execute, run_here
 from ._instance import Oban
@@ -116,7 +117,7 @@ async def _drain(
         jobs = await _store.fetch(pool, prefix, queue, _ROUND, "drain_queue", producer)
         for job in jobs:
             ack = await execute(Running(job, trio.CancelScope(), reraise=not with_safety))
-            await _store.ack(pool, prefix, [ack])
+            await _store.ack(pool, prefix, [ack_json(ack, publish=True)])
             await _settle.after_acks(pool, prefix, [ack])
             counts[ack.state] += 1
         ran = len(jobs)

@@ -146,7 +146,8 @@ RETURNING {job}
 -- name: ack_jobs
 -- Record the outcomes of finished jobs in one statement. The fence (still executing, same
 -- attempted_at) stops a stale ack from overwriting a job that was rescued and run again.
--- Relay notices go out in the same statement, only for rows actually updated.
+-- Relay notices go out in the same statement, only for rows actually updated. An ack carries
+-- none for a relay waiting on the node writing it: that node hands the outcome over itself.
 WITH acks AS (
   SELECT * FROM jsonb_to_recordset(%(acks)s::jsonb) AS a(
     id bigint, attempted_at timestamp, state text, schedule_in float8, error jsonb, meta jsonb,
@@ -170,9 +171,7 @@ WITH acks AS (
   WHERE j.id = a.id AND j.state = 'executing' AND j.attempted_at = a.attempted_at
   RETURNING j.id, a.notice
 ), notified AS (
-  -- Not for relays waiting on the node writing the acks: it hands their outcomes over itself.
-  SELECT pg_notify(%(relay_channel)s, notice) FROM updated
-  WHERE notice IS NOT NULL AND id <> ALL(%(unpublished)s::bigint[])
+  SELECT pg_notify(%(relay_channel)s, notice) FROM updated WHERE notice IS NOT NULL
 )
 SELECT id FROM updated WHERE (SELECT count(*) FROM notified) >= 0
 

@@ -98,28 +98,25 @@ class Oban:
         if self.config.testing == "inline":
             return [await self._run_inline(job) for job in batch]
         prefix = self.config.prefix
-        if any(job._unique is not None for job in batch):
-            if conn is not None:
-                return self._inserted_in(conn, await _store.insert_with_unique(conn, prefix, batch))
+        unique = any(job._unique is not None for job in batch)
+        if conn is not None:
+            write = _store.insert_with_unique if unique else _store.insert
+            saved = await write(conn, prefix, batch)
+            # In a caller's transaction: its producers are woken once it commits.
+            if (uncommitted := self._uncommitted.get(conn)) is not None:
+                uncommitted.extend(saved)
+            return saved
+        if unique:
             async with self._pool.connection() as pooled:
                 saved = await _store.insert_with_unique(pooled, prefix, batch)
-            self._queues.wake_for(saved)
-            return saved
-        if conn is not None:
-            return self._inserted_in(conn, await _store.insert(conn, prefix, batch))
-        if not batch:
+        elif not batch:
             await trio.lowlevel.checkpoint()
             return []
-        batch, claims = self._queues.claim(batch)
-        # The inserter's writer settles claims, so claimed jobs run even if we are cancelled.
-        saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
+        else:
+            batch, claims = self._queues.claim(batch)
+            # The inserter's writer settles claims, so claimed jobs run even if we're cancelled.
+            saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
         self._queues.wake_for(saved)
-        return saved
-
-    def _inserted_in(self, conn: _pg.Connection, saved: list[Job]) -> list[Job]:
-        # Inserted in a caller's transaction: remembered to wake producers once it commits.
-        if (uncommitted := self._uncommitted.get(conn)) is not None:
-            uncommitted.extend(saved)
         return saved
 
     async def _run_inline(self, job: Job) -> Job:

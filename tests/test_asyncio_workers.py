@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import sys
 from functools import partial
+from types import ModuleType
 
 import pytest
 import trio
 
 import trioban
 from trioban import JobState
+from trioban._worker import lookup
 
 from . import workers
 from .helpers import eventually
@@ -82,3 +87,36 @@ def test_flavor_is_checked() -> None:
 
 async def _noop(job: trioban.Job) -> None:
     pass
+
+
+def test_an_asyncio_worker_without_trio_asyncio_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "trio_asyncio", None)  # as if not installed
+    with pytest.raises(trioban.TriobanError, match=r'pip install "trioban\[asyncio\]"'):
+        trioban.worker(queue="aio", flavor="asyncio")(_noop)
+    assert lookup(f"{__name__}._noop") is None
+
+
+class _FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds trio_asyncio as a module whose import fails, as a release can on a new Python."""
+
+    def find_spec(self, name: str, *_: object) -> importlib.machinery.ModuleSpec | None:
+        return importlib.machinery.ModuleSpec(name, self) if name == "trio_asyncio" else None
+
+    def exec_module(self, module: ModuleType) -> None:
+        raise AttributeError("module 'asyncio' has no attribute 'AbstractChildWatcher'")
+
+
+def test_an_asyncio_worker_with_a_broken_trio_asyncio_names_the_cause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(sys.modules, "trio_asyncio")
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport(), *sys.meta_path])
+    with pytest.raises(trioban.TriobanError) as raised:
+        trioban.worker(queue="aio", flavor="asyncio")(_noop)
+    message = str(raised.value)
+    assert "fails to import on Python {}.{}".format(*sys.version_info) in message
+    assert "AttributeError: module 'asyncio' has no attribute 'AbstractChildWatcher'" in message
+    assert "make the worker Trio-flavored" in message
+    assert lookup(f"{__name__}._noop") is None

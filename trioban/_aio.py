@@ -8,6 +8,7 @@ loop (its worker was imported later) opens one for itself.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,11 +21,18 @@ _INSTALL_HINT = 'asyncio-flavored workers need trio-asyncio: pip install "trioba
 
 
 def check_available() -> None:
-    """Raise a clear error if trio-asyncio isn't installed."""
+    """Raise a clear error if trio-asyncio isn't installed or fails to import on this Python."""
     try:
         import trio_asyncio  # noqa: F401
     except ImportError:
         raise TriobanError(_INSTALL_HINT) from None
+    except Exception as exc:  # e.g. a release relying on asyncio APIs this Python removed
+        python = "{}.{}".format(*sys.version_info)
+        raise TriobanError(
+            f"asyncio-flavored workers need trio-asyncio, which fails to import on Python "
+            f"{python} ({type(exc).__name__}: {exc}); install a trio-asyncio release that "
+            "supports this Python, or make the worker Trio-flavored"
+        ) from exc
 
 
 async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:

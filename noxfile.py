@@ -1,19 +1,22 @@
 """trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), tests_newest
-(the same on Python 3.13, where the machine has it), lint, typecheck, docs (Sphinx, warnings as
+(the same on Python 3.13, where the machine has it), tests_lowest (the same with the runtime
+dependencies at their lowest allowed versions), lint, typecheck, docs (Sphinx, warnings as
 errors), demo (on the embedded PostgreSQL), bench (the benchmark of PERFORMANCE.md's workloads).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import tomllib
 from pathlib import Path
 
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "tests_newest", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests_newest", "tests_lowest", "lint", "typecheck", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 # The suite also runs on the newest supported Python where the machine has it; a machine
 # without it skips that run (nox would otherwise fail it when the CI variable is set).
@@ -25,6 +28,13 @@ def _newest_python() -> str:
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     installed = sorted(pyenv.glob("versions/3.13*/bin/python3.13"))
     return str(installed[-1]) if installed else "3.13"
+
+
+def _lowest_requirements() -> list[str]:
+    """The runtime dependencies (asyncio extra included) at the lowest versions allowed."""
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *project["optional-dependencies"]["asyncio"]]
+    return [re.sub(r">=([^,]+).*", r"==\1", spec) for spec in specs]
 
 
 LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1", "import-linter>=2.1"]
@@ -42,6 +52,13 @@ def tests(session: nox.Session) -> None:
 def tests_newest(session: nox.Session) -> None:
     """The test suite on the newest supported Python (skipped where it isn't installed)."""
     tests(session)
+
+
+@nox.session
+def tests_lowest(session: nox.Session) -> None:
+    """The test suite with the runtime dependencies at the lowest versions pyproject.toml allows."""
+    session.install("-e", ".[test]", *_lowest_requirements())
+    session.run("pytest", *session.posargs)
 
 
 @nox.session

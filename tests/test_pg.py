@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import psycopg
@@ -40,6 +41,8 @@ def test_the_psycopg_seams_we_rely_on_exist() -> None:
     conn_type = psycopg.AsyncConnection
     for name in ("wait", "_connect_gen", "_cancel_gen", "_get_connection_params", "cancel"):
         assert callable(getattr(conn_type, name)), name
+    # notifies(timeout=...) passes its deadline to wait() as timeout (psycopg 3.3.6 on).
+    assert "timeout" in inspect.signature(conn_type.wait).parameters
     assert hasattr(psycopg.errors, "_WaitTimeout")
     assert callable(psycopg.errors.error_from_result)
     assert callable(generators.execute)

@@ -26,8 +26,14 @@ nox.options.error_on_missing_interpreters = False
 def _newest_python() -> str:
     """Python 3.13: a pyenv-installed one (found even when not made global), else on PATH."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
-    installed = sorted(pyenv.glob("versions/3.13*/bin/python3.13"))
-    return str(installed[-1]) if installed else "3.13"
+    installed = pyenv.glob("versions/3.13*/bin/python3.13")
+    newest = max(installed, key=_version_of, default=None)
+    return str(newest) if newest else "3.13"
+
+
+def _version_of(python: Path) -> list[int]:
+    """The version in a path like .../versions/3.13.1/bin/python3.13, as numbers."""
+    return [int(part) for part in re.findall(r"\d+", python.parts[-3])]
 
 
 def _lowest_requirements() -> list[str]:

@@ -111,7 +111,7 @@ class _FailingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def test_an_asyncio_worker_with_a_broken_trio_asyncio_names_the_cause(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delitem(sys.modules, "trio_asyncio")
+    monkeypatch.delitem(sys.modules, "trio_asyncio", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_FailingImport(), *sys.meta_path])
     with pytest.raises(trioban.TriobanError) as raised:
         trioban.worker(queue="aio", flavor="asyncio")(_noop)

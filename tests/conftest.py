@@ -4,6 +4,7 @@ test cloned from a template that already has the schema."""
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -12,10 +13,22 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from trioban._devserver import TempServer, temp_postgres
+from trioban._devserver import ServerError, TempServer, find_binaries, temp_postgres
 from trioban._sql import schema_sql
 
 TEMPLATE = "trioban_template"
+
+
+def pytest_report_header() -> str:
+    """Which PostgreSQL the suite runs on (CI runs it on more than one)."""
+    if os.environ.get("TRIOBAN_TEST_DSN"):
+        return "postgresql: the server at TRIOBAN_TEST_DSN"
+    try:
+        postgres = find_binaries() / "postgres"
+        version = subprocess.run([postgres, "--version"], capture_output=True, text=True)
+    except (ServerError, OSError) as exc:  # the server fixture fails on it, as a test error
+        return f"postgresql: {exc}"
+    return f"postgresql: {version.stdout.strip()} ({postgres.parent})"
 
 
 class ExistingServer:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+import psycopg
 import pytest
 import trio
 
 import trioban
-from trioban import Config
+from trioban import Config, _pg, telemetry
+from trioban._notifier import Notifier
 
 from .test_relay import _terminate_notifier
 
@@ -103,3 +108,76 @@ async def test_reconnects_and_keeps_its_listeners(dsn: str) -> None:
                     assert await messages.receive() == ("gossip", {"probe": True})
                     break
             assert oban.notifier_status() == "connected"
+
+
+async def test_a_channel_subscribed_during_a_listen_round_trip_is_listened_on(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the reader awaits a LISTEN there is no read to interrupt: a channel subscribed
+    then is still listened on (before, its ``listen()`` waited forever)."""
+    notifier = Notifier(dsn, "public", "racing")
+    send, receive = trio.open_memory_channel[Any](10)
+    execute = _pg.Connection.execute
+
+    async def listen_alpha_then_subscribe_beta(
+        conn: _pg.Connection, query: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        if "oban_alpha" in repr(query) and not notifier._handlers.get("public.oban_beta"):
+            notifier.subscribe("beta", send.send_nowait)  # with LISTEN alpha under way
+        return await execute(conn, query, *args, **kwargs)
+
+    monkeypatch.setattr(_pg.Connection, "execute", listen_alpha_then_subscribe_beta)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.run)
+            notifier.subscribe("alpha", send.send_nowait)
+            await notifier.wait_listening(["alpha", "beta"])
+            sender = await _pg.connect(dsn)
+            try:
+                await execute(sender, "SELECT pg_notify('public.oban_beta', '{\"n\": 1}')")
+            finally:
+                await sender.close()
+            assert await receive.receive() == {"n": 1}
+            nursery.cancel_scope.cancel()
+
+
+async def test_open_fails_when_the_first_notifier_connection_drops(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notifier connection dropped before its first LISTENs fails ``open()``, as an
+    unreachable server does, instead of leaving it waiting forever."""
+    connect = _pg.connect
+
+    async def dropped_by_the_server(conninfo: str, *, autocommit: bool = True) -> _pg.Connection:
+        conn = await connect(conninfo, autocommit=autocommit)
+        if "trioban-notifier" in conninfo:
+            with contextlib.suppress(psycopg.OperationalError):
+                await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return conn
+
+    monkeypatch.setattr(_pg, "connect", dropped_by_the_server)
+    with trio.fail_after(10), pytest.raises(trioban.TriobanError, match="OperationalError"):
+        async with trioban.open(Config(dsn=dsn, queues={})):
+            pytest.fail("open() entered without a listening notifier")
+
+
+async def test_a_server_that_keeps_dropping_the_connection_is_not_hammered(dsn: str) -> None:
+    """Each connection is dropped 0.1 s after it goes idle: the notifier backs off (0.05 s,
+    doubling) instead of reconnecting at once every time (about 20 times in 2.5 s)."""
+    notifier = Notifier(_pg.with_options(dsn, idle_session_timeout="100"), "public", "dropped")
+    connections = 0
+
+    def count(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+        nonlocal connections
+        connections += metadata["status"] == "connected"
+
+    telemetry.attach("count-connections", ["notifier.status"], count)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(notifier.run)
+                await trio.sleep(2.5)
+                nursery.cancel_scope.cancel()
+    finally:
+        telemetry.detach("count-connections")
+    assert 3 <= connections <= 10

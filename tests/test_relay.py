@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -365,3 +366,48 @@ async def test_a_relay_that_joins_an_existing_unique_job(dsn: str) -> None:
                 assert unstored.job.id == plain.id
                 with pytest.raises(trioban.RelayError, match="recorded=True"):
                     await unstored.result(timeout=5)
+
+
+async def test_relays_that_share_a_unique_job_all_get_its_result(dsn: str) -> None:
+    """Relays that joined a unique job share its id and are served by the poller (the notice
+    goes under the first relay's ref, and asks for a poll when the result is too large to
+    publish). Each one gets the result, even with one of them held and never awaited."""
+    value = os.urandom(10_000).hex()  # too large for a notice, even compressed
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as caller:
+            first = await caller.dispatch(unique_echo.new({"value": value}))
+            joined = await caller.dispatch(unique_echo.new({"value": value}))
+            held = await caller.dispatch(unique_echo.new({"value": value}))  # not awaited
+            assert joined.job.conflict
+            assert held.job.conflict
+            assert first.job.id == joined.job.id == held.job.id
+            async with running(dsn):
+                outcomes = await caller.await_many([first, joined], timeout=3)
+            assert [o.unwrap() for o in outcomes] == [value, value]
+            assert await held.result(timeout=3) == value
+
+
+async def test_a_relay_awaited_by_several_tasks_at_once(dsn: str) -> None:
+    """Every task awaiting one relay gets its outcome, one giving up doesn't end the others'
+    wait, and ``await_many`` may be given the same relay twice."""
+    gate = workers.gates["shared"] = trio.Event()
+    results: list[Any] = []
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "shared"}))
+
+            async def await_result() -> None:
+                results.append(await relay.result(timeout=5))
+
+            async def await_twice() -> None:
+                outcomes = await oban.await_many([relay, relay], timeout=5)
+                results.extend(o.unwrap() for o in outcomes)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(await_result)
+                nursery.start_soon(await_twice)
+                with pytest.raises(RelayTimeout):
+                    await relay.result(timeout=0.2)  # gives up while the others wait
+                gate.set()
+            assert results == ["opened"] * 3
+            assert len(oban._relays) == 0

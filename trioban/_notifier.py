@@ -12,7 +12,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import psycopg
 import trio
@@ -32,6 +32,8 @@ LISTEN_BUFFER: Final = 1000
 
 _BACKOFF_MIN: Final = 0.05
 _BACKOFF_MAX: Final = 5.0
+_HEALTHY_AFTER: Final = 5.0
+"""Seconds a connection must stay up before a drop reconnects at once (backoff reset)."""
 
 
 def check_channel(name: str) -> str:
@@ -42,6 +44,11 @@ def check_channel(name: str) -> str:
             f"got {name!r}"
         )
     return name
+
+
+def _backoff(delay: float) -> float:
+    """The next delay before reconnecting: doubled, jittered, at most ``_BACKOFF_MAX``."""
+    return min(_BACKOFF_MAX, max(_BACKOFF_MIN, delay * 2) * random.uniform(0.8, 1.2))  # noqa: S311
 
 
 class Notifier:
@@ -77,62 +84,74 @@ class Notifier:
         self._reconnect_hooks.append(hook)
 
     def _refresh(self) -> None:
-        # A new channel needs a LISTEN: interrupt the idle read so the reader issues it.
+        # A new channel needs a LISTEN: interrupt the idle read so the reader issues it. While
+        # the reader is LISTENing there is no read scope: ``_listen`` goes round again instead.
         if self._read_scope is not None and not self._handlers.keys() <= self._listening:
             self._read_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read notifications until cancelled, reconnecting whenever the connection drops."""
-        delay = _BACKOFF_MIN
-        first = True
+        """Read notifications until cancelled, reconnecting whenever the connection drops.
+
+        Until the first connection listens, a failure is raised: ``open()`` fails as it does
+        when the database is unreachable. Later ones are retried with jittered backoff, reset
+        only by a connection that stayed up ``_HEALTHY_AFTER`` seconds, so a server that
+        accepts connections and drops them is not reconnected to in a tight loop.
+        """
+        delay = 0.0
+        started = False
         while True:
+            listened_at = None
             try:
                 conn = await _pg.connect(self._dsn, autocommit=True)
+                try:
+                    self._set_connected(True)
+                    await self._listen(conn)
+                    listened_at = trio.current_time()
+                    if started:
+                        for hook in self._reconnect_hooks:
+                            hook()
+                    else:
+                        task_status.started()
+                        started = True
+                    await self._read(conn)
+                finally:
+                    self._set_connected(False)
+                    self._listening.clear()
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await conn.close()
             except (psycopg.Error, OSError) as exc:
-                if first:
+                if not started:
                     raise
-                log.warning("notifier cannot connect (%s); retrying in %.2fs", exc, delay)
+                if listened_at is not None and trio.current_time() - listened_at >= _HEALTHY_AFTER:
+                    delay = 0.0  # a healthy connection dropped: back at once, then back off
+                log.warning("notifier connection failed (%s); reconnecting in %.2fs", exc, delay)
                 await trio.sleep(delay)
-                delay = min(_BACKOFF_MAX, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
-                continue
-            try:
-                await self._read(conn, task_status if first else None, reconnected=not first)
-            except (psycopg.Error, OSError) as exc:
-                log.warning("notifier connection lost (%s); reconnecting", exc)
-            finally:
-                self._set_connected(False)
-                self._listening.clear()
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await conn.close()
-            first = False
-            delay = _BACKOFF_MIN
+                delay = _backoff(delay)
 
-    async def _read(
-        self, conn: _pg.Connection, task_status: trio.TaskStatus[None] | None, reconnected: bool
-    ) -> None:
-        self._set_connected(True)
-        await self._listen(conn)
-        if task_status is not None:
-            task_status.started()
-        if reconnected:
-            for hook in self._reconnect_hooks:
-                hook()
+    async def _read(self, conn: _pg.Connection) -> NoReturn:
         while True:
-            with trio.CancelScope() as self._read_scope:
-                async for note in conn.notifies():
-                    self._dispatch(note.channel, note.payload)
-            self._read_scope = None
+            try:
+                with trio.CancelScope() as self._read_scope:
+                    async for note in conn.notifies():
+                        self._dispatch(note.channel, note.payload)
+            finally:
+                self._read_scope = None
             await self._listen(conn)
 
     async def _listen(self, conn: _pg.Connection) -> None:
-        wanted = set(self._handlers)
-        for name in wanted - self._listening:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
-        for name in self._listening - wanted:
-            await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(name)))
-        self._listening = wanted
-        self._listened.set()
-        self._listened = trio.Event()
+        # A channel subscribed during these round trips had no read scope to interrupt: go
+        # round again until every subscribed channel is listened on.
+        while True:
+            wanted = set(self._handlers)
+            for name in wanted - self._listening:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            for name in self._listening - wanted:
+                await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(name)))
+            self._listening = wanted
+            self._listened.set()
+            self._listened = trio.Event()
+            if self._handlers.keys() <= wanted:
+                return
 
     async def wait_listening(self, names: Iterable[str]) -> None:
         """Wait until the connection is listening on every channel in ``names``."""

@@ -80,34 +80,42 @@ def notice_from_row(state: str, errors: Sequence[Any] | None, meta: Mapping[str,
 
 
 class _Waiter:
-    """A per-ref slot holding the latest notice; a final notice is never overwritten."""
+    """A per-ref slot holding the latest notice; a final notice is never overwritten.
 
-    __slots__ = ("_event", "job_id", "notice", "owner")
+    Notices are counted rather than taken, so every task awaiting the relay sees each one.
+    """
+
+    __slots__ = ("_event", "awaiting", "job_id", "notice", "offers", "owner")
 
     def __init__(self) -> None:
         self._event: trio.Event | None = None  # made only while a task waits (memory)
         self.notice: Notice | None = None
+        self.offers = 0  # how many notices were offered
+        self.awaiting = 0  # tasks awaiting the relay: the last to stop discards the waiter
         self.job_id: int | None = None
         self.owner: _Owner | None = None  # the Relay it serves, weakly
 
     def offer(self, notice: Notice) -> None:
-        if self.notice is not None and self.notice.state in _FINAL:
+        held = self.notice
+        if held is not None and held.state in _FINAL and not held.stored:
             return
         self.notice = notice
+        self.offers += 1
         if self._event is not None:
             self._event.set()
-
-    async def take(self) -> Notice:
-        """The notice held, or the next one offered."""
-        if self.notice is None:
-            while self.notice is None:
-                self._event = trio.Event()
-                await self._event.wait()
             self._event = None
-        else:
+
+    async def take(self, seen: int) -> tuple[Notice, int]:
+        """The latest notice once more than ``seen`` were offered, and how many were."""
+        if self.offers > seen:
             await trio.lowlevel.checkpoint()
-        notice, self.notice = self.notice, None
-        return notice
+        while self.offers <= seen:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        if self.notice is None:  # unreachable: an offer sets it
+            raise AssertionError("a relay notice was counted but not held")
+        return self.notice, self.offers
 
 
 class _Owner(weakref.ref):  # type: ignore[type-arg]
@@ -188,13 +196,19 @@ class Registry:
                 log.warning("relay poll failed; retrying", exc_info=True)
 
     async def _poll(self) -> None:
-        pending = {w.job_id: w for w in self._waiters.values() if w.job_id is not None}
+        # Relays share a job id when they joined one unique job: each gets the outcome.
+        pending: dict[int, list[_Waiter]] = {}
+        for waiter in self._waiters.values():
+            if waiter.job_id is not None:
+                pending.setdefault(waiter.job_id, []).append(waiter)
         if not pending:
             return
         rows = await self._get_state(self._pool, list(pending))
         for job_id, state, errors, meta in rows:
             if state in _FINAL or state == "retryable":
-                pending[job_id].offer(notice_from_row(state, errors, meta))
+                notice = notice_from_row(state, errors, meta)
+                for waiter in pending[job_id]:
+                    waiter.offer(notice)
 
     async def wait(self, waiter: _Waiter, job_id: int | None, with_retries: bool) -> Any:
         """Wait for the relay's outcome and map it to a value or a ``RelayError``.
@@ -202,8 +216,9 @@ class Registry:
         ``job_id`` None (a job run inline, never stored) is never polled.
         """
         waiter.job_id = job_id
+        seen = 0
         while True:
-            notice = await waiter.take()
+            notice, seen = await waiter.take(seen)
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it
                 continue
@@ -264,6 +279,7 @@ class Relay:
         waiter = registry.register(self.ref)
         if waiter.notice is None and waiter.job_id is None:
             registry.poll_soon()  # a second call: the outcome may already be in the row
+        waiter.awaiting += 1  # other tasks may await this relay at the same time
         try:
             value = await registry.wait(waiter, self.job.id, with_retries)
             if not self._stored:
@@ -274,7 +290,9 @@ class Relay:
                 )
             return self._loaded(value)
         finally:
-            registry.discard(self.ref)
+            waiter.awaiting -= 1
+            if not waiter.awaiting:
+                registry.discard(self.ref)
 
     def _loaded(self, value: Any) -> Any:
         if self._load is None:

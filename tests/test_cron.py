@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import trio
@@ -13,6 +17,7 @@ import trioban
 from trioban import ConfigError
 from trioban._cron import CronEntry, Scheduler, minute_of
 from trioban._instance import _builder, cron_entries
+from trioban._leader import Leadership
 
 from .workers import echo, hourly
 
@@ -124,3 +129,71 @@ async def test_one_job_per_slot_across_nodes(dsn: str) -> None:
 def test_minute_of_floors_to_utc() -> None:
     moment = datetime(2026, 1, 1, 12, 0, 59, 999, tzinfo=UTC).astimezone()
     assert minute_of(moment) == datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def test_wildcard_entries_keep_running_through_a_repeated_hour() -> None:
+    """Classic cron: in the hour an autumn clock change repeats, "*/5 * * * *" runs on both
+    passes; a fixed-time entry runs once (see above)."""
+    autumn = datetime(2026, 10, 25, tzinfo=UTC)  # Paris repeats 02:00-03:00 local
+    minutes = [autumn + timedelta(minutes=m) for m in range(24 * 60)]  # 24 real hours
+    for expression, slots in (("*/5 * * * *", 24 * 12), ("@hourly", 24), ("0,30 2 * * *", 2)):
+        entry = CronEntry(expression, "tests.workers.echo", timezone="Europe/Paris")
+        keys = {entry.key(minute) for minute in minutes if entry.is_due(minute)}
+        assert len(keys) == slots, expression
+
+
+async def test_a_slot_is_built_by_its_worker_imported_on_demand(
+    dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that hasn't imported the worker yet imports it, as running its job would; an
+    entry whose worker is nowhere is skipped with an error, never inserted with guesses."""
+    module = f"cron_lazy_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text(
+        "from trioban import worker\n\n"
+        "@worker(queue='reports', priority=3, max_attempts=4, tags=['nightly'])\n"
+        "async def cleanup(job):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entries = [
+        CronEntry("* * * * *", f"{module}.cleanup"),
+        CronEntry("* * * * *", "tests.nowhere.missing"),
+    ]
+    slot = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
+    async with trioban.open(trioban.Config(dsn=dsn)) as oban:
+        scheduler = Scheduler(entries, oban._leadership, oban.insert_all, _builder)
+        with caplog.at_level(logging.ERROR, logger="trioban.cron"):
+            assert await scheduler.enqueue(slot) == 1
+        async with oban.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT worker, queue, priority, max_attempts, tags FROM oban_jobs"
+            )
+            rows = await cur.fetchall()
+    assert rows == [(f"{module}.cleanup", "reports", 3, 4, ["nightly"])]
+    assert "tests.nowhere.missing; skipped" in caplog.text
+
+
+async def test_a_slot_whose_insert_failed_is_retried_the_next_minute(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    entry = CronEntry("* * * * *", echo.name)
+    start = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC).timestamp() - trio.current_time()
+    failures = [OSError("the database is down")]
+    inserted: list[str] = []
+
+    async def insert_all(jobs: list[trioban.Job]) -> list[trioban.Job]:
+        await trio.lowlevel.checkpoint()
+        if failures:
+            raise failures.pop()
+        inserted.extend(job._unique.key for job in jobs if job._unique is not None)
+        return jobs
+
+    leader = cast(Leadership, SimpleNamespace(is_leader=True))
+    scheduler = Scheduler(
+        [entry], leader, insert_all, _builder, clock=lambda: start + trio.current_time()
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await trio.sleep(150)  # 10:01 fails, 10:02 enqueues it and its own slot
+        nursery.cancel_scope.cancel()
+    first = datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
+    assert inserted == [entry.key(first), entry.key(first + timedelta(minutes=1))]

@@ -25,6 +25,21 @@ CREATE TRIGGER refuse_poison BEFORE INSERT ON oban_jobs
 """
 
 
+# Poisoned rows wait for advisory lock 42 (held by the test) before failing.
+SLOW_POISON_TRIGGER = """
+CREATE FUNCTION refuse_poison_slowly() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.args ? 'poison' THEN
+    PERFORM pg_advisory_xact_lock(42);
+    RAISE EXCEPTION 'poisoned job refused';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_poison_slowly BEFORE INSERT ON oban_jobs
+  FOR EACH ROW EXECUTE FUNCTION refuse_poison_slowly();
+"""
+
+
 async def _inserted_at_groups(oban: trioban.Oban) -> list[int]:
     async with oban.transaction() as conn:
         cur = await conn.execute(
@@ -100,3 +115,83 @@ async def test_a_failed_claimed_insert_gives_its_slot_back(dsn: str) -> None:
             claimed = await oban.insert(echo.new({"value": 1}))
             assert claimed.state is trioban.JobState.EXECUTING
             assert await oban.relay(echo.new({"value": 2})) == 2
+
+
+async def _inserts_waiting_on_a_lock(oban: trioban.Oban) -> int:
+    async with oban.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO%oban_jobs%'"
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_every_writer_task_takes_requests(dsn: str) -> None:
+    """While every statement is slow (waiting on a lock held here), each new request is
+    taken by an idle writer task: the caller writing its own plus one statement per writer
+    are in flight at once."""
+    writers = 4  # pool_size // 2
+    in_flight = 0
+
+    async def all_waiting() -> bool:
+        return await _inserts_waiting_on_a_lock(oban) == in_flight
+
+    with trio.fail_after(20):
+        async with trioban.open(Config(dsn=dsn, queues={}, pool_size=2 * writers)) as oban:
+            with psycopg.connect(dsn) as lock:
+                lock.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")
+                async with trio.open_nursery() as nursery:
+                    for value in range(1 + writers):
+                        nursery.start_soon(oban.insert, echo.new({"value": value}))
+                        in_flight += 1
+                        with trio.move_on_after(3):
+                            await eventually(all_waiting)
+                        assert await _inserts_waiting_on_a_lock(oban) == in_flight
+                    lock.commit()
+            assert sum(await _inserted_at_groups(oban)) == 1 + writers
+
+
+async def test_a_released_slot_fetches_the_job_waiting_for_it(dsn: str) -> None:
+    """A job inserted while the queue's only slot is reserved for a claimed insert runs as
+    soon as that insert fails and gives the slot back, not at the stager's next tick."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SLOW_POISON_TRIGGER)
+    conf = Config(dsn=dsn, queues={"default": 1}, stage_interval=60)
+
+    async def poisoned() -> None:
+        with pytest.raises(psycopg.errors.RaiseException, match="poisoned"):
+            await oban.insert(echo.new({"value": -1, "poison": True}))
+
+    with trio.fail_after(20):
+        async with trioban.open(conf) as oban, trio.open_nursery() as nursery:
+            await oban.relay(echo.new({"value": 0}))
+            producer = oban._queues.producers["default"]
+
+            async def claimable() -> bool:
+                return producer.claimable
+
+            async def reserved() -> bool:
+                return producer._reserved == 1
+
+            await eventually(claimable)
+            with psycopg.connect(dsn, autocommit=True) as lock:
+                lock.execute("SELECT pg_advisory_lock(42)")
+                nursery.start_soon(poisoned)
+                await eventually(reserved)
+                wakes = producer._wakes
+                waiting = await oban.insert(echo.new({"value": 1}))
+                assert waiting.state is trioban.JobState.AVAILABLE  # no slot to claim it
+
+                async def woken_twice() -> bool:  # by this insert, then by its notification
+                    return producer._wakes >= wakes + 2
+
+                await eventually(woken_twice)
+                lock.execute("SELECT pg_advisory_unlock(42)")
+
+            async def completed() -> bool:
+                job = await oban.get_job(waiting.id or 0)
+                return job is not None and job.state is trioban.JobState.COMPLETED
+
+            with trio.fail_after(3):
+                await eventually(completed)

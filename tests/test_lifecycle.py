@@ -9,9 +9,11 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import trioban
-from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique
+from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique, _acker, _heartbeat, _pg
 
 from . import workers
 from .helpers import eventually
@@ -32,7 +34,9 @@ async def test_insert_returns_saved_job_and_it_completes(dsn: str) -> None:
         async with running(dsn) as oban:
             job = await oban.insert(echo.new({"value": 7}, tags=["a"], meta={"m": 1}))
             assert job.id is not None
-            assert job.state is JobState.AVAILABLE
+            # The queue is drained (its producer fetched as it started): claimed on insert.
+            assert job.state is JobState.EXECUTING
+            assert job.attempted_by == (oban.config.node, oban._queues.producers["default"].uuid)
             assert job.inserted_at is not None
             assert await oban.relay(echo.new({"value": 8}), timeout=5) == 8
             stored = await oban.get_job(job.id)
@@ -477,3 +481,134 @@ async def wait_for_state(oban: trioban.Oban, job_id: int, state: JobState) -> No
         return job is not None and job.state is state
 
     await eventually(reached)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exit_by", ["error", "cancel"])
+async def test_acks_queued_when_the_block_exits_abruptly_are_written(
+    dsn: str, exit_by: str
+) -> None:
+    """The block exits with an exception, or is cancelled, while one ack is being written (a
+    row lock holds it up) and another waits behind it: both are written, neither job is left
+    executing to be run again."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    locker = await _pg.connect(dsn)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as scope:
+                    try:
+                        async with running(dsn) as oban:
+                            ids = await _two_acks_held_up(oban, locker)
+                            nursery.start_soon(_rollback_soon, locker)
+                            if exit_by == "cancel":
+                                scope.cancel()
+                                await trio.sleep_forever()
+                            raise Boom
+                    except Boom:
+                        pass
+            cur = await locker.execute(
+                "SELECT state::text FROM oban_jobs WHERE id = ANY(%s)", [ids]
+            )
+            assert await cur.fetchall() == [("completed",), ("completed",)]
+    finally:
+        await locker.close()
+
+
+async def _two_acks_held_up(oban: trioban.Oban, locker: _pg.Connection) -> list[int]:
+    """Two finished jobs: the first's ack blocked on ``locker``'s row lock, the second's queued."""
+    gates = [f"held-{id(oban)}", f"queued-{id(oban)}"]
+    jobs = [await oban.insert(wait_gate.new({"gate": gate})) for gate in gates]
+    ids = [job.id or 0 for job in jobs]
+    await workers.wait_started(2)
+    await locker.execute("BEGIN")
+    await locker.execute("SELECT 1 FROM oban_jobs WHERE id = %s FOR UPDATE", [ids[0]])
+    workers.gates.setdefault(gates[0], trio.Event()).set()
+    await _waiting_for_a_lock(locker)
+    workers.gates.setdefault(gates[1], trio.Event()).set()
+    producer = oban._queues.producers["default"]
+
+    async def both_acks_queued() -> bool:
+        return not producer.running
+
+    await eventually(both_acks_queued)
+    return ids
+
+
+async def _rollback_soon(locker: _pg.Connection) -> None:
+    await trio.sleep(0.3)  # the instance is shutting down by now
+    await locker.execute("ROLLBACK")
+
+
+async def _waiting_for_a_lock(conn: _pg.Connection) -> None:
+    async def waiting() -> bool:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return await cur.fetchone() != (0,)
+
+    await eventually(waiting)
+
+
+async def _outage(dsn: str) -> None:
+    """From now on this database refuses connections, and the open ones are closed."""
+    params = conninfo_to_dict(dsn)
+    name = sql.Identifier(str(params["dbname"]))
+    async with await _pg.connect(make_conninfo("", **{**params, "dbname": "postgres"})) as conn:
+        await conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(name))
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            [params["dbname"]],
+        )
+
+
+async def test_shutdown_during_an_outage_ends_and_names_the_unwritten_jobs(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL can't be reached when the block exits: the acker stops ``DRAIN_TIMEOUT``
+    after the grace and logs the jobs it couldn't ack (they stay executing for the lifeline);
+    job tasks waiting for room in its (full) buffer are let go."""
+    monkeypatch.setattr(_acker, "DRAIN_TIMEOUT", 1.0)
+    monkeypatch.setattr(_acker, "BUFFER", 1)
+    workers.concurrency.update(now=0, max=0, started=0)
+    first, rest = f"outage-1-{trio.current_time()}", f"outage-2-{trio.current_time()}"
+    with trio.fail_after(15):
+        async with running(dsn, shutdown_grace=0.5) as oban:
+            jobs = await oban.insert_all(
+                [wait_gate.new({"gate": gate}) for gate in [first, rest, rest, rest]]
+            )
+            await workers.wait_started(4)
+            await _outage(dsn)
+            producer = oban._queues.producers["default"]
+            workers.gates.setdefault(first, trio.Event()).set()
+
+            async def acker_busy() -> bool:  # retrying the first ack, as long as it must
+                return jobs[0].id not in producer.running
+
+            await eventually(acker_busy)
+            workers.gates.setdefault(rest, trio.Event()).set()
+
+            async def all_finished() -> bool:  # one ack in the buffer, two waiting for room
+                return workers.concurrency["now"] == 0
+
+            await eventually(all_finished)
+            assert len(producer.running) == 2
+            stopping = trio.current_time()
+        took = trio.current_time() - stopping
+    # The grace and the acker's drain, then the heartbeat's bounded cleanup; the rest is quick.
+    assert took < 0.5 + 1.0 + _heartbeat.CLEANUP_TIMEOUT + 1.5, took
+    ids = sorted(job.id or 0 for job in jobs)
+    assert "stopped with 4 job outcomes unwritten (shutdown deadline)" in caplog.text
+    assert f"lifeline to rescue: {ids}" in caplog.text
+
+
+async def test_a_queue_started_on_an_insert_only_node_gets_its_jobs_staged(dsn: str) -> None:
+    """The stager runs on every instance (quietly while it runs no queue), so the scheduled
+    jobs of a queue started later are staged without another node's help."""
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            await oban.start_queue("default", limit=2, local_only=True)
+            job = await oban.insert(echo.new({"value": 1}, schedule_in=0.2))
+            assert job.state is JobState.SCHEDULED
+            await wait_for_state(oban, job.id or 0, JobState.COMPLETED)

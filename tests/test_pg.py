@@ -10,7 +10,9 @@ import pytest
 import trio
 from psycopg import generators
 from psycopg.adapt import Transformer
+from psycopg.conninfo import make_conninfo
 
+import trioban
 from trioban import _pg
 from trioban._sql import Prepared, prepared
 
@@ -199,6 +201,22 @@ def test_with_options_keeps_existing_options() -> None:
     dsn = "postgresql://u@h/db?options=-c%20search_path%3Dx"
     params = psycopg.conninfo.conninfo_to_dict(_pg.with_options(dsn, synchronous_commit="off"))
     assert params["options"] == "-c search_path=x -c synchronous_commit=off"
+
+
+@pytest.mark.parametrize("options", ["-c jit=on", "-cjit=on", "--jit=on"])
+def test_with_options_leaves_a_setting_the_dsn_names(options: str) -> None:
+    dsn = make_conninfo("", host="h", options=f"{options} -c work_mem=4MB")
+    settings = {"jit": "off", "synchronous_commit": "off"}
+    params = psycopg.conninfo.conninfo_to_dict(_pg.with_options(dsn, **settings))
+    assert params["options"] == f"{options} -c work_mem=4MB -c synchronous_commit=off"
+
+
+async def test_trioban_connections_run_without_jit(dsn: str) -> None:
+    async with trioban.open(trioban.Config(dsn=dsn, queues={"default": 1})) as oban:
+        for pool in (oban._pool, oban._work_pool):
+            async with pool.connection() as conn:
+                cur = await conn.execute("SHOW jit")
+                assert await cur.fetchone() == ("off",)
 
 
 def test_prepared_statements_number_their_parameters() -> None:

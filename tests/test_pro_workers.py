@@ -256,6 +256,15 @@ def test_encryption_keys_are_checked() -> None:
     assert "k" * 8 not in repr(trioban.Encrypted(key=b"k" * 32))
 
 
+@pytest.mark.parametrize("token", ["", "AAAA", "A" * 36])
+def test_malformed_ciphertext_is_a_decryption_error(token: str) -> None:
+    """Too short to hold a nonce and a tag: the documented error (retried by the executor),
+    not the cipher's ValueError (which would discard the job as bad args)."""
+    sealed = trioban.Encrypted(key=b"k" * 32)
+    with pytest.raises(trioban.DecryptionError):
+        sealed.decrypt({"encrypted": token}, "tests.workers.secret_echo")
+
+
 # -- unique jobs ------------------------------------------------------------------------------
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+import string
+
+import psycopg
 import pytest
 import trio
 
@@ -11,7 +15,7 @@ from trioban import Config, JobState, RelayCancelled
 from . import workers
 from .helpers import eventually
 from .nodes import node_processes
-from .workers import echo, wait_gate
+from .workers import echo, gates, wait_gate
 
 
 def _conf(dsn: str, **settings: object) -> Config:
@@ -86,6 +90,101 @@ async def test_start_and_stop_queues(dsn: str) -> None:
             await eventually(stopped)
 
 
+async def test_a_queue_started_at_run_time_fetches_the_jobs_waiting(dsn: str) -> None:
+    """No stager runs and nothing is inserted after the start: ``start_queue`` returns once
+    the new producer has fetched, so the job already waiting is running by then."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    conf = _conf(dsn, queues={}).evolve(stage_interval=60)
+    with trio.fail_after(10):
+        async with trioban.open(conf) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "started-late"}))
+            await oban.start_queue("default", limit=1, local_only=True)
+            assert oban.check_queue("default").running == (relay.job.id,)
+            gates.setdefault("started-late", trio.Event()).set()
+            assert await relay.result(timeout=5) == "opened"
+
+
+async def test_a_stopped_queue_vouches_for_its_jobs_until_they_finish(dsn: str) -> None:
+    """A stopped queue's running jobs get the grace period, and its producer heartbeats them
+    meanwhile: the lifeline doesn't rescue (to run again) a job older than ``rescue_after``."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    conf = _conf(dsn, queues={"default": 1}, heartbeat_interval=0.1, rescue_after=0.3)
+    with trio.fail_after(10):
+        async with trioban.open(conf.evolve(shutdown_grace=10)) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "draining"}))
+            job_id = relay.job.id
+            assert job_id is not None
+            await workers.wait_started(1)
+            await oban.stop_queue("default", local_only=True)
+            # PostgreSQL's clock: the job grows well past rescue_after while the leader's
+            # lifeline runs every 0.1 s.
+            await trio.sleep(1.0)
+            job = await oban.get_job(job_id)
+            assert job is not None
+            assert (job.state, job.errors) == (JobState.EXECUTING, ())
+            gates["draining"].set()
+            assert await relay.result(timeout=5) == "opened"
+            job = await oban.get_job(job_id)
+            assert job is not None
+            assert (job.state, job.attempt) == (JobState.COMPLETED, 1)
+
+            async def drained() -> bool:
+                return not oban._queues.producers.draining
+
+            await eventually(drained)
+
+
+async def _fetches_waiting_on_a_lock(oban: trioban.Oban) -> int:
+    async with oban.transaction() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%attempted_by = ARRAY%'"
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_a_fetch_in_flight_when_the_queue_stops_hands_its_jobs_back(dsn: str) -> None:
+    """The jobs a fetch claims after the queue stopped don't start: they are made available
+    again, their attempt given back, and the stop ends as soon as the running job is done
+    (not after the grace)."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    conf = _conf(dsn, queues={"default": 2}).evolve(stage_interval=60, shutdown_grace=5)
+    with trio.fail_after(15):
+        async with trioban.open(conf) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "in-flight"}))
+            await workers.wait_started(1)
+            await oban.pause_queue("default", local_only=True)
+            waiting = await oban.insert(echo.new({"value": 1}))
+            assert waiting.id is not None
+            with psycopg.connect(dsn) as lock:
+                lock.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")  # the fetch waits
+                await oban.resume_queue("default", local_only=True)
+
+                async def fetch_in_flight() -> bool:
+                    return await _fetches_waiting_on_a_lock(oban) == 1
+
+                await eventually(fetch_in_flight)
+                await oban.stop_queue("default", local_only=True)
+            gates.setdefault("in-flight", trio.Event()).set()
+
+            async def drained() -> bool:
+                return not oban._queues.producers.draining
+
+            with trio.fail_after(2):  # the grace is 5 s
+                await eventually(drained)
+            assert await relay.result(timeout=1) == "opened"
+
+            async def handed_back() -> bool:
+                job = await oban.get_job(waiting.id or 0)
+                return job is not None and job.state is JobState.AVAILABLE
+
+            await eventually(handed_back)
+            job = await oban.get_job(waiting.id)
+            assert job is not None
+            assert job.max_attempts - job.attempt == waiting.max_attempts
+
+
 async def test_cancel_a_job_executing_in_another_process(dsn: str) -> None:
     with trio.fail_after(60):
         async with (
@@ -152,3 +251,30 @@ async def test_jobs_still_run_while_the_notifier_is_down(dsn: str) -> None:
             async with trioban.open(_conf(dsn, queues={}, node="inserter")) as other:
                 relay = await other.dispatch(echo.new({"value": "polled"}))
                 assert await relay.result(timeout=10) == "polled"
+
+
+async def test_cancel_with_a_reason_too_long_for_a_notification(dsn: str) -> None:
+    """The reason travels whole into the job's errors; the notices and cancel signals carry its
+    start (a notification holds at most 8,000 bytes, and random text doesn't compress)."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    reason = "".join(random.choices(string.ascii_letters + string.digits, k=12_000))
+    with trio.fail_after(15):
+        async with trioban.open(_conf(dsn, queues={"default": 3})) as oban:
+            relays = [await oban.dispatch(wait_gate.new({"gate": "long-never"})) for _ in range(3)]
+            await workers.wait_started(3)
+            ids = [relay.job.id or 0 for relay in relays]
+            assert await oban.cancel_all_jobs(ids, reason=reason) == 3
+            for relay in relays:
+                with pytest.raises(RelayCancelled) as caught:
+                    await relay.result(timeout=5)
+                assert reason[:1000] in str(caught.value)
+                assert reason not in str(caught.value)
+            job = await oban.get_job(ids[0])
+            assert job is not None
+            assert job.state is JobState.CANCELLED
+            assert job.errors[-1]["error"] == reason
+
+            async def stopped() -> bool:
+                return workers.concurrency["now"] == 0
+
+            await eventually(stopped)

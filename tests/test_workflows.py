@@ -6,15 +6,16 @@ import random
 from collections.abc import AsyncIterator
 from functools import partial
 
+import psycopg
 import pytest
 import trio
 
 import trioban
-from trioban import Batch, JobState, Workflow
+from trioban import Batch, JobState, Workflow, _lifeline, _settle
 
 from .helpers import eventually
 from .nodes import node_processes
-from .workers import MailBatch, echo, flow_step
+from .workers import MailBatch, echo, flow_step, unique_echo
 
 
 def config(dsn: str, **settings: object) -> trioban.Config:
@@ -53,6 +54,29 @@ def step(value: int = 0, **args: object) -> trioban.Job:
     return flow_step.new({"value": value, **args})
 
 
+def later(value: int = 0) -> trioban.Job:
+    """A step that waits (scheduled an hour ahead) until a test settles it."""
+    return flow_step.new({"value": value}, schedule_in=3600)
+
+
+@pytest.fixture
+async def quiet(dsn: str) -> AsyncIterator[trioban.Oban]:
+    """An instance that runs no jobs and never leads (another peer holds the lease), so no
+    sweep runs: what settles a workflow here is the code under test, or a sweep it calls."""
+
+    def take_the_lease() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO oban_peers VALUES ('oban', 'elsewhere', timezone('UTC', now()), "
+                "timezone('UTC', now()) + interval '1 day')"
+            )
+
+    await trio.to_thread.run_sync(take_the_lease)
+    async with trioban.open(config(dsn, queues={})) as instance:
+        assert not instance.is_leader
+        yield instance
+
+
 # -- building ------------------------------------------------------------------------------
 
 
@@ -71,6 +95,18 @@ def test_bad_workflows_are_rejected_when_built() -> None:
         Workflow().build()
     with pytest.raises(TypeError, match="unsaved Job"):
         Workflow().add("a", "job")  # type: ignore[arg-type]
+
+
+def test_unique_jobs_cant_be_steps() -> None:
+    """A duplicate step isn't inserted: a second run would depend on the first run's job
+    (and be released when it finished), so unique steps are refused when added."""
+    with pytest.raises(ValueError, match=r"step 'load' is a unique job .*unique=False"):
+        Workflow().add("load", unique_echo.new({}))
+    # None keeps the worker's constraint, like new()'s other options.
+    with pytest.raises(ValueError, match="is a unique job"):
+        Workflow().add("load", unique_echo.new({}, unique=None))
+    (job,) = Workflow().add("load", unique_echo.new({}, unique=False)).build()
+    assert job._unique is None
 
 
 def test_held_jobs_are_suspended_and_tagged() -> None:
@@ -216,6 +252,39 @@ async def test_append_to_a_running_workflow(oban: trioban.Oban) -> None:
         await oban.append_workflow("missing", lambda more: more.add("x", step()))
 
 
+async def test_appended_steps_inherit_the_workflow_options(quiet: trioban.Oban) -> None:
+    wf = Workflow(ignore_cancelled=True).add("a", later()).add("b", step(), deps=["a"])
+    await quiet.insert_workflow(wf)
+    (c,) = await quiet.append_workflow(
+        wf.workflow_id, lambda more: more.add("c", step(), deps=["a"])
+    )
+    assert c.meta["ignore_cancelled"] is True
+    strict = Workflow().add("a", later())
+    await quiet.insert_workflow(strict)
+    (d,) = await quiet.append_workflow(
+        strict.workflow_id, lambda more: more.add("d", step(), deps=["a"])
+    )
+    assert "ignore_cancelled" not in d.meta
+    await quiet.cancel_job(await _step_id(quiet, wf.workflow_id, "a"))
+    await quiet.cancel_job(await _step_id(quiet, strict.workflow_id, "a"))
+    assert await quiet.workflow_status(wf.workflow_id) == {
+        "a": JobState.CANCELLED,
+        "b": JobState.AVAILABLE,
+        "c": JobState.AVAILABLE,
+    }
+    assert (await quiet.workflow_status(strict.workflow_id))["d"] is JobState.CANCELLED
+
+
+async def _step_id(oban: trioban.Oban, workflow_id: str, name: str) -> int:
+    rows = await _rows(
+        oban,
+        "SELECT id FROM oban_jobs WHERE meta->>'workflow_id' = %s AND meta->>'name' = %s",
+        workflow_id,
+        name,
+    )
+    return int(str(rows[0][0]))
+
+
 async def test_a_200_job_dag_across_node_processes(oban: trioban.Oban, dsn: str) -> None:
     """Random deps on earlier steps; 2 node processes and this one share the work."""
     rng = random.Random(7)
@@ -275,6 +344,97 @@ async def test_the_leader_sweep_settles_what_a_dead_node_left(oban: trioban.Oban
     )
     status = await _settled(oban, wf.workflow_id)  # the sweep runs every heartbeat interval
     assert status == {"a": JobState.COMPLETED, "b": JobState.COMPLETED}
+
+
+async def test_cancelling_a_waiting_step_settles_its_workflow_and_batch(
+    quiet: trioban.Oban,
+) -> None:
+    """A step cancelled before it ran is never acked: the cancel itself settles its
+    dependents (and its batch's callbacks), not a sweep some time later."""
+    wf = Workflow().add("a", later()).add("b", step(), deps=["a"])
+    wf.add("c", step(), deps=["a"], ignore_cancelled=True).add("d", step(), deps=["b"])
+    jobs = await quiet.insert_workflow(wf)
+    assert await quiet.cancel_all_jobs([jobs[0].id or 0]) == 1
+    assert await quiet.workflow_status(wf.workflow_id) == {
+        "a": JobState.CANCELLED,
+        "b": JobState.CANCELLED,
+        "c": JobState.AVAILABLE,
+        "d": JobState.CANCELLED,
+    }
+    # A held step cancelled directly cancels its own dependents too.
+    chain = Workflow().add("a", later()).add("b", step(), deps=["a"]).add("c", step(), deps=["b"])
+    held = await quiet.insert_workflow(chain)
+    assert await quiet.cancel_job(held[1].id or 0)
+    assert (await quiet.workflow_status(chain.workflow_id))["c"] is JobState.CANCELLED
+    batch = Batch([MailBatch.new({}, schedule_in=3600)], callback=MailBatch)
+    (job,) = await quiet.insert_all(batch)
+    assert await quiet.cancel_job(job.id or 0)
+    callbacks = await _rows(
+        quiet,
+        "SELECT meta->>'callback' FROM oban_jobs WHERE meta->>'batch_id' = %s "
+        "AND meta ? 'callback' ORDER BY 1",
+        batch.batch_id,
+    )
+    assert callbacks == [("handle_attempted",), ("handle_cancelled",), ("handle_exhausted",)]
+
+
+async def test_the_sweep_reaches_stranded_workflows_among_many_waiting(
+    quiet: trioban.Oban, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three pages of waiting workflows: the sweep pages through them in id order, so it
+    reaches a stranded workflow wherever it sits, however many others wait."""
+    monkeypatch.setattr(_settle, "SWEEP_WORKFLOWS", 50)
+    flows = [
+        Workflow(f"wf{i:03d}").add("a", later()).add("b", step(), deps=["a"]) for i in range(153)
+    ]
+    await quiet.insert_all([job for wf in flows for job in wf.build()])
+    first, middle, last = [await _step_id(quiet, f"wf{i:03d}", "a") for i in (0, 76, 152)]
+    # What the acker settles unless it fails: a dep completed, one cancelled...
+    await _rows(
+        quiet,
+        "UPDATE oban_jobs SET state = CASE WHEN id = %s THEN 'completed' ELSE 'cancelled' END"
+        "::oban_job_state WHERE id = ANY(%s) RETURNING id",
+        first,
+        [first, middle],
+    )
+    # ...and one discarded.
+    await _rows(quiet, "UPDATE oban_jobs SET state = 'discarded' WHERE id = %s RETURNING id", last)
+    # Pages wf000-049, wf050-099, wf100-149, then a short one (wf150-152) ends the cycle.
+    sweep = _settle.Sweep(quiet._work_pool, "public")
+    settled = [await sweep() for _ in range(4)]
+    assert settled == [1, 1, 0, 1]
+    states = [(await quiet.workflow_status(f"wf{i:03d}"))["b"] for i in (0, 76, 152)]
+    assert states == [JobState.AVAILABLE, JobState.CANCELLED, JobState.CANCELLED]
+    assert sweep.after == ""  # the next tick starts over
+
+
+async def test_a_step_the_lifeline_discards_settles_its_workflow(quiet: trioban.Oban) -> None:
+    """An orphan out of attempts is discarded by the lifeline, not acked: the lifeline settles
+    its workflow itself (its dependent is cancelled at once, not at the sweep's next pass)."""
+    wf = Workflow().add("a", later()).add("b", step(), deps=["a"])
+    await quiet.insert_all(wf.build())
+    await _rows(
+        quiet,
+        "UPDATE oban_jobs SET state = 'executing', attempt = max_attempts, "
+        "attempted_at = timezone('UTC', now()) - interval '1 hour', "
+        "attempted_by = ARRAY['gone', %s] WHERE id = %s RETURNING id",
+        "00000000-0000-0000-0000-000000000000",
+        await _step_id(quiet, wf.workflow_id, "a"),
+    )
+    settle = partial(_settle.settle_jobs, quiet._work_pool, "public")
+    assert await _lifeline.rescue(quiet._work_pool, "public", 60, settle=settle) == 1
+    status = await quiet.workflow_status(wf.workflow_id)
+    assert status == {"a": JobState.DISCARDED, "b": JobState.CANCELLED}
+
+
+async def test_a_pruned_dep_counts_as_finished(quiet: trioban.Oban) -> None:
+    wf = Workflow().add("a", later()).add("b", later()).add("c", step(), deps=["a", "b"])
+    jobs = await quiet.insert_workflow(wf)
+    await _rows(quiet, "DELETE FROM oban_jobs WHERE id = %s RETURNING id", jobs[0].id)
+    assert await _settle.release(quiet._pool, "public", [wf.workflow_id]) == 0  # b waits
+    await _rows(quiet, "DELETE FROM oban_jobs WHERE id = %s RETURNING id", jobs[1].id)
+    assert await _settle.release(quiet._pool, "public", [wf.workflow_id]) == 1
+    assert await quiet.workflow_status(wf.workflow_id) == {"c": JobState.AVAILABLE}
 
 
 # -- batches -------------------------------------------------------------------------------

@@ -282,6 +282,43 @@ class Mailer:
 # Type checkers ignore what a class decorator returns: register by calling worker() instead.
 MailBatch = worker(queue="default", max_attempts=1)(Mailer)
 
+# What the callbacks of the two batch workers below received (tests/test_batches.py).
+callback_runs: list[tuple[str, Any]] = []
+
+
+class SecretMailer:
+    """A batch worker with encrypted args: its callback jobs must decrypt too."""
+
+    async def process(self, job: Job) -> None:
+        pass
+
+    async def handle_completed(self, job: Job) -> None:
+        callback_runs.append(("secret", job.args))
+
+
+SecretMailBatch = worker(
+    queue="default", encrypted=Encrypted(key=b"b" * 32), max_attempts=2, backoff=lambda a: 0
+)(SecretMailer)
+
+
+@attrs.frozen
+class CampaignArgs:
+    campaign: str
+    to: str | None = None
+
+
+class CampaignMailer:
+    """A batch worker with structured args: its callback args are a CampaignArgs too."""
+
+    async def process(self, job: Job) -> None:
+        pass
+
+    async def handle_completed(self, job: Job) -> None:
+        callback_runs.append(("structured", job.args))
+
+
+CampaignBatch = worker(queue="default", args=CampaignArgs, max_attempts=2)(CampaignMailer)
+
 
 @worker(queue="cron", cron="0 * * * *")
 async def hourly(job: Job) -> None:

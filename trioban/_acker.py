@@ -1,8 +1,15 @@
 """The acker: writes job outcomes in batches, one statement per batch.
 
-Each write runs in a shielded, time-bounded scope, so cancellation can't tear a batch in half;
-a failed write is retried with backoff until it succeeds or the instance is torn down.
-Batching is natural: while one batch is being written, the next accumulates.
+Batching is natural: while one batch is being written, the next accumulates. While PostgreSQL
+can't be reached, a batch is retried with backoff. A batch refused for any other reason (an ack
+the statement can't store) is written one ack at a time, and an ack refused on its own is
+replaced by a plain ``discarded`` one saying so: one bad ack never holds up the others, and its
+job isn't rescued and run again forever.
+
+The acker is shielded from the instance's cancellation, so the outcome of a finished job is
+written even when ``open()`` exits with an exception or is cancelled. Shutdown bounds it
+(``stop_after``, ``close``): at its deadline it stops, logs the jobs whose acks it didn't write
+(they stay ``executing`` for the lifeline) and lets go of job tasks waiting to queue an ack.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
+import psycopg
 import trio
 
 from . import _codec, _store, telemetry
+from ._executor import unwritable
+from ._pg import DatabaseUnavailable
 from ._relay import build_notice
 
 if TYPE_CHECKING:
@@ -28,7 +38,17 @@ BUFFER: Final = 10_000
 """Acks waiting to be written before job tasks wait for the acker (~2 MB at most)."""
 BATCH: Final = 1_000
 WRITE_TIMEOUT: Final = 10.0
+DRAIN_TIMEOUT: Final = 10.0
+"""Seconds the acker gets at shutdown, after the jobs' ``shutdown_grace``, to write what is
+left (a database outage would otherwise hold shutdown forever)."""
 _RETRY_MAX: Final = 2.0
+# Errors that say PostgreSQL can't be reached right now, not that it refuses the acks.
+_UNREACHABLE: Final = (
+    DatabaseUnavailable,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    OSError,
+)
 
 
 class Acker:
@@ -46,33 +66,82 @@ class Acker:
         self._after_write = after_write  # settles workflows and batches of written acks
         self._relays = relays  # this instance's relays: their outcomes skip the notifier
         self._send, self._receive = trio.open_memory_channel["Ack"](BUFFER)
+        # Shielded for the acker's whole life; shutdown (always reached, in a finally) sets the
+        # deadline that ends it.
+        self._scope = trio.CancelScope(shield=True)
+        # Jobs whose acks are queued or being written: still this node's (set, not counter:
+        # a job has one ack in flight at a time).
+        self._unwritten: set[int] = set()
         self.written = 0
 
+    def unwritten(self) -> set[int]:
+        """Ids of the jobs whose acks are queued or being written, not yet committed."""
+        return set(self._unwritten)
+
     async def send(self, ack: Ack) -> None:
-        """Queue ``ack`` for writing (shielded: a finished job's outcome is never dropped)."""
+        """Queue ``ack`` for writing (shielded: a finished job's outcome isn't dropped on
+        cancellation; only once the acker has stopped, and then it is logged)."""
+        self._unwritten.add(ack.id)
         try:
-            self._send.send_nowait(ack)  # the common case: room in the buffer, no scope needed
-        except trio.WouldBlock:
-            with trio.CancelScope(shield=True):
-                await self._send.send(ack)
+            try:
+                self._send.send_nowait(ack)  # the common case: room in the buffer, no scope
+            except trio.WouldBlock:
+                # Waits for room; the acker's deadline at shutdown ends the wait.
+                with trio.CancelScope(shield=True):
+                    await self._send.send(ack)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if ack.id in self._unwritten:  # not yet reported by _give_up
+                self._unwritten.discard(ack.id)
+                log.error(
+                    "job %d finished after the acker stopped: its outcome is not written and "
+                    "it stays executing for the lifeline",
+                    ack.id,
+                )
+
+    def stop_after(self, grace: float) -> None:
+        """Shutdown has begun and jobs get ``grace`` seconds: the acker stops ``DRAIN_TIMEOUT``
+        seconds after that, written or not."""
+        self._stop_by(trio.current_time() + grace + DRAIN_TIMEOUT)
 
     def close(self) -> None:
-        """No more acks: ``run`` writes what is queued, then returns."""
+        """No more acks: ``run`` writes what is queued (for ``DRAIN_TIMEOUT`` at most), then
+        returns."""
         self._send.close()
+        self._stop_by(trio.current_time() + DRAIN_TIMEOUT)
+
+    def _stop_by(self, deadline: float) -> None:
+        self._scope.deadline = min(self._scope.deadline, deadline)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until ``close()`` and the queue is empty."""
-        task_status.started()
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._write(batch)
-                await self._settle(batch)
+        """Write batches until ``close()`` and the queue is empty, or the deadline passes."""
+        try:
+            with self._scope:
+                task_status.started()
+                async for first in self._receive:
+                    batch = [first]
+                    while len(batch) < BATCH:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    written = await self._write(batch)
+                    self._unwritten.difference_update(ack.id for ack in batch)
+                    await self._settle(written)
+        finally:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        # Job tasks still waiting to queue an ack get BrokenResourceError; the buffer goes.
+        self._receive.close()
+        if self._unwritten:
+            ids = sorted(self._unwritten)
+            self._unwritten.clear()
+            log.error(
+                "the acker stopped with %d job outcomes unwritten (shutdown deadline); those "
+                "jobs stay executing for the lifeline to rescue: %s",
+                len(ids),
+                ids,
+            )
 
     async def _settle(self, batch: list[Ack]) -> None:
         settling = [ack for ack in batch if ack.workflow or ack.batch]
@@ -84,20 +153,46 @@ class Acker:
             # The leader's sweep settles workflows later; the acks themselves are written.
             log.warning("settling workflows/batches after acks failed (%s)", exc)
 
-    async def _write(self, batch: list[Ack]) -> None:
+    async def _write(self, batch: list[Ack]) -> list[Ack]:
+        """Write ``batch``; returns the acks written (a refused one replaced, or left out)."""
+        try:
+            await self._write_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                return await self._write_instead(batch[0], exc)
+            log.warning("writing %d acks failed (%s); writing them one by one", len(batch), exc)
+            written: list[Ack] = []
+            for ack in batch:
+                written += await self._write([ack])
+            return written
+        return batch
+
+    async def _write_instead(self, ack: Ack, exc: Exception) -> list[Ack]:
+        """Write a plain ``discarded`` ack for the job of ``ack``, which PostgreSQL refused."""
+        log.error("job %d: its outcome (%s) can't be written (%r)", ack.id, ack.state, exc)
+        replacement = unwritable(ack, f"{type(exc).__name__}: {exc}")
+        try:
+            await self._write_batch([replacement])
+        except Exception as again:
+            log.error("job %d: not written as discarded either (%r)", ack.id, again)
+            return []
+        return [replacement]
+
+    async def _write_batch(self, batch: list[Ack]) -> None:
+        """Write ``batch`` in one statement, retrying while PostgreSQL can't be reached; an
+        error of any other kind is raised."""
         # Outcomes of relays waiting here are handed over once written, not published.
         local = [ack for ack in batch if ack.relay and self._relays.waiting(ack.relay[0])]
         here = {ack.id for ack in local}
         texts = [ack_json(ack, publish=ack.id not in here) for ack in batch]
         delay = 0.05
         while True:
-            # Each attempt is shielded and bounded; the pause between attempts is not, so a
-            # shutdown during an outage ends here and the jobs stay `executing` for rescue.
-            with trio.move_on_after(WRITE_TIMEOUT, shield=True):
+            # The acker's own scope shields the attempt from the instance's cancellation.
+            with trio.move_on_after(WRITE_TIMEOUT):
                 started = time.perf_counter()
                 try:
                     written = await _store.ack(self._pool, self._prefix, texts)
-                except Exception as exc:
+                except _UNREACHABLE as exc:
                     log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
                 else:
                     self.written += len(batch)

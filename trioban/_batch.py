@@ -5,6 +5,11 @@ job is acked, the acking node checks the batch; each condition reached enqueues 
 once, guarded by a unique key (batch id + callback), so concurrent acks on several nodes still
 enqueue it exactly once.
 
+A callback job's args are ``callback_args`` as the callback worker's own ``new()`` stores
+them: encrypted for a worker with ``encrypted=``, checked against (and given to the handler as)
+the worker's ``args=`` class. They are built once, when the ``Batch`` is made, and travel in
+each batch job's meta, so any node can enqueue the callbacks without importing the worker.
+
 Conditions, over the batch's jobs (not its callbacks):
   handle_attempted  every job was attempted at least once (or finished without running)
   handle_exhausted  every job finished: completed, cancelled or discarded
@@ -16,7 +21,7 @@ Conditions, over the batch's jobs (not its callbacks):
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Final, final
 
 from ._job import Job, evolve
@@ -42,7 +47,8 @@ class Batch:
     """Jobs grouped under one id, with ``callback``'s ``handle_*`` methods run as jobs.
 
     ``Batch(callback=MyBatchWorker, callback_args={...}).add(job).add(job)``; insert it with
-    ``oban.insert_all(batch)``.
+    ``oban.insert_all(batch)``. ``callback_args`` must suit ``callback.new()`` (a worker with
+    ``args=Cls`` takes a ``Cls`` or a dict shaped like one); bad ones raise here.
     """
 
     def __init__(
@@ -50,7 +56,7 @@ class Batch:
         jobs: Iterable[Job] = (),
         *,
         callback: Worker | None = None,
-        callback_args: Mapping[str, Any] | None = None,
+        callback_args: Any = None,
         batch_id: str | None = None,
     ) -> None:
         if batch_id is not None and (not isinstance(batch_id, str) or not batch_id):
@@ -66,7 +72,16 @@ class Batch:
             self.callbacks = tuple(h for h in HANDLERS if hasattr(callback.target, h))
             if not self.callbacks:
                 raise TypeError(f"callback {callback.name} defines none of {', '.join(HANDLERS)}")
-        self.callback_args = dict(check_json_object(callback_args or {}, "callback_args")[0])
+            # Stored as the worker stores its own jobs' args (encrypted, structured), so the
+            # callback job runs through the worker's prepare() like any other job.
+            try:
+                self._stored_args = callback.new(callback_args, unique=False).args
+            except (TypeError, ValueError) as exc:
+                exc.add_note(f"(building the callback_args of a batch for {callback.name})")
+                raise
+        else:
+            self._stored_args = check_json_object(callback_args or {}, "callback_args")[0]
+        self.callback_args: Any = {} if callback_args is None else callback_args
         self._jobs: list[Job] = []
         for job in jobs:
             self.add(job)
@@ -94,6 +109,6 @@ class Batch:
                 CALLBACKS: list(self.callbacks),
                 CALLBACK_WORKER: self.callback.name,
                 CALLBACK_QUEUE: self.callback.queue,
-                CALLBACK_ARGS: self.callback_args,
+                CALLBACK_ARGS: dict(self._stored_args),
             }
         return [evolve(job, meta={**job.meta, **extra}) for job in self._jobs]

@@ -2,19 +2,24 @@
 
 Entries come from ``Config(crontab=[...])`` and from ``@worker(cron="...")``. Each minute the
 leader enqueues the entries due in that minute; nodes that aren't leading do the same a few
-seconds later as a fallback (a leader that doesn't import the worker, a leader that died).
-Every slot's job carries a unique key (expression, worker, minute), so the unique index lets
-exactly one insert per slot through. A minute at or before the last one handled is skipped:
-a wall clock stepping backwards never enqueues a slot twice from one node.
+seconds later as a fallback (a leader that can't import the worker or failed to insert, a
+leader that died). A slot's job is built by its worker's ``new()`` (queue, priority, args
+checks, encryption), importing the worker's module if needed; an entry whose worker can't be
+found is skipped with an error, never inserted with guessed options. Every slot's job carries
+a unique key (expression, worker, minute), so the unique index lets exactly one insert per slot
+through. A minute at or before the last one handled is skipped: a wall clock stepping backwards
+never enqueues a slot twice from one node. Slots whose insert failed are tried again the next
+minutes (up to ``CATCH_UP`` minutes late), so a brief database outage doesn't lose them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -35,6 +40,10 @@ log = logging.getLogger("trioban.cron")
 
 FALLBACK_DELAY: Final = 5.0
 """Seconds into a minute after which a node that isn't leading enqueues due slots itself."""
+CATCH_UP: Final = 5
+"""Minutes back a node retries slots whose insert failed; older ones are given up (a long
+outage or a suspended machine doesn't bring a flood of stale jobs)."""
+_MINUTE: Final = timedelta(minutes=1)
 _OPTIONS: Final = frozenset(
     {"args", "queue", "priority", "max_attempts", "tags", "meta", "timezone"}
 )
@@ -58,12 +67,24 @@ class CronEntry:
     def key(self, minute: datetime) -> str:
         """The unique key of this entry's job for ``minute``.
 
-        Keyed on the local wall time, so the hour an autumn clock change repeats runs a slot
-        once, as cron does.
+        Keyed on the local wall time. In the hour an autumn clock change repeats, a fixed-time
+        entry (``30 2 * * *``) gets the same keys again, so it runs once; any other
+        (``*/5 * * * *``) gets new ones and keeps running: classic cron's rule.
         """
-        local = minute.astimezone(ZoneInfo(self.timezone)).replace(tzinfo=None)
-        text = f"cron\0{self.expression}\0{self.worker}\0{local.isoformat()}"
+        local = minute.astimezone(ZoneInfo(self.timezone))
+        text = f"cron\0{self.expression}\0{self.worker}\0{local.replace(tzinfo=None).isoformat()}"
+        if local.fold and not fixed_time(self.expression):
+            text += "\0repeat"  # the second pass of the repeated hour
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fixed_time(expression: str) -> bool:
+    """Whether ``expression`` fires at fixed times of day: neither its minute nor its hour
+    field is a wildcard (``*``, ``*/5``), as classic cron tells them apart."""
+    fields = expression.split()
+    if len(fields) == 1:  # a nickname: only @hourly repeats within a day
+        return fields[0].lower() != "@hourly"
+    return not (fields[0].startswith("*") or fields[1].startswith("*"))
 
 
 def check_expression(expression: object, field: str) -> str:
@@ -131,19 +152,11 @@ def minute_of(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(second=0, microsecond=0)
 
 
-def slot_job(entry: CronEntry, minute: datetime, build: Callable[..., Job] | None) -> Job:
-    """The job of ``entry`` for ``minute``, built by its worker when it is imported here."""
+def slot_job(entry: CronEntry, minute: datetime, build: Callable[..., Job]) -> Job:
+    """The job of ``entry`` for ``minute``, built by its worker's ``new`` (``build``)."""
     meta = {**entry.options.get("meta", {}), "cron": True, "cron_expr": entry.expression}
     options = {k: v for k, v in entry.options.items() if k != "meta"}
-    if build is not None:
-        job = build(dict(entry.args), meta=meta, unique=False, **options)
-    else:
-        job = Job(
-            worker=entry.worker,
-            args=MappingProxyType(dict(entry.args)),
-            queue=str(options.get("queue", "default")),
-            meta=meta,
-        )
+    job = build(dict(entry.args), meta=meta, unique=False, **options)
     claim = Claim(key=entry.key(minute), period=None, states=STATE_GROUPS["all"], replace={})
     return attrs.evolve(job, _unique=claim)
 
@@ -170,32 +183,70 @@ class Scheduler:
     async def enqueue(self, minute: datetime, *, guard: bool = True) -> int:
         """Insert the jobs due in ``minute`` (once per slot); returns how many were new.
 
-        With ``guard``, a minute at or before the last one handled is skipped.
+        With ``guard``, a minute at or before the last one handled is skipped, and the minute
+        counts as handled once its insert succeeded.
         """
-        if guard:
-            if self._last is not None and minute <= self._last:
-                log.warning("clock went back to %s (last slot %s); skipping", minute, self._last)
-                return 0
-            self._last = minute
-        due = [entry for entry in self.entries if entry.is_due(minute)]
-        if not due:
+        if guard and self._last is not None and minute <= self._last:
+            log.warning("clock went back to %s (last slot %s); skipping", minute, self._last)
             return 0
-        jobs = [slot_job(entry, minute, self._builder(entry.worker)) for entry in due]
-        saved = await self._insert_all(jobs)
-        created = sum(not job.conflict for job in saved)
-        telemetry.emit("cron.enqueue", {"count": created}, {"minute": minute})
+        jobs: list[Job] = []
+        for entry in self.entries:
+            if entry.is_due(minute) and (job := await self._slot_job(entry, minute)) is not None:
+                jobs.append(job)
+        created = 0
+        if jobs:
+            saved = await self._insert_all(jobs)
+            created = sum(not job.conflict for job in saved)
+            telemetry.emit("cron.enqueue", {"count": created}, {"minute": minute})
+        if guard:
+            self._last = minute
         return created
+
+    async def _slot_job(self, entry: CronEntry, minute: datetime) -> Job | None:
+        """``entry``'s job for ``minute``, or None (logged) if its worker can't build it."""
+        build = self._builder(entry.worker)
+        if build is None:  # not imported on this node yet: import it, as running its job would
+            module = entry.worker.rsplit(".", 1)[0]
+            try:
+                await trio.to_thread.run_sync(importlib.import_module, module)
+            except Exception as exc:
+                log.warning("cannot import %s for cron worker %s: %s", module, entry.worker, exc)
+            build = self._builder(entry.worker)
+        if build is None:
+            text = "cron entry %r: no module importable here registers %s; skipped on this node"
+            log.error(text, entry.expression, entry.worker)
+            return None
+        try:
+            return slot_job(entry, minute, build)
+        except (TypeError, ValueError) as exc:  # args or options the worker rejects
+            log.error("cron entry %r for %s: %s; skipped", entry.expression, entry.worker, exc)
+            return None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Each minute: the leader enqueues at once, the others after ``FALLBACK_DELAY``."""
         task_status.started()
+        if self._last is None:  # the minute it starts in has begun: the next one is its first
+            self._last = minute_of(datetime.fromtimestamp(self._clock(), UTC))
         while True:
             now = self._clock()
             await trio.sleep(60 - now % 60 + 0.05)  # just past the next minute boundary
             minute = minute_of(datetime.fromtimestamp(self._clock(), UTC))
             if not self._leadership.is_leader:
                 await trio.sleep(FALLBACK_DELAY)
+            await self.catch_up(minute)
+
+    async def catch_up(self, minute: datetime) -> int:
+        """Enqueue ``minute``, after the earlier minutes (up to ``CATCH_UP`` back) that this
+        node hasn't handled: their insert failed, or the loop ran late."""
+        start = minute
+        if self._last is not None and self._last < minute:
+            start = max(self._last + _MINUTE, minute - CATCH_UP * _MINUTE)
+        created = 0
+        while start <= minute:
             try:
-                await self.enqueue(minute)
+                created += await self.enqueue(start)
             except Exception as exc:
-                log.warning("enqueueing cron jobs for %s failed (%s)", minute, exc)
+                log.warning("enqueueing cron jobs for %s failed (%s); will retry", start, exc)
+                break
+            start += _MINUTE
+        return created

@@ -21,6 +21,7 @@ from ._errors import TriobanError
 
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
 FIELD: Final = "encrypted"
 
 KeySource = bytes | Sequence[bytes] | Callable[[], bytes | Sequence[bytes]]
@@ -72,6 +73,9 @@ class Encrypted:
         except binascii.Error:
             text = f"the encrypted args of this {worker} job are not base64"
             raise DecryptionError(text) from None
+        if len(raw) < NONCE_BYTES + TAG_BYTES:  # AESGCM would raise ValueError on a short nonce
+            text = f"the encrypted args of this {worker} job are too short to be sealed args"
+            raise DecryptionError(text)
         nonce, sealed = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
         for key in self.keys():
             try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import numbers
+import re
 import time
 import traceback
 from datetime import UTC, datetime
@@ -13,17 +16,23 @@ import attrs
 import trio
 
 from . import _codec, telemetry
+from ._backoff import default_backoff
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice
-from ._worker import Worker, args_json, lookup
+from ._worker import MAX_ATTEMPTS, Worker, args_json, lookup
 from ._workflow import WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
 
 _TRACEBACK_LIMIT: Final = 8000
 _FINAL_STATES: Final = frozenset({"completed", "cancelled", "discarded"})
+MAX_DELAY: Final = 100 * 365.25 * 86400.0
+"""The longest snooze or retry delay, in seconds (100 years): longer ones are cut to it, so
+``now() + delay`` stays a valid timestamp."""
+# A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped. jsonb refuses it.
+_ESCAPED_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @attrs.frozen
@@ -38,6 +47,8 @@ class Ack:
     error: str | None = None  # the failure's text, when the job failed (for telemetry)
     result: Any = None  # the JSON-ready result, when it is stored or relayed
     relay: tuple[str, Notice] | None = None  # a relayed job's ref and outcome
+    attempt: int = 0  # the attempt acked, and its fence: for a replacement (``unwritable``)
+    attempted_at: datetime | None = None
 
     @property
     def final(self) -> bool:
@@ -71,9 +82,18 @@ async def resolve(name: str) -> Worker | None:
     return lookup(name)
 
 
-def _error(job: Job, text: str) -> str:
+def _error(attempt: int, text: str) -> str:
     at = datetime.now(UTC).replace(tzinfo=None).isoformat()
-    return _codec.dumps({"at": at, "attempt": job.attempt, "error": text[:_TRACEBACK_LIMIT]})
+    return _codec.dumps({"at": at, "attempt": attempt, "error": text[:_TRACEBACK_LIMIT]})
+
+
+def _clean(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL and characters UTF-8 can't encode (lone
+    surrogates, as from a filename decoded with ``surrogateescape``) as backslash escapes."""
+    text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _exception_text(exc: BaseException) -> str:
@@ -137,7 +157,7 @@ async def _run(running: Running) -> Ack:
         prepared = worker.prepare(job)
     except DecryptionError as exc:
         # Perhaps a key this node lacks: retried, so a fixed deployment still runs it.
-        return _failed(job, str(exc), backoff=worker.backoff(job.attempt))
+        return _failed(job, str(exc), worker=worker)
     except ValueError as exc:
         return _failed(job, f"{exc}; the job was inserted with args its worker rejects", final=True)
     if worker.timeout is not None:
@@ -149,13 +169,13 @@ async def _run(running: Running) -> Ack:
         if running.reraise:
             raise
         job = running.job  # the latest claim (see Running.job)
-        return _failed(job, _exception_text(exc), backoff=worker.backoff(job.attempt))
+        return _failed(job, _exception_text(exc), worker=worker)
     job = running.job
     if running.scope.cancelled_caught:
         if running.cancel_reason is not None:
             return _ended(job, "cancelled", running.cancel_reason)
         text = f"TimeoutError: job exceeded its worker's timeout of {worker.timeout}s"
-        return _failed(job, text, backoff=worker.backoff(job.attempt))
+        return _failed(job, text, worker=worker)
     return _outcome(job, worker, result)
 
 
@@ -165,7 +185,9 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
     if isinstance(result, Discard):
         return _ended(job, "discarded", result.reason)
     if isinstance(result, Snooze):
-        return _ack(job, "scheduled", schedule_in=result.seconds, extra_attempts=1)
+        # Not counted as an attempt: one more is granted.
+        seconds = min(result.seconds, MAX_DELAY)
+        return _ack(job, "scheduled", schedule_in=seconds, extra_attempts=_granted(job))
     ref = job.meta.get(META_REF)
     # Workflow steps keep their results for the steps downstream (workflow_results).
     if ref is None and not worker.recorded and WORKFLOW_ID not in job.meta:
@@ -175,29 +197,97 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
         meta = _codec.dumps({META_RESULT: data})
     except Exception as exc:  # a result that won't serialise fails the job, not the node
         text = f"the result of {worker.name} is not JSON-serialisable: {exc}"
-        return _failed(job, text, backoff=worker.backoff(job.attempt))
-    limit = worker.recorded_limit
-    if limit is not None and len(meta) > limit:
-        text = (
-            f"the result of {worker.name} is {len(meta)} bytes of JSON, over its recorded "
-            f"limit of {limit}; return less or raise the limit with @worker(recorded=<bytes>)"
+        return _failed(job, text, worker=worker)
+    problem, limit = _unstorable(meta), worker.recorded_limit
+    if problem is None and limit is not None and len(meta) > limit:
+        problem = (
+            f"is {len(meta)} bytes of JSON, over its recorded limit of {limit}; "
+            "return less or raise the limit with @worker(recorded=<bytes>)"
         )
-        return _failed(job, text, backoff=worker.backoff(job.attempt))
+    if problem is not None:
+        return _failed(job, f"the result of {worker.name} {problem}", worker=worker)
     return _ack(job, "completed", meta=meta, result=data)
 
 
-def _failed(job: Job, text: str, *, backoff: float = 0.0, final: bool = False) -> Ack:
-    if final or job.attempt >= job.max_attempts:
+def _unstorable(meta: str) -> str | None:
+    """Why PostgreSQL would refuse the result JSON ``meta``, or None. It is not altered: the job
+    fails with the reason, so a relay's caller learns it."""
+    if "\\u0000" in meta and _ESCAPED_NUL.search(meta):
+        return "contains a NUL character (\\x00), which PostgreSQL can't store; remove it"
+    if not meta.isascii():
+        try:
+            meta.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"contains {meta[exc.start]!r}, which UTF-8 can't encode (a lone surrogate, as "
+                "from bytes decoded with surrogateescape); return bytes as text some other way"
+            )
+    return None
+
+
+def _retry_in(worker: Worker, attempt: int) -> float:
+    """Seconds until the retry: the worker's backoff, at most MAX_DELAY. A backoff that raises
+    or returns something other than a number >= 0 is logged and the default one used."""
+    try:
+        seconds = worker.backoff(attempt)
+        number = isinstance(seconds, numbers.Real) and not isinstance(seconds, bool)
+        if number and math.isfinite(seconds) and seconds >= 0:
+            return min(float(seconds), MAX_DELAY)
+        problem = f"returned {seconds!r}, not a finite number of seconds >= 0"
+    except Exception as exc:
+        problem = f"raised {exc!r}"
+    log.error(
+        "backoff of worker %s %s for attempt %d; used the default", worker.name, problem, attempt
+    )
+    return default_backoff(attempt)
+
+
+def _failed(job: Job, text: str, *, worker: Worker | None = None, final: bool = False) -> Ack:
+    text = _clean(text)
+    if final or job.attempt >= job.max_attempts or worker is None:
         ack = _ended(job, "discarded", text)
     else:
-        ack = _ack(
-            job, "retryable", schedule_in=max(0.0, backoff), error=_error(job, text), reason=text
-        )
+        schedule_in = _retry_in(worker, job.attempt)
+        error = _error(job.attempt, text)
+        ack = _ack(job, "retryable", schedule_in=schedule_in, error=error, reason=text)
     return attrs.evolve(ack, error=text)
 
 
 def _ended(job: Job, state: str, reason: str) -> Ack:
-    return _ack(job, state, error=_error(job, reason), reason=reason)
+    reason = _clean(reason)
+    return _ack(job, state, error=_error(job.attempt, reason), reason=reason)
+
+
+def _granted(job: Job) -> int:
+    """The attempt given back to a job whose attempt didn't count (unless the column is full)."""
+    return 1 if job.max_attempts < MAX_ATTEMPTS else 0
+
+
+def handed_back(job: Job) -> Ack:
+    """The ack that makes a job claimed but never started available again. Like a snooze it
+    grants an attempt, so the claim costs the job none; its relay (if any) waits on."""
+    return attrs.evolve(_ack(job, "available", extra_attempts=_granted(job)), relay=None)
+
+
+def unwritable(ack: Ack, reason: str) -> Ack:
+    """A plain ``discarded`` ack in place of ``ack``, which PostgreSQL refused: the job ends
+    saying why, rather than staying ``executing`` to be rescued and run again forever."""
+    assert ack.attempted_at is not None
+    text = _clean(f"the outcome of this attempt ({ack.state}) could not be written: {reason}")
+    error = _error(ack.attempt, text)
+    relay = (
+        None
+        if ack.relay is None
+        else (ack.relay[0], Notice("discarded", None, text[:REASON_LIMIT]))
+    )
+    return attrs.evolve(
+        ack,
+        state="discarded",
+        json=_text(ack.id, ack.attempted_at, "discarded", error=error),
+        error=text,
+        result=None,
+        relay=relay,
+    )
 
 
 def _ack(
@@ -220,27 +310,40 @@ def _ack(
         relay = (str(ref), Notice(state, relayed, reason[:REASON_LIMIT]))
     assert job.attempted_at is not None
     job_id = _job_id(job)
-    # Written out by hand (the hot path of every job): ints, a state name and an ISO time need
-    # no escaping; error and meta are JSON texts already.
-    text = (
-        f'{{"id":{job_id:d},'
-        # The fence: the ack applies only to the attempt that produced it.
-        f'"attempted_at":"{job.attempted_at.replace(tzinfo=None).isoformat()}",'
-        f'"state":"{state}",'
-        f'"schedule_in":{"null" if schedule_in is None else _codec.dumps(schedule_in)},'
-        f'"extra_attempts":{extra_attempts:d},'
-        f'"error":{error or "null"},"meta":{meta or "null"}}}'
-    )
     workflow = job.meta.get(WORKFLOW_ID)
     batch = None if CALLBACK in job.meta else job.meta.get(BATCH_ID)
     return Ack(
         id=job_id,
         state=state,
-        json=text,
+        json=_text(job_id, job.attempted_at, state, schedule_in, extra_attempts, error, meta),
         workflow=None if workflow is None else str(workflow),
         batch=None if batch is None else str(batch),
         result=result,
         relay=relay,
+        attempt=job.attempt,
+        attempted_at=job.attempted_at,
+    )
+
+
+def _text(
+    job_id: int,
+    attempted_at: datetime,
+    state: str,
+    schedule_in: float | None = None,
+    extra_attempts: int = 0,
+    error: str | None = None,
+    meta: str | None = None,
+) -> str:
+    # Written out by hand (the hot path of every job): ints, a state name and an ISO time need
+    # no escaping; error and meta are JSON texts already.
+    return (
+        f'{{"id":{job_id:d},'
+        # The fence: the ack applies only to the attempt that produced it.
+        f'"attempted_at":"{attempted_at.replace(tzinfo=None).isoformat()}",'
+        f'"state":"{state}",'
+        f'"schedule_in":{"null" if schedule_in is None else _codec.dumps(schedule_in)},'
+        f'"extra_attempts":{extra_attempts:d},'
+        f'"error":{error or "null"},"meta":{meta or "null"}}}'
     )
 
 

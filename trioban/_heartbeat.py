@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -17,7 +17,7 @@ from ._sql import query
 
 if TYPE_CHECKING:
     from ._pg import Pool
-    from ._producer import Producer
+    from ._producer import Producer, Producers
 
 log = logging.getLogger("trioban.heartbeat")
 
@@ -29,21 +29,25 @@ async def run(
     pool: Pool,
     prefix: str,
     interval: float,
-    producers: Mapping[str, Producer],
+    producers: Producers,
+    unwritten: Callable[[], set[int]],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Heartbeat this node's producers every ``interval`` seconds; entered after the first.
 
-    Rows of producers that stopped are deleted; on exit every row this node wrote goes too.
+    A stopped producer beats until its jobs are done (``Producers.draining``), then its row
+    is deleted; on exit every row this node wrote goes too. Jobs whose acks are not yet
+    written (``unwritten()``) are vouched for too, so the lifeline doesn't rescue and run again
+    a finished job whose outcome is still on its way (a database outage, say).
     """
     written: set[str] = set()
     started = False
     try:
         while True:
-            live = list(producers.values())
+            live = producers.beating()
             try:
-                await beat(pool, prefix, live)
+                await beat(pool, prefix, live, sorted(unwritten()))
                 await _delete(pool, prefix, written - {p.uuid for p in live})
                 written = {p.uuid for p in live}
             except Exception as exc:
@@ -55,19 +59,24 @@ async def run(
     finally:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
             try:
-                await _delete(pool, prefix, written | {p.uuid for p in producers.values()})
+                await _delete(pool, prefix, written | {p.uuid for p in producers.beating()})
             except Exception as exc:
                 log.warning("could not delete this node's producer rows (%s)", exc)
 
 
-async def beat(pool: Pool, prefix: str, producers: Iterable[Producer]) -> None:
-    """Write one heartbeat for ``producers`` in one statement."""
+async def beat(
+    pool: Pool, prefix: str, producers: Iterable[Producer], acking: list[int] | None = None
+) -> None:
+    """Write one heartbeat for ``producers`` in one statement. ``acking``: the node's jobs
+    whose acks are queued, listed in every row (the lifeline matches a job with its producer's
+    row, and an ack doesn't say which producer ran the job)."""
+    extra = {"acking": acking} if acking else {}
     rows = [
         {
             "uuid": producer.uuid,
             "node": info.node,
             "queue": info.queue,
-            "meta": {"limit": info.limit, "paused": info.paused, "running": info.running},
+            "meta": {"limit": info.limit, "paused": info.paused, "running": info.running, **extra},
         }
         for producer in producers
         for info in [producer.info()]

@@ -57,7 +57,7 @@ class Inserter:
         self._prefix = prefix
         self._writers = writers
         self._queue: deque[_Request] = deque()
-        self._ready = trio.Event()
+        self._idle_writers = trio.lowlevel.ParkingLot()  # writers waiting for requests
         self._inline = False  # a caller is writing its own request
 
     async def insert(self, jobs: Sequence[Job], settle: Settle | None = None) -> list[Job]:
@@ -76,7 +76,7 @@ class Inserter:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # already cancelled: don't queue
             self._queue.append(request)
-            self._ready.set()
+            self._idle_writers.unpark()  # one writer per request: a busy one can't take it
             await request.done.wait()
         except trio.Cancelled:
             # No writer task will finish this request: settle it here (once).
@@ -119,8 +119,7 @@ class Inserter:
     async def _write_loop(self) -> None:
         while True:
             if not self._queue:
-                self._ready = trio.Event()
-                await self._ready.wait()
+                await self._idle_writers.park()
                 continue
             batch = self._take()
             # Shielded: requests whose callers were cancelled must still get an answer.

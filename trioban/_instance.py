@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 import outcome
@@ -44,6 +44,9 @@ from ._worker import CURRENT, lookup, scheduled
 from ._workflow import NAME, WORKFLOW_ID, Workflow
 
 log = logging.getLogger("trioban")
+
+PKILL_CHUNK: Final = 200
+"""Executing jobs named per cancel signal (a notification holds at most 8,000 bytes)."""
 
 
 @final
@@ -173,13 +176,31 @@ class Oban:
     async def cancel_all_jobs(self, job_ids: Iterable[int], *, reason: str = "cancelled") -> int:
         """Cancel several jobs (see ``cancel_job``); returns how many were cancelled."""
         ids = [check_id(job_id) for job_id in job_ids]
+        if not isinstance(reason, str):
+            raise TypeError(f"cancel reason must be a str, got {reason!r}")
         touched = await _store.cancel_jobs(self._pool, self.config.prefix, ids, reason)
         executing = [job_id for job_id, state in touched if state == "executing"]
-        if executing:
-            message = {"action": "pkill", "job_ids": executing, "reason": reason}
+        # In chunks, with the reason cut: each signal must fit in a notification.
+        messages = [
+            {"action": "pkill", "job_ids": executing[i : i + PKILL_CHUNK], "reason": reason[:500]}
+            for i in range(0, len(executing), PKILL_CHUNK)
+        ]
+        for message in messages:
             self._queues.apply(message)  # here at once; other nodes through the notifier
-            await self._signal(message)
+        if messages:
+            await self.notify(SIGNAL, [{**m, "origin": self._origin} for m in messages])
+        if touched:
+            await self._settle_cancelled([job_id for job_id, _ in touched])
         return len(touched)
+
+    async def _settle_cancelled(self, job_ids: list[int]) -> None:
+        """Release or cancel the dependents of cancelled workflow steps and check their
+        batches' callbacks now: a job cancelled while waiting is never acked."""
+        try:
+            await _settle.settle_jobs(self._pool, self.config.prefix, job_ids)
+        except Exception as exc:
+            # The jobs are cancelled; the leader's sweep settles their workflows later.
+            log.warning("settling workflows/batches after a cancel failed (%s)", exc)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_pg.Connection]:
@@ -214,12 +235,16 @@ class Oban:
         """Add steps to a workflow already inserted: ``extend(wf)`` calls ``wf.add(...)``.
 
         New steps may depend on existing ones; one whose deps already finished is released
-        at once.
+        at once. They inherit the workflow's ``ignore_cancelled``/``ignore_discarded``.
         """
         steps = await self.workflow_status(workflow_id)
         if not steps:
             raise ValueError(f"there is no workflow {workflow_id!r} to append to")
-        appended = Workflow._appending(workflow_id, steps, {})
+        async with self._pool.connection() as conn:
+            params = {"workflow_id": workflow_id}
+            cur = await conn.execute(query("workflow_options", self.config.prefix), params)
+            row = await cur.fetchone()
+        appended = Workflow._appending(workflow_id, steps, row[0] if row else None)
         extend(appended)
         saved = await self.insert_all(appended)
         await _settle.release(self._pool, self.config.prefix, [workflow_id])

@@ -8,6 +8,7 @@ counts) or, out of attempts, to ``discarded``; either way an error entry says wh
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from . import telemetry
@@ -22,8 +23,17 @@ LIMIT: Final = 5_000
 """Orphans rescued per statement."""
 
 
-async def rescue(pool: Pool, prefix: str, after: float) -> int:
-    """Rescue orphaned jobs and forget dead producers; returns how many jobs were rescued."""
+async def rescue(
+    pool: Pool,
+    prefix: str,
+    after: float,
+    settle: Callable[[list[int]], Awaitable[object]] | None = None,
+) -> int:
+    """Rescue orphaned jobs and forget dead producers; returns how many jobs were rescued.
+
+    ``settle(ids)`` is given the jobs discarded (out of attempts): no ack will settle their
+    workflows and batches.
+    """
     params = {
         "after": after,
         "limit": LIMIT,
@@ -44,4 +54,6 @@ async def rescue(pool: Pool, prefix: str, after: float) -> int:
             len(discarded),
             [job_id for job_id, _ in rows][:20],
         )
+        if discarded and settle is not None:
+            await settle(discarded)
     return len(rows)

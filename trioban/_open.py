@@ -29,8 +29,10 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
     The block is entered once every service is ready. Leaving it stops the queues from
     fetching, gives running jobs ``conf.shutdown_grace`` seconds, cancels the rest (they stay
     ``executing`` for the lifeline to rescue), writes every pending ack and closes connections.
-    An exception raised inside the block comes out unchanged; a failure of one of trioban's own
-    tasks comes out as a ``TriobanError``.
+    Acks are written however the block is left, an exception or a cancellation too; if
+    PostgreSQL can't be reached, trioban gives up on them 10 seconds after the grace and logs
+    the jobs left ``executing``. An exception raised inside the block comes out unchanged; a
+    failure of one of trioban's own tasks comes out as a ``TriobanError``.
     """
     if not isinstance(conf, Config):
         raise TypeError(f"trioban.open() expects a trioban.Config, got {conf!r}")
@@ -41,8 +43,8 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
     body_error: BaseException | None = None
     try:
         async with (
-            _pg.open_pool(conf.dsn, size=conf.pool_size) as pool,
-            _pg.open_pool(_relaxed(conf.dsn), size=len(conf.queues) + 2) as work_pool,
+            _pg.open_pool(_no_jit(conf.dsn), size=conf.pool_size) as pool,
+            _pg.open_pool(_relaxed(_no_jit(conf.dsn)), size=len(conf.queues) + 2) as work_pool,
         ):
             await _prepare_schema(pool, conf)
             async with _running(conf, pool, work_pool) as oban:
@@ -98,21 +100,41 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
         await services.start(oban._relays.run)
         await services.start(oban._inserter.run)
         await services.start(
-            _heartbeat.run, oban._work_pool, conf.prefix, conf.heartbeat_interval, producers
+            _heartbeat.run,
+            oban._work_pool,
+            conf.prefix,
+            conf.heartbeat_interval,
+            producers,
+            oban._acker.unwritten,
         )
         await services.start(oban._leadership.run)
         if conf.testing == "disabled":
             await _start_maintenance(services, oban)
-        async with trio.open_nursery() as acking:
-            await acking.start(oban._acker.run)
-            async with oban._queues.serve(conf.shutdown_grace):
-                if producers:
-                    await services.start(
-                        _stager.run, oban._work_pool, conf.prefix, conf.stage_interval, producers
-                    )
-                yield oban
-            oban._acker.close()
+        async with _serving(oban):
+            # Always, even with no queue yet: one started later (start_queue) needs staging.
+            await services.start(
+                _stager.run, oban._work_pool, conf.prefix, conf.stage_interval, producers
+            )
+            yield oban
         services.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _serving(oban: Oban) -> AsyncIterator[None]:
+    """Run the acker and the queues; on every exit path the queues stop (jobs get their grace),
+    then the acker writes what is queued. It is shielded, so an exception or a cancellation
+    loses no ack, and bounded: it stops ``_acker.DRAIN_TIMEOUT`` seconds after the grace."""
+    acker, grace = oban._acker, oban.config.shutdown_grace
+    async with trio.open_nursery() as acking:
+        await acking.start(acker.run)
+        try:
+            async with oban._queues.serve(grace):
+                try:
+                    yield
+                finally:
+                    acker.stop_after(grace)
+        finally:
+            acker.close()
 
 
 async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
@@ -123,14 +145,20 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
         leadership,
         conf.heartbeat_interval,
         "lifeline",
-        partial(_lifeline.rescue, pool, conf.prefix, conf.rescue_after),
+        partial(
+            _lifeline.rescue,
+            pool,
+            conf.prefix,
+            conf.rescue_after,
+            settle=partial(_settle.settle_jobs, pool, conf.prefix),
+        ),
     )
     await services.start(
         while_leading,
         leadership,
         conf.heartbeat_interval,
         "workflow sweep",
-        partial(_settle.sweep, pool, conf.prefix),
+        _settle.Sweep(pool, conf.prefix),
     )
     if conf.prune_max_age is not None:
         await services.start(
@@ -155,6 +183,13 @@ def _subscribe(oban: Oban) -> None:
     notifier.subscribe(SIGNAL, oban._on_signal)
     notifier.subscribe(LEADER_CHANNEL, oban._leadership.elect_soon)
     notifier.on_reconnect(on_reconnect)
+
+
+def _no_jit(dsn: str) -> str:
+    """The DSN with PostgreSQL's JIT off (unless the DSN sets it): compiling a maintenance
+    statement over a large jobs table (settling a workflow, pruning) costs up to a second,
+    far more than running it, and trioban's statements are short."""
+    return _pg.with_options(dsn, jit="off")
 
 
 def _relaxed(dsn: str) -> str:

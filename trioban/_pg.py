@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import select
 from collections import deque
 from collections.abc import AsyncIterator, Generator, Mapping
@@ -232,10 +233,13 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
 
 
 def with_options(conninfo: str, **settings: str) -> str:
-    """``conninfo`` with server settings added to its ``options`` (e.g. synchronous_commit)."""
+    """``conninfo`` with server settings added to its ``options`` (e.g. synchronous_commit);
+    a setting its ``options`` already name is left as the DSN has it."""
     params = conninfo_to_dict(conninfo)
-    extra = " ".join(f"-c {name}={value}" for name, value in settings.items())
-    params["options"] = f"{params.get('options', '')} {extra}".strip()
+    options = str(params.get("options") or "")
+    named = set(re.findall(r"(?:-c\s*|--)([\w.]+)=", options))
+    extra = " ".join(f"-c {name}={value}" for name, value in settings.items() if name not in named)
+    params["options"] = f"{options} {extra}".strip()
     return make_conninfo("", **params)
 
 

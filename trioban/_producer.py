@@ -1,8 +1,9 @@
 """A producer: runs one queue on this node within its concurrency limit.
 
-It fetches when woken (an insert notification for its queue, the stager's tick, a finished job
-while more may be waiting), claims up to its free slots with ``FOR UPDATE SKIP LOCKED``, and runs
-each job in its own task and cancel scope inside the producer's nursery.
+It fetches when started and when woken (an insert notification for its queue, the stager's
+tick, a finished job or a released slot while more may be waiting), claims up to its free slots
+with ``FOR UPDATE SKIP LOCKED``, and runs each job in its own task and cancel scope inside the
+producer's nursery.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
 from . import _store, telemetry
-from ._executor import Running, execute
+from ._executor import Running, execute, handed_back
 
 if TYPE_CHECKING:
     from ._acker import Acker
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
     from ._pg import Pool
 
 log = logging.getLogger("trioban.producer")
+
+FETCH_TIMEOUT: Final = 10.0
+"""Seconds a fetch may take. Once sent, a fetch is shielded: the server may already have
+committed its claim, so neither a stop nor a shutdown cuts it off, only this bound (the jobs
+such a fetch may have claimed then wait, executing, for the lifeline)."""
 
 
 @attrs.frozen
@@ -53,7 +59,10 @@ class Producer:
         self._prefix = prefix
         self._node = node
         self._wakeup = trio.Event()
+        # Set once no job runs and no fetch is in flight; replaced only when set, so a
+        # ``wait_idle`` waiting on it is woken however many jobs start meanwhile.
         self._idle = trio.Event()
+        self._fetching = False
         self._more = True  # jobs may be waiting: a wakeup or a freed slot should fetch
         self._wakes = 0  # counts wakeups, so one that lands during a fetch isn't lost
         self._stopping = False
@@ -77,8 +86,8 @@ class Producer:
         self._wakeup.set()
 
     async def wait_idle(self) -> None:
-        """Wait until no job of this producer is running."""
-        while self.running:
+        """Wait until no job of this producer is running and no fetch is in flight."""
+        while self.running or self._fetching:
             await self._idle.wait()
         await trio.lowlevel.checkpoint()
 
@@ -120,8 +129,10 @@ class Producer:
         return not (self.paused or self._stopping or self._more or self._jobs is None)
 
     def release(self, count: int) -> None:
-        """Give back reserved slots (the insert failed)."""
+        """Give back reserved slots (the insert failed); fetch if jobs may be waiting for them."""
         self._reserved -= count
+        if self._more and not self._stopping:
+            self._wakeup.set()
 
     def adopt(self, jobs: list[Job]) -> None:
         """Run jobs claimed for this producer as they were inserted (reserved slots)."""
@@ -134,16 +145,17 @@ class Producer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Fetch and run jobs until ``stop()``, then return once no job is running.
 
-        ``abandon()`` cancels the jobs still running; they stay ``executing`` for the lifeline.
+        Started once the jobs already waiting are fetched. ``abandon()`` cancels the jobs still
+        running; they stay ``executing`` for the lifeline.
         """
         async with trio.open_nursery() as jobs:
             self._jobs = jobs
+            await self._fetch(jobs)  # nothing else wakes a queue started at run time
             task_status.started()
             while not self._stopping:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                if not self._stopping:
-                    await self._fetch(jobs)
+                await self._fetch(jobs)
             await self.wait_idle()
 
     def abandon(self) -> None:
@@ -158,27 +170,50 @@ class Producer:
 
     async def _fetch(self, jobs: trio.Nursery) -> None:
         demand = self.limit - len(self.running) - self._reserved
-        if self.paused or demand <= 0 or not self._more:
+        if self._stopping or self.paused or demand <= 0 or not self._more:
             return
         wakes = self._wakes
-        started = time.perf_counter()
+        self._fetching = True
+        self._busy()
         try:
-            fetched = await _store.fetch(
-                self._pool, self._prefix, self.queue, demand, self._node, self.uuid
-            )
-        except Exception as exc:
-            log.warning(
-                "queue %s: fetch failed (%s); the stager's tick will retry", self.queue, exc
-            )
-            return
-        self._more = len(fetched) == demand or self._wakes != wakes
-        if telemetry.enabled("producer.fetch"):
-            measurements = {"duration": time.perf_counter() - started, "count": len(fetched)}
-            telemetry.emit(
-                "producer.fetch", measurements, {"queue": self.queue, "node": self._node}
-            )
-        for job in fetched:
-            self._start(jobs, job)
+            fetched = await self._claim(demand)
+            if fetched is None:
+                return
+            self._more = len(fetched) == demand or self._wakes != wakes
+            if self._stopping:
+                # stop() came while the claim was in flight. Nothing starts once stopping
+                # (the grace may already be over): the jobs go back to available with their
+                # attempt given back, rather than wait, executing, for the lifeline.
+                for job in fetched:
+                    await self._acker.send(handed_back(job))
+                return
+            for job in fetched:
+                self._start(jobs, job)
+        finally:
+            self._fetching = False
+            self._maybe_idle()
+
+    async def _claim(self, demand: int) -> list[Job] | None:
+        """Up to ``demand`` jobs claimed for this producer; None if the fetch failed."""
+        started = time.perf_counter()
+        with trio.move_on_after(FETCH_TIMEOUT, shield=True):  # see FETCH_TIMEOUT
+            try:
+                fetched = await _store.fetch(
+                    self._pool, self._prefix, self.queue, demand, self._node, self.uuid
+                )
+            except Exception as exc:
+                log.warning(
+                    "queue %s: fetch failed (%s); the stager's tick will retry", self.queue, exc
+                )
+                return None
+            if telemetry.enabled("producer.fetch"):
+                measurements = {"duration": time.perf_counter() - started, "count": len(fetched)}
+                telemetry.emit(
+                    "producer.fetch", measurements, {"queue": self.queue, "node": self._node}
+                )
+            return fetched
+        log.warning("queue %s: fetch cut off after %gs; retrying", self.queue, FETCH_TIMEOUT)
+        return None
 
     def _start(self, jobs: trio.Nursery, job: Job) -> None:
         assert job.id is not None
@@ -188,7 +223,7 @@ class Producer:
             already.job = job
             return
         running = self.running[job.id] = Running(job, trio.CancelScope())
-        self._idle = trio.Event()
+        self._busy()
         jobs.start_soon(self._execute, running)
 
     async def _execute(self, running: Running) -> None:
@@ -199,7 +234,31 @@ class Producer:
         finally:
             assert job.id is not None
             del self.running[job.id]
-            if not self.running:
-                self._idle.set()
+            self._maybe_idle()
         if self._more and not self._stopping:
             self._wakeup.set()
+
+    def _busy(self) -> None:
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _maybe_idle(self) -> None:
+        if not self.running and not self._fetching:
+            self._idle.set()
+
+
+class Producers(dict[str, Producer]):
+    """This node's producers by queue, and the stopped ones whose jobs still run (``draining``).
+
+    The heartbeat beats both: a stopped producer vouches for its jobs until its ``run``
+    returns, so the lifeline doesn't rescue (and another node run again) a job still running
+    in its grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining: set[Producer] = set()
+
+    def beating(self) -> list[Producer]:
+        """The producers that heartbeat: every one running here, stopped or not."""
+        return [*self.values(), *self.draining]

@@ -20,7 +20,7 @@ from ._errors import TriobanError
 from ._inserter import Settle
 from ._job import Job, JobState, evolve
 from ._notifier import Notifier
-from ._producer import Producer
+from ._producer import Producer, Producers
 
 SIGNAL: Final = "signal"
 """The notifier channel of queue signals."""
@@ -38,7 +38,7 @@ class Queues:
         self._notifier = notifier
         self._prefix = prefix
         self._node = node
-        self.producers: dict[str, Producer] = {}
+        self.producers = Producers()
         self._woken_by_inserts = False  # subscribed to the insert channel (runs a queue)
         self._nursery: trio.Nursery | None = None  # where producers run, while open
         self._grace = 0.0
@@ -148,7 +148,10 @@ class Queues:
         elif action == "scale" and limit:
             target.scale(limit)
         elif action == "stop" and self._nursery is not None:
+            # No longer this queue's producer (the queue may be started again at once), but
+            # it heartbeats for its running jobs until its run returns.
             del self.producers[queue]
+            self.producers.draining.add(target)
             self._nursery.start_soon(stop, [target], self._grace)
 
     def _on_insert(self, payload: Any) -> None:
@@ -167,6 +170,7 @@ class Queues:
                 await self._notifier.wait_listening(["insert"])
             await producer.run(task_status=task_status)
         finally:
+            self.producers.draining.discard(producer)
             if self.producers.get(producer.queue) is producer:
                 del self.producers[producer.queue]
 

@@ -1,7 +1,8 @@
 """What happens after jobs of workflows and batches are acked: release dependents, run callbacks.
 
-Called by the acker once a batch of acks is written (so every ack it read is committed), and
-by the leader's sweep for anything a crashed node left unsettled.
+Called by the acker once a batch of acks is written (so every ack it read is committed), by
+``cancel_job`` (a job cancelled while waiting is never acked), and by the leader's sweep for
+anything left unsettled.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from ._unique import STATE_GROUPS, Claim
 
 if TYPE_CHECKING:
     from ._executor import Ack
-    from ._pg import Pool
+    from ._pg import Connection, Pool
 
 log = logging.getLogger("trioban.settle")
 
 MAX_DEPTH: Final = 1_000
 """Rounds of cascading cancellation followed before giving up (a DAG is never deeper)."""
 SWEEP_LIMIT: Final = 100
-"""Workflows with held jobs, and recently finished batches, the leader's sweep checks per tick."""
+"""Recently finished batches the leader's sweep checks per tick."""
+SWEEP_WORKFLOWS: Final = 500
+"""Workflows with held jobs the leader's sweep settles per tick: a page, the next tick the next."""
 SWEEP_WINDOW: Final = 600.0
 """Seconds back the sweep looks for finished batch jobs."""
 
@@ -43,6 +46,20 @@ async def after_acks(pool: Pool, prefix: str, acks: Sequence[Ack]) -> None:
     """Settle the workflows and batches the (written) ``acks`` belong to."""
     workflows = {ack.workflow for ack in acks if ack.workflow and ack.final}
     batches = {ack.batch for ack in acks if ack.batch}
+    if workflows:
+        await release(pool, prefix, workflows)
+    if batches:
+        await run_callbacks(pool, prefix, batches)
+
+
+async def settle_jobs(pool: Pool, prefix: str, job_ids: Sequence[int]) -> None:
+    """Settle the workflows and batches of jobs that finished without an ack: cancelled
+    while waiting, or discarded by the lifeline."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("workflow_batch_ids", prefix), {"ids": list(job_ids)})
+        rows = await cur.fetchall()
+    workflows = {workflow for workflow, _ in rows if workflow}
+    batches = {batch for _, batch in rows if batch}
     if workflows:
         await release(pool, prefix, workflows)
     if batches:
@@ -71,17 +88,33 @@ async def release(pool: Pool, prefix: str, workflows: Collection[str]) -> int:
     return settled
 
 
-async def sweep(pool: Pool, prefix: str) -> int:
-    """The leader's safety net: settle workflows and batches whose acking node died before
-    settling them. Returns how many jobs it released, cancelled or enqueued."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query("held_workflows", prefix), {"limit": SWEEP_LIMIT})
+class Sweep:
+    """The leader's safety net, a tick per call: settle workflows and batches left unsettled
+    (the acking node died or failed to settle). Workflows with held jobs are taken a page per
+    tick, in id order, so every cycle of pages reaches each of them however many wait."""
+
+    def __init__(self, pool: Pool, prefix: str) -> None:
+        self._pool = pool
+        self._prefix = prefix
+        self.after = ""  # the last workflow id the previous page reached ("" starts over)
+
+    async def __call__(self) -> int:
+        """One tick; returns how many jobs it released, cancelled or enqueued."""
+        async with self._pool.connection() as conn:
+            workflows = await self._held_page(conn)
+            params = {"window": SWEEP_WINDOW, "limit": SWEEP_LIMIT}
+            cur = await conn.execute(query("recent_batches", self._prefix), params)
+            batches = [row[0] for row in await cur.fetchall()]
+        settled = await release(self._pool, self._prefix, workflows) if workflows else 0
+        return settled + (await run_callbacks(self._pool, self._prefix, batches) if batches else 0)
+
+    async def _held_page(self, conn: Connection) -> list[str]:
+        params = {"after": self.after, "limit": SWEEP_WORKFLOWS}
+        cur = await conn.execute(query("held_workflows", self._prefix), params)
         workflows = [row[0] for row in await cur.fetchall()]
-        params = {"window": SWEEP_WINDOW, "limit": SWEEP_LIMIT}
-        cur = await conn.execute(query("recent_batches", prefix), params)
-        batches = [row[0] for row in await cur.fetchall()]
-    settled = await release(pool, prefix, workflows) if workflows else 0
-    return settled + (await run_callbacks(pool, prefix, batches) if batches else 0)
+        # A short page ends the cycle: the next tick starts again from the first workflow.
+        self.after = workflows[-1] if len(workflows) == SWEEP_WORKFLOWS else ""
+        return workflows
 
 
 async def run_callbacks(pool: Pool, prefix: str, batches: Collection[str]) -> int:
@@ -119,6 +152,8 @@ def _callbacks(
 
 
 def _callback_job(batch_id: str, name: str, meta: dict[str, Any]) -> Job:
+    # The args are already in the callback worker's stored form (Batch made them with its
+    # new(): encrypted, structured), so this node needn't import the worker.
     key = hashlib.sha256(f"batch\0{batch_id}\0{name}".encode()).hexdigest()
     return Job(
         worker=str(meta[CALLBACK_WORKER]),

@@ -1,7 +1,9 @@
 """The stager: makes due scheduled and retryable jobs available, and is the fallback poll.
 
 Each tick also wakes this node's producers, so jobs whose insert notification was missed
-(notifier reconnecting, PostgreSQL restarting) are picked up within one interval.
+(notifier reconnecting, PostgreSQL restarting) are picked up within one interval. It runs on
+every instance, but a tick while the node runs no queue does nothing: an insert-only node stays
+quiet, and one whose queue is started later (``start_queue``) stages from its next tick.
 """
 
 from __future__ import annotations
@@ -37,12 +39,7 @@ async def run(
     """Stage due jobs every ``interval`` seconds (jittered) until cancelled."""
     task_status.started()
     while True:
-        try:
-            staged = await _store.stage(pool, prefix, LIMIT)
-            telemetry.emit("stager.stage", {"count": staged}, {})
-        except Exception as exc:
-            log.warning("staging failed (%s); retrying next tick", exc)
-            staged = 0
+        staged = await _stage(pool, prefix) if producers else 0
         for producer in list(producers.values()):
             producer.wake()
         if staged < LIMIT:
@@ -50,3 +47,13 @@ async def run(
             await trio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
         else:
             await trio.lowlevel.checkpoint()  # a backlog: stage the next batch at once
+
+
+async def _stage(pool: Pool, prefix: str) -> int:
+    try:
+        staged = await _store.stage(pool, prefix, LIMIT)
+    except Exception as exc:
+        log.warning("staging failed (%s); retrying next tick", exc)
+        return 0
+    telemetry.emit("stager.stage", {"count": staged}, {})
+    return staged

@@ -182,12 +182,16 @@ class Worker:
         """Build an unsaved job for this worker; invalid args or options raise at once.
 
         ``args`` is a JSON object, or for a worker with ``args=Cls`` a ``Cls`` instance or a
-        dict shaped like one. ``unique`` overrides the worker's constraint (``False``: none).
+        dict shaped like one. ``unique=Unique(...)`` overrides the worker's constraint,
+        ``unique=False`` drops it; ``True`` or ``None`` (like the other options) keeps it.
         """
         job_args, args_json = check_json_object(self._args_data(args), "args")
         job_meta = check_json_object(meta, "meta")[0] if meta else _EMPTY
         queue = self.queue if queue is None else _check_queue(queue)
-        constraint = self.unique if unique is True else _check_unique(unique or None)
+        if unique is True or unique is None:
+            constraint = self.unique
+        else:
+            constraint = _check_unique(None if unique is False else unique)
         claim = None
         if constraint is not None:
             claim = constraint.claim(worker=self.name, queue=queue, args=job_args, meta=job_meta)

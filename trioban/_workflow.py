@@ -23,6 +23,8 @@ NAME: Final = "name"
 DEPS: Final = "deps"
 IGNORE_CANCELLED: Final = "ignore_cancelled"
 IGNORE_DISCARDED: Final = "ignore_discarded"
+OPTIONS: Final = "workflow_options"
+"""Meta of each step: the workflow-wide options set (appended steps inherit them)."""
 
 
 @attrs.frozen
@@ -40,7 +42,11 @@ class Workflow:
 
     ``ignore_cancelled``/``ignore_discarded`` (for the whole workflow, or per step) let a
     dependent run although a dep was cancelled or discarded; otherwise the dependent is
-    cancelled, with the reason recorded, and so are its own dependents.
+    cancelled, with the reason recorded, and so are its own dependents. Steps appended later
+    (``oban.append_workflow``) inherit the workflow-wide options.
+
+    A step can't be a unique job: a duplicate isn't inserted, and the run would then depend on
+    another run's job. Build steps of a unique worker with ``new(..., unique=False)``.
     """
 
     def __init__(
@@ -85,6 +91,13 @@ class Workflow:
             raise ValueError(f"workflow {self.workflow_id} already has a step named {name!r}")
         if not isinstance(job, Job) or job.saved:
             raise TypeError(f"expected an unsaved Job (from Worker.new) for step {name!r}")
+        if job._unique is not None:
+            # A duplicate wouldn't be inserted: this run's dependents would wait on, or be
+            # released by, another run's job.
+            raise ValueError(
+                f"step {name!r} is a unique job ({job.worker}); a workflow step can't be "
+                "unique: build it with new(..., unique=False)"
+            )
         if isinstance(deps, str):
             raise TypeError(f"expected deps of {name!r} to be a list of step names, got {deps!r}")
         dep_names = tuple(deps)
@@ -136,14 +149,27 @@ class Workflow:
             meta[IGNORE_CANCELLED] = True
         if step.ignore_discarded:
             meta[IGNORE_DISCARDED] = True
+        options = self._options()
+        if options:
+            meta[OPTIONS] = options
         state = JobState.SUSPENDED if step.deps else step.job.state
         return evolve(step.job, meta=meta, state=state)
 
+    def _options(self) -> dict[str, bool]:
+        """The workflow-wide options that differ from the defaults."""
+        options = {IGNORE_CANCELLED: self.ignore_cancelled, IGNORE_DISCARDED: self.ignore_discarded}
+        return {name: value for name, value in options.items() if value}
+
     @classmethod
-    def _appending(
-        cls, workflow_id: str, existing: Collection[str], options: Mapping[str, bool]
-    ) -> Workflow:
-        appended = cls(workflow_id, **options)
+    def _appending(cls, workflow_id: str, existing: Collection[str], options: object) -> Workflow:
+        """A workflow adding steps to ``workflow_id``, with the options it was inserted with
+        (``options``: the ``workflow_options`` meta of its steps)."""
+        known = options if isinstance(options, Mapping) else {}
+        appended = cls(
+            workflow_id,
+            ignore_cancelled=known.get(IGNORE_CANCELLED) is True,
+            ignore_discarded=known.get(IGNORE_DISCARDED) is True,
+        )
         appended._existing = frozenset(existing)
         return appended
 

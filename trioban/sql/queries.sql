@@ -234,11 +234,18 @@ WITH target AS (
   RETURNING j.id, j.meta
 ), notified AS (
   SELECT pg_notify(%(relay_channel)s, json_build_object(
-    'ref', meta->>'relay', 'id', id, 'state', 'cancelled', 'reason', %(reason)s::text)::text)
+    'ref', meta->>'relay', 'id', id, 'state', 'cancelled',
+    -- Cut: a notice must stay under PostgreSQL's 8,000 bytes (the row keeps the whole reason).
+    'reason', left(%(reason)s::text, 1000))::text)
   FROM cancelled WHERE meta ? 'relay'
 )
 SELECT t.id, t.state::text FROM target AS t
 WHERE (SELECT count(*) FROM notified) >= 0
+
+-- name: workflow_batch_ids
+-- The workflows and batches of the given jobs, which finished without an ack to settle them.
+SELECT DISTINCT meta->>'workflow_id', meta->>'batch_id' FROM {prefix}.oban_jobs
+WHERE id = ANY(%(ids)s::bigint[]) AND (meta ? 'workflow_id' OR meta ? 'batch_id')
 
 -- name: heartbeat_producers
 -- Record that this node's producers are alive, with their state for cluster-wide checks.
@@ -277,7 +284,8 @@ DELETE FROM {prefix}.oban_peers WHERE name = %(name)s AND node = %(node)s
 -- name: rescue_jobs
 -- Executing jobs that started more than %(after)s seconds ago and that no live producer vouches
 -- for go back to available, or to discarded when out of attempts. A producer vouches for a job
--- while it heartbeats and lists the job as running: a node that died vouches for nothing, and
+-- while it heartbeats and lists the job as running or as acking (finished, its ack still being
+-- written): a node that died vouches for nothing, and
 -- neither does a live node for a job it finished whose ack a PostgreSQL crash lost. A job
 -- running on a live node is never touched, however long it runs.
 WITH orphans AS (
@@ -288,7 +296,7 @@ WITH orphans AS (
       SELECT 1 FROM {prefix}.trioban_producers AS p
       WHERE p.uuid::text = j.attempted_by[2]
         AND p.updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s)
-        AND p.meta->'running' @> to_jsonb(j.id))
+        AND (p.meta->'running' @> to_jsonb(j.id) OR p.meta->'acking' @> to_jsonb(j.id)))
   ORDER BY j.id
   LIMIT %(limit)s
   FOR UPDATE SKIP LOCKED
@@ -309,7 +317,7 @@ WITH orphans AS (
 ), notified AS (
   SELECT pg_notify(%(relay_channel)s, json_build_object(
     'ref', meta->>'relay', 'id', id, 'state', 'discarded',
-    'reason', errors[array_length(errors, 1)]->>'error')::text)
+    'reason', left(errors[array_length(errors, 1)]->>'error', 1000))::text)
   FROM rescued WHERE state = 'discarded' AND meta ? 'relay'
 )
 SELECT r.id, r.state::text FROM rescued AS r
@@ -321,15 +329,48 @@ DELETE FROM {prefix}.trioban_producers
 WHERE updated_at < timezone('UTC', now()) - make_interval(secs => %(after)s)
 
 -- name: prune_jobs
--- Delete up to %(limit)s finished jobs older than %(max_age)s seconds.
-DELETE FROM {prefix}.oban_jobs
-WHERE id = ANY(ARRAY(
-  SELECT id FROM {prefix}.oban_jobs
-  WHERE state IN ('completed', 'cancelled', 'discarded')
-    AND coalesce(completed_at, cancelled_at, discarded_at, scheduled_at)
-        < timezone('UTC', now()) - make_interval(secs => %(max_age)s)
+-- Delete finished jobs older than %(max_age)s seconds: up to %(limit)s outside batches, and
+-- whole batches (callback jobs included) of up to about %(limit)s rows (at least one batch).
+-- A batch goes only once every one of its rows is finished and old, in one statement: its
+-- callbacks are decided by counting its rows, and its callback rows hold the keys that enqueue
+-- each callback once, so pruning part of a batch would change which callbacks fire.
+WITH cutoff AS (
+  SELECT timezone('UTC', now()) - make_interval(secs => %(max_age)s) AS at
+), loose AS (
+  SELECT j.id FROM {prefix}.oban_jobs AS j CROSS JOIN cutoff AS c
+  WHERE j.state IN ('completed', 'cancelled', 'discarded')
+    AND coalesce(j.completed_at, j.cancelled_at, j.discarded_at, j.scheduled_at) < c.at
+    AND NOT coalesce(j.meta ? 'batch_id', false)
   LIMIT %(limit)s
-  FOR UPDATE SKIP LOCKED))
+  FOR UPDATE OF j SKIP LOCKED
+), candidates AS (
+  SELECT j.meta->>'batch_id' AS batch_id, count(*) AS total
+  FROM {prefix}.oban_jobs AS j CROSS JOIN cutoff AS c
+  WHERE j.meta ? 'batch_id' AND j.state IN ('completed', 'cancelled', 'discarded')
+    AND coalesce(j.completed_at, j.cancelled_at, j.discarded_at, j.scheduled_at) < c.at
+  GROUP BY 1
+), prunable AS (
+  -- Batches none of whose rows is unfinished or recent: "total" is then every row.
+  SELECT b.batch_id, b.total, sum(b.total) OVER (ORDER BY b.batch_id) AS running
+  FROM candidates AS b CROSS JOIN cutoff AS c
+  WHERE NOT EXISTS (
+    SELECT 1 FROM {prefix}.oban_jobs AS r
+    WHERE r.meta ? 'batch_id' AND r.meta->>'batch_id' = b.batch_id
+      AND (r.state NOT IN ('completed', 'cancelled', 'discarded')
+           OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at))
+), loose_deleted AS (
+  DELETE FROM {prefix}.oban_jobs AS j
+  WHERE j.id = ANY(ARRAY(SELECT id FROM loose))
+  RETURNING j.id
+), batches_deleted AS (
+  -- The state is rechecked under the row lock: a job retried meanwhile stays.
+  DELETE FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'batch_id' AND j.state IN ('completed', 'cancelled', 'discarded')
+    AND j.meta->>'batch_id' = ANY(ARRAY(
+      SELECT batch_id FROM prunable WHERE running - total < %(limit)s))
+  RETURNING j.id
+)
+SELECT (SELECT count(*) FROM loose_deleted) + (SELECT count(*) FROM batches_deleted)
 
 -- name: release_workflow_jobs
 -- Settle the held (suspended) jobs of the given workflows whose deps allow it: cancelled when
@@ -337,22 +378,31 @@ WHERE id = ANY(ARRAY(
 -- or scheduled if it was built for later) once every dep finished. A dep row that is gone was
 -- pruned, so it had finished. "state = 'suspended'" is rechecked under the row lock: of two
 -- nodes settling the same job at once, one does it.
-WITH held AS (
-  SELECT j.id, j.meta FROM {prefix}.oban_jobs AS j
+-- Each held row's meta is read once (MATERIALIZED: a fan-in's meta lists every dep), and each
+-- dep is one probe of the workflow index (LATERAL): a join would be planned for far more rows
+-- than deps have and scan every workflow's jobs.
+WITH held AS MATERIALIZED (
+  SELECT j.id, j.meta->>'workflow_id' AS workflow_id, j.meta->'deps' AS deps,
+    coalesce((j.meta->>'ignore_cancelled')::boolean, false) AS ignore_cancelled,
+    coalesce((j.meta->>'ignore_discarded')::boolean, false) AS ignore_discarded
+  FROM {prefix}.oban_jobs AS j
   WHERE j.state = 'suspended' AND j.meta ? 'workflow_id'
     AND j.meta->>'workflow_id' = ANY(%(workflows)s::text[])
 ), verdicts AS (
   SELECT h.id,
-    bool_and(d.id IS NULL OR d.state IN ('completed', 'cancelled', 'discarded')) AS all_done,
+    bool_and(d.state IS NULL OR d.state IN ('completed', 'cancelled', 'discarded')) AS all_done,
     string_agg(dep.name || ' ' || d.state::text, ', ') FILTER (WHERE
-      (d.state = 'cancelled' AND NOT coalesce((h.meta->>'ignore_cancelled')::boolean, false))
-      OR (d.state = 'discarded' AND NOT coalesce((h.meta->>'ignore_discarded')::boolean, false))
+      (d.state = 'cancelled' AND NOT h.ignore_cancelled)
+      OR (d.state = 'discarded' AND NOT h.ignore_discarded)
     ) AS failed
   FROM held AS h
-  CROSS JOIN LATERAL jsonb_array_elements_text(h.meta->'deps') AS dep(name)
-  LEFT JOIN {prefix}.oban_jobs AS d
-    ON d.meta ? 'workflow_id' AND d.meta->>'workflow_id' = h.meta->>'workflow_id'
-    AND d.meta->>'name' = dep.name
+  CROSS JOIN LATERAL jsonb_array_elements_text(h.deps) AS dep(name)
+  LEFT JOIN LATERAL (
+    SELECT d.state FROM {prefix}.oban_jobs AS d
+    WHERE d.meta ? 'workflow_id' AND d.meta->>'workflow_id' = h.workflow_id
+      AND d.meta->>'name' = dep.name
+    OFFSET 0  -- keeps the subquery a probe: PostgreSQL would flatten it back into a join
+  ) AS d ON true
   GROUP BY h.id
 ), settled AS (
   UPDATE {prefix}.oban_jobs AS j SET
@@ -372,16 +422,19 @@ WITH held AS (
 ), notified AS (
   SELECT pg_notify(%(relay_channel)s, json_build_object(
     'ref', meta->>'relay', 'id', id, 'state', 'cancelled',
-    'reason', errors[array_length(errors, 1)]->>'error')::text)
+    'reason', left(errors[array_length(errors, 1)]->>'error', 1000))::text)
   FROM settled WHERE state = 'cancelled' AND meta ? 'relay'
 )
 SELECT s.id, s.state::text, s.meta->>'workflow_id' FROM settled AS s
 WHERE (SELECT count(*) FROM woken) + (SELECT count(*) FROM notified) >= 0
 
 -- name: held_workflows
--- Workflows with held jobs, for the leader's sweep (settles what a crashed node left).
+-- The next page of workflows with held jobs, in id order after %(after)s, for the leader's
+-- sweep. Paging, not "any %(limit)s of them", is what lets each cycle of pages reach every
+-- workflow however many wait (checking which need settling costs a join per held job).
 SELECT DISTINCT meta->>'workflow_id' FROM {prefix}.oban_jobs
-WHERE state = 'suspended' AND meta ? 'workflow_id'
+WHERE state = 'suspended' AND meta ? 'workflow_id' AND meta->>'workflow_id' > %(after)s
+ORDER BY 1
 LIMIT %(limit)s
 
 -- name: recent_batches
@@ -401,6 +454,13 @@ FROM {prefix}.oban_jobs AS j
 WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' = %(workflow_id)s
   AND (%(names)s::text[] IS NULL OR j.meta->>'name' = ANY(%(names)s::text[]))
 ORDER BY j.id
+
+-- name: workflow_options
+-- The workflow-wide options a workflow was inserted with (appended steps inherit them).
+SELECT j.meta->'workflow_options' FROM {prefix}.oban_jobs AS j
+WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' = %(workflow_id)s
+  AND j.meta ? 'workflow_options'
+LIMIT 1
 
 -- name: batch_progress
 -- Counts of the given batches' jobs (callbacks excluded), with one job's meta for the

@@ -1,0 +1,285 @@
+"""Acks PostgreSQL would refuse: a job's outcome is always recorded, and one bad ack never
+holds up the others (nor gets its job rescued and run again on a live node)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import trio
+
+import trioban
+from trioban import Config, Job, JobState, RelayDiscard, Snooze, _executor, _pg, _store, worker
+from trioban._acker import Acker
+from trioban._job import evolve
+from trioban._worker import MAX_ATTEMPTS
+
+from .helpers import eventually
+from .workers import echo
+
+SURROGATE = b"caf\xe9".decode("utf-8", "surrogateescape")  # a filename that isn't UTF-8
+BACKOFF: dict[str, Callable[[int], Any]] = {}
+
+
+# Text PostgreSQL refuses: jsonb has no NUL, and UTF-8 has no lone surrogate.
+ERRORS = {"nul": "bad byte \x00 in input", "surrogate": f"no file {SURROGATE}"}
+RESULTS = {"nul": {"text": "a\x00b"}, "surrogate": [SURROGATE], "key": {"\x00": 1}}
+
+
+@worker(queue="default", max_attempts=1)
+async def fails_with(job: Job) -> None:
+    raise ValueError(ERRORS[job.args["kind"]])
+
+
+@worker(queue="default", max_attempts=1, recorded=True)
+async def returns_unstorable(job: Job) -> Any:
+    return RESULTS[job.args["kind"]]
+
+
+@worker(queue="default")
+async def snoozes(job: Job) -> Snooze:
+    return Snooze(job.args["seconds"])
+
+
+@worker(queue="default", max_attempts=2, backoff=lambda attempt: BACKOFF["now"](attempt))
+async def fails_with_backoff(job: Job) -> None:
+    raise RuntimeError("retry me")
+
+
+@asynccontextmanager
+async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
+    settings.setdefault("queues", {"default": 5})
+    settings.setdefault("stage_interval", 0.1)
+    settings.setdefault("shutdown_grace", 0.5)
+    async with trioban.open(Config(dsn=dsn, **settings)) as oban:
+        yield oban
+
+
+async def settled(oban: trioban.Oban, job_id: int | None) -> Job:
+    """The job once it is no longer executing (or available to run)."""
+    assert job_id is not None
+    found: list[Job] = []
+
+    async def done() -> bool:
+        job = await oban.get_job(job_id)
+        assert job is not None
+        found[:] = [job]
+        return job.state not in (JobState.AVAILABLE, JobState.EXECUTING)
+
+    await eventually(done)
+    return found[0]
+
+
+@pytest.mark.parametrize(("kind", "escaped"), [("nul", "\\x00"), ("surrogate", "\\udce9")])
+async def test_an_error_text_postgres_refuses_is_recorded_escaped(
+    dsn: str, kind: str, escaped: str
+) -> None:
+    """The reviewer's case: a failure whose text holds a NUL (or a lone surrogate) is recorded
+    with the character escaped, and the next job's ack is written too."""
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            failed = await oban.insert(fails_with.new({"kind": kind}))
+            assert await oban.relay(echo.new({"value": 1}), timeout=5) == 1
+            job = await settled(oban, failed.id)
+            assert job.state is JobState.DISCARDED
+            error = job.errors[0]["error"]
+            assert f"ValueError: {'bad byte' if kind == 'nul' else 'no file'}" in error
+            assert escaped in error
+            assert job.attempt == 1  # ran once: not rescued and run again
+
+
+@pytest.mark.parametrize("kind", ["nul", "surrogate", "key"])
+async def test_a_result_postgres_refuses_fails_the_job_saying_why(dsn: str, kind: str) -> None:
+    """A result isn't silently altered: the job fails, and a relay's caller learns why."""
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(returns_unstorable.new({"kind": kind}))
+            reason = "NUL character" if kind != "surrogate" else "UTF-8 can't encode"
+            with pytest.raises(RelayDiscard, match=reason):
+                await relay.result(timeout=5)
+            job = await settled(oban, relay.job.id)
+            assert job.state is JobState.DISCARDED
+            assert "result" not in job.meta
+            assert "can't" in job.errors[0]["error"]
+
+
+async def test_huge_snoozes_are_clamped_and_full_max_attempts_stays_in_range(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            far = await oban.insert(snoozes.new({"seconds": 1e20}))
+            full = await oban.insert(snoozes.new({"seconds": 60}, max_attempts=MAX_ATTEMPTS))
+            job = await settled(oban, far.id)
+            assert job.state is JobState.SCHEDULED
+            assert job.scheduled_at is not None
+            years = (job.scheduled_at - datetime.now(UTC)) / timedelta(days=365.25)
+            assert 99 < years <= 100  # _executor.MAX_DELAY
+            assert job.max_attempts == 21  # the snooze isn't counted
+            job = await settled(oban, full.id)
+            assert job.state is JobState.SCHEDULED
+            assert job.max_attempts == MAX_ATTEMPTS  # no room to grant one more
+
+
+def _raises(attempt: int) -> float:
+    raise ZeroDivisionError("backoff bug")
+
+
+@pytest.mark.parametrize(
+    "backoff",
+    [_raises, lambda _: math.nan, lambda _: math.inf, lambda _: -1.0, lambda _: "soon"],
+    ids=["raises", "nan", "inf", "negative", "not-a-number"],
+)
+async def test_a_broken_backoff_falls_back_to_the_default(
+    dsn: str, backoff: Callable[[int], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    BACKOFF["now"] = backoff
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            inserted = await oban.insert(fails_with_backoff.new({}))
+            job = await settled(oban, inserted.id)
+            assert job.state is JobState.RETRYABLE
+            assert job.scheduled_at is not None
+            delay = (job.scheduled_at - datetime.now(UTC)).total_seconds()
+            assert 10 < delay < 19  # the default: 17 s, jittered by 10%, minus time passed
+            assert await oban.relay(echo.new({"value": 2}), timeout=5) == 2  # still running
+    assert "used the default" in caplog.text
+
+
+async def test_a_huge_backoff_is_clamped(dsn: str) -> None:
+    BACKOFF["now"] = lambda _: 1e20
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            inserted = await oban.insert(fails_with_backoff.new({}))
+            job = await settled(oban, inserted.id)
+            assert job.state is JobState.RETRYABLE
+            assert job.scheduled_at is not None
+            assert job.scheduled_at.year - datetime.now(UTC).year in (99, 100)
+
+
+async def _executing(oban: trioban.Oban, count: int) -> list[Job]:
+    """``count`` jobs marked executing, as if claimed by a node that doesn't exist."""
+    jobs = await oban.insert_all([echo.new({"i": i}) for i in range(count)])
+    async with oban.transaction() as conn:
+        await conn.execute(
+            "UPDATE oban_jobs SET state = 'executing', attempt = 1, "
+            "attempted_at = timezone('UTC', now()) WHERE id = ANY(%s)",
+            [[job.id for job in jobs]],
+        )
+    claimed = [await oban.get_job(job.id or 0) for job in jobs]
+    return [job for job in claimed if job is not None]
+
+
+async def test_an_ack_refused_on_its_own_is_replaced_and_the_rest_written(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence in depth: an ack the statement refuses (here a delay past ``interval``'s range,
+    built below the executor's checks) doesn't hold up the acks batched with it; its job ends
+    ``discarded``, saying its outcome could not be written."""
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            good, poison, after = await _executing(oban, 3)
+            await oban._acker.send(_executor._ack(good, "completed"))
+            await oban._acker.send(_executor._ack(poison, "retryable", schedule_in=1e300))
+            await oban._acker.send(_executor._ack(after, "completed"))
+            assert (await settled(oban, good.id)).state is JobState.COMPLETED
+            assert (await settled(oban, after.id)).state is JobState.COMPLETED
+            refused = await settled(oban, poison.id)
+            assert refused.state is JobState.DISCARDED
+            assert "(retryable) could not be written" in refused.errors[-1]["error"]
+            assert refused.errors[-1]["attempt"] == 1
+    assert f"job {poison.id}: its outcome (retryable) can't be written" in caplog.text
+
+
+async def test_unwritten_lists_acks_queued_or_being_written_until_committed(dsn: str) -> None:
+    locker = await _pg.connect(dsn)
+    try:
+        with trio.fail_after(10):
+            async with running(dsn, queues={}) as oban:
+                (job,) = await _executing(oban, 1)
+                assert job.id is not None
+
+                async def noop(acks: object) -> None:
+                    pass
+
+                acker = Acker(oban._work_pool, "public", noop, oban._relays)
+                assert acker.unwritten() == set()
+                await acker.send(_executor._ack(job, "completed"))
+                assert acker.unwritten() == {job.id}  # queued
+                await locker.execute("BEGIN")
+                await locker.execute("SELECT 1 FROM oban_jobs WHERE id = %s FOR UPDATE", [job.id])
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(acker.run)
+                    acker.close()
+                    await _waiting_for_a_lock(locker)
+                    assert acker.unwritten() == {job.id}  # being written
+                    await locker.execute("ROLLBACK")
+                assert acker.unwritten() == set()  # committed
+                assert (await settled(oban, job.id)).state is JobState.COMPLETED
+    finally:
+        await locker.close()
+
+
+async def _waiting_for_a_lock(conn: _pg.Connection) -> None:
+    async def waiting() -> bool:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return (await cur.fetchone()) != (0,)
+
+    await eventually(waiting)
+
+
+async def test_an_ack_whose_replacement_is_refused_too_is_dropped_alone(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ack refused even as ``discarded`` (an id past bigint's range) is logged and dropped:
+    the acker goes on with the others."""
+    with trio.fail_after(10):
+        async with running(dsn, queues={}) as oban:
+            (good,) = await _executing(oban, 1)
+            bogus = _executor._ack(evolve(good, id=2**70), "completed")
+            await oban._acker.send(bogus)
+            await oban._acker.send(_executor._ack(good, "completed"))
+            assert (await settled(oban, good.id)).state is JobState.COMPLETED
+            assert oban._acker.unwritten() == set()
+    assert f"job {2**70}: not written as discarded either" in caplog.text
+
+
+async def test_a_finished_job_whose_ack_is_on_its_way_is_not_rescued(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat lists the jobs whose acks are queued (``acking``), so the lifeline leaves
+    a finished job alone while its outcome waits to be written, however long that takes."""
+    gate = trio.Event()
+    real_ack = _store.ack
+
+    async def held_ack(*args: Any) -> set[int]:
+        await gate.wait()
+        return await real_ack(*args)
+
+    monkeypatch.setattr(_store, "ack", held_ack)
+    settings = {"heartbeat_interval": 0.1, "rescue_after": 0.3}
+    with trio.fail_after(15):
+        async with running(dsn, **settings) as oban:
+            job = await oban.insert(echo.new({"value": "once"}))
+            assert job.id is not None
+
+            async def acking() -> bool:
+                return job.id in oban._acker.unwritten()
+
+            await eventually(acking)
+            await trio.sleep(1.0)  # the leader's lifeline runs every 0.1 s meanwhile
+            held = await oban.get_job(job.id)
+            assert held is not None
+            assert (held.state, held.errors) == (JobState.EXECUTING, ())
+            gate.set()
+
+            async def completed() -> bool:
+                done = await oban.get_job(job.id or 0)
+                return done is not None and done.state is JobState.COMPLETED
+
+            await eventually(completed)
+            done = await oban.get_job(job.id)
+            assert done is not None
+            assert (done.attempt, done.errors) == (1, ())

@@ -4,8 +4,7 @@ holds up the others (nor gets its job rescued and run again on a live node)."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,12 +12,13 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config, Job, JobState, RelayDiscard, Snooze, _executor, _pg, _store, worker
+from trioban import Job, JobState, RelayDiscard, Snooze, _executor, _pg, _store, worker
 from trioban._acker import Acker
 from trioban._job import evolve
 from trioban._worker import MAX_ATTEMPTS
 
-from .helpers import eventually
+from .helpers import eventually, reaches
+from .test_lifecycle import running
 from .workers import echo
 
 SURROGATE = b"caf\xe9".decode("utf-8", "surrogateescape")  # a filename that isn't UTF-8
@@ -48,15 +48,6 @@ async def snoozes(job: Job) -> Snooze:
 @worker(queue="default", max_attempts=2, backoff=lambda attempt: BACKOFF["now"](attempt))
 async def fails_with_backoff(job: Job) -> None:
     raise RuntimeError("retry me")
-
-
-@asynccontextmanager
-async def running(dsn: str, **settings: Any) -> AsyncIterator[trioban.Oban]:
-    settings.setdefault("queues", {"default": 5})
-    settings.setdefault("stage_interval", 0.1)
-    settings.setdefault("shutdown_grace", 0.5)
-    async with trioban.open(Config(dsn=dsn, **settings)) as oban:
-        yield oban
 
 
 async def settled(oban: trioban.Oban, job_id: int | None) -> Job:
@@ -274,12 +265,5 @@ async def test_a_finished_job_whose_ack_is_on_its_way_is_not_rescued(
             assert held is not None
             assert (held.state, held.errors) == (JobState.EXECUTING, ())
             gate.set()
-
-            async def completed() -> bool:
-                done = await oban.get_job(job.id or 0)
-                return done is not None and done.state is JobState.COMPLETED
-
-            await eventually(completed)
-            done = await oban.get_job(job.id)
-            assert done is not None
+            done = await reaches(oban, job.id, JobState.COMPLETED)
             assert (done.attempt, done.errors) == (1, ())

@@ -11,7 +11,7 @@ import trio
 import trioban
 from trioban import Config
 
-from .helpers import eventually
+from .helpers import eventually, waiting_on_a_lock
 from .workers import echo
 
 POISON_TRIGGER = """
@@ -117,16 +117,6 @@ async def test_a_failed_claimed_insert_gives_its_slot_back(dsn: str) -> None:
             assert await oban.relay(echo.new({"value": 2})) == 2
 
 
-async def _inserts_waiting_on_a_lock(oban: trioban.Oban) -> int:
-    async with oban.transaction() as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO%oban_jobs%'"
-        )
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
-
-
 async def test_every_writer_task_takes_requests(dsn: str) -> None:
     """While every statement is slow (waiting on a lock held here), each new request is
     taken by an idle writer task: the caller writing its own plus one statement per writer
@@ -135,7 +125,7 @@ async def test_every_writer_task_takes_requests(dsn: str) -> None:
     in_flight = 0
 
     async def all_waiting() -> bool:
-        return await _inserts_waiting_on_a_lock(oban) == in_flight
+        return await waiting_on_a_lock(oban, "%INSERT INTO%oban_jobs%") == in_flight
 
     with trio.fail_after(20):
         async with trioban.open(Config(dsn=dsn, queues={}, pool_size=2 * writers)) as oban:
@@ -147,7 +137,7 @@ async def test_every_writer_task_takes_requests(dsn: str) -> None:
                         in_flight += 1
                         with trio.move_on_after(3):
                             await eventually(all_waiting)
-                        assert await _inserts_waiting_on_a_lock(oban) == in_flight
+                        assert await waiting_on_a_lock(oban, "%INSERT INTO%oban_jobs%") == in_flight
                     lock.commit()
             assert sum(await _inserted_at_groups(oban)) == 1 + writers
 

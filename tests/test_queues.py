@@ -13,7 +13,7 @@ import trioban
 from trioban import Config, JobState, RelayCancelled
 
 from . import workers
-from .helpers import eventually
+from .helpers import eventually, reaches, waiting_on_a_lock
 from .nodes import node_processes
 from .workers import echo, gates, wait_gate
 
@@ -134,16 +134,6 @@ async def test_a_stopped_queue_vouches_for_its_jobs_until_they_finish(dsn: str) 
             await eventually(drained)
 
 
-async def _fetches_waiting_on_a_lock(oban: trioban.Oban) -> int:
-    async with oban.transaction() as conn:
-        cur = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE '%attempted_by = ARRAY%'"
-        )
-        row = await cur.fetchone()
-    return int(row[0]) if row else 0
-
-
 async def test_a_fetch_in_flight_when_the_queue_stops_hands_its_jobs_back(dsn: str) -> None:
     """The jobs a fetch claims after the queue stopped don't start: they are made available
     again, their attempt given back, and the stop ends as soon as the running job is done
@@ -162,7 +152,7 @@ async def test_a_fetch_in_flight_when_the_queue_stops_hands_its_jobs_back(dsn: s
                 await oban.resume_queue("default", local_only=True)
 
                 async def fetch_in_flight() -> bool:
-                    return await _fetches_waiting_on_a_lock(oban) == 1
+                    return await waiting_on_a_lock(oban, "%attempted_by = ARRAY%") == 1
 
                 await eventually(fetch_in_flight)
                 await oban.stop_queue("default", local_only=True)
@@ -174,14 +164,7 @@ async def test_a_fetch_in_flight_when_the_queue_stops_hands_its_jobs_back(dsn: s
             with trio.fail_after(2):  # the grace is 5 s
                 await eventually(drained)
             assert await relay.result(timeout=1) == "opened"
-
-            async def handed_back() -> bool:
-                job = await oban.get_job(waiting.id or 0)
-                return job is not None and job.state is JobState.AVAILABLE
-
-            await eventually(handed_back)
-            job = await oban.get_job(waiting.id)
-            assert job is not None
+            job = await reaches(oban, waiting.id, JobState.AVAILABLE)  # handed back
             assert job.max_attempts - job.attempt == waiting.max_attempts
 
 

@@ -11,6 +11,7 @@ import trio
 
 import trioban
 from trioban import Config, JobState, RelayCancelled
+from trioban._queues import settle_claims
 
 from . import workers
 from .helpers import eventually, reaches, waiting_on_a_lock
@@ -261,3 +262,19 @@ async def test_cancel_with_a_reason_too_long_for_a_notification(dsn: str) -> Non
                 return workers.concurrency["now"] == 0
 
             await eventually(stopped)
+
+
+async def test_a_job_claimed_on_insert_as_its_queue_stops_is_handed_back(dsn: str) -> None:
+    """The claim is made, the queue stops while the insert is in flight: the job, inserted
+    claimed, doesn't start and doesn't wait for the lifeline; it is made available again with
+    its attempt given back."""
+    with trio.fail_after(10):
+        async with trioban.open(_conf(dsn, queues={"default": 1})) as oban:
+            new = echo.new({"value": 1})
+            batch, claims = oban._queues.claim([new])
+            assert claims  # a slot is reserved: the job goes in claimed
+            await oban.stop_queue("default", local_only=True)
+            (saved,) = await oban._inserter.insert(batch, settle_claims(claims))
+            assert saved.state is JobState.EXECUTING
+            job = await reaches(oban, saved.id, JobState.AVAILABLE)
+            assert (job.attempt, job.max_attempts) == (1, new.max_attempts + 1)

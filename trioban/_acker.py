@@ -98,6 +98,16 @@ class Acker:
                     ack.id,
                 )
 
+    def send_nowait(self, ack: Ack) -> None:
+        """Queue ``ack`` if the buffer has room; otherwise log that its job is left
+        ``executing`` for the lifeline (for callers that can't wait)."""
+        try:
+            self._send.send_nowait(ack)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("job %d: no room to queue its ack; left for the lifeline", ack.id)
+        else:
+            self._unwritten.add(ack.id)
+
     def stop_after(self, grace: float) -> None:
         """Shutdown has begun and jobs get ``grace`` seconds: the acker stops ``DRAIN_TIMEOUT``
         seconds after that, written or not."""

@@ -163,7 +163,8 @@ class Config:
             least twice ``heartbeat_interval``.
         prune_max_age: seconds a finished (completed, cancelled, discarded) job is kept;
             ``None`` keeps them forever.
-        prune_limit: jobs the pruner deletes per run, so a backlog never locks for long.
+        prune_limit: jobs the pruner deletes per run, so a backlog never locks for long (a
+            batch goes whole, so one larger batch may pass it).
         crontab: scheduled jobs, ``[(expression, worker), (expression, worker, {options})]``
             with options ``args``, ``queue``, ``priority``, ``max_attempts``, ``tags``,
             ``meta``, ``timezone``; each slot is enqueued once across the cluster.

@@ -137,7 +137,10 @@ class Producer:
     def adopt(self, jobs: list[Job]) -> None:
         """Run jobs claimed for this producer as they were inserted (reserved slots)."""
         self._reserved -= len(jobs)
-        if self._jobs is None or self._stopping:  # they wait, executing, for the lifeline
+        if self._jobs is None or self._stopping:
+            # Inserted claimed as the queue stopped: never started, so handed back.
+            for job in jobs:
+                self._acker.send_nowait(handed_back(job))
             return
         for job in jobs:
             self._start(self._jobs, job)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -266,3 +267,50 @@ async def test_a_finished_job_whose_ack_is_on_its_way_is_not_rescued(
             gate.set()
             done = await reaches(oban, job.id, JobState.COMPLETED)
             assert (done.attempt, done.errors) == (1, ())
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (psycopg.errors.ReadOnlySqlTransaction("read-only: a standby mid-failover"), True),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.OperationalError("connection lost"), True),
+        (_pg.DatabaseUnavailable("cannot connect"), True),
+        (psycopg.errors.UntranslatableCharacter("\\u0000 cannot be converted"), False),
+        (psycopg.errors.ProgramLimitExceeded("index row size exceeds maximum"), False),
+        (UnicodeEncodeError("utf-8", "\udce9", 0, 1, "surrogates not allowed"), False),
+    ],
+)
+def test_transient_tells_not_now_from_not_this(error: Exception, retried: bool) -> None:
+    assert _pg.transient(error) is retried
+
+
+async def test_acks_refused_while_the_server_is_read_only_are_retried_not_dropped(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover: the pool reaches a read-only server for a while. The acks wait and are
+    written once it accepts writes; none is dropped or replaced, no job runs twice."""
+    real_ack = _store.ack
+    writable = trio.Event()
+
+    async def read_only_for_now(*args: Any) -> set[int]:
+        if not writable.is_set():
+            raise psycopg.errors.ReadOnlySqlTransaction("cannot execute UPDATE in a read-only tx")
+        return await real_ack(*args)
+
+    monkeypatch.setattr(_store, "ack", read_only_for_now)
+    with trio.fail_after(15):
+        async with running(dsn) as oban:
+            jobs = await oban.insert_all([echo.new({"value": i}) for i in range(3)])
+
+            async def all_acking() -> bool:
+                return {job.id for job in jobs} <= oban._acker.unwritten()
+
+            await eventually(all_acking)
+            await trio.sleep(0.3)  # several failed attempts
+            assert {job.id for job in jobs} <= oban._acker.unwritten()
+            writable.set()
+            for job in jobs:
+                done = await reaches(oban, job.id, JobState.COMPLETED)
+                assert (done.attempt, done.errors) == (1, ())

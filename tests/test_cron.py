@@ -10,11 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import psycopg
 import pytest
 import trio
 
 import trioban
-from trioban import ConfigError
+from trioban import ConfigError, _pg
 from trioban._cron import CronEntry, Scheduler, minute_of
 from trioban._instance import _builder, cron_entries
 from trioban._leader import Leadership
@@ -102,7 +103,7 @@ async def test_one_job_per_slot_across_nodes(dsn: str) -> None:
     slot = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
     async with trioban.open(conf) as first, trioban.open(conf) as second:
         schedulers = [
-            Scheduler([entry], oban._leadership, oban.insert_all, _builder)
+            Scheduler([entry], oban._leadership, oban.insert_all, _builder, transient=_pg.transient)
             for oban in (first, second, first)
         ]
         created: list[int] = []
@@ -160,7 +161,9 @@ async def test_a_slot_is_built_by_its_worker_imported_on_demand(
     ]
     slot = datetime(2026, 11, 25, 10, 30, tzinfo=UTC)
     async with trioban.open(trioban.Config(dsn=dsn)) as oban:
-        scheduler = Scheduler(entries, oban._leadership, oban.insert_all, _builder)
+        scheduler = Scheduler(
+            entries, oban._leadership, oban.insert_all, _builder, transient=_pg.transient
+        )
         with caplog.at_level(logging.ERROR, logger="trioban.cron"):
             assert await scheduler.enqueue(slot) == 1
         async with oban.transaction() as conn:
@@ -189,7 +192,12 @@ async def test_a_slot_whose_insert_failed_is_retried_the_next_minute(
 
     leader = cast(Leadership, SimpleNamespace(is_leader=True))
     scheduler = Scheduler(
-        [entry], leader, insert_all, _builder, clock=lambda: start + trio.current_time()
+        [entry],
+        leader,
+        insert_all,
+        _builder,
+        transient=_pg.transient,
+        clock=lambda: start + trio.current_time(),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
@@ -197,3 +205,38 @@ async def test_a_slot_whose_insert_failed_is_retried_the_next_minute(
         nursery.cancel_scope.cancel()
     first = datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
     assert inserted == [entry.key(first), entry.key(first + timedelta(minutes=1))]
+
+
+async def test_a_slot_postgres_refuses_is_skipped_not_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An insert PostgreSQL refuses outright (not "not now") gives its minute up: the minutes
+    after it go in on time, rather than wait behind it for the catch-up window."""
+    entry = CronEntry("* * * * *", echo.name)
+    start = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC).timestamp() - trio.current_time()
+    refused = datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
+    inserted: list[tuple[float, str]] = []
+
+    async def insert_all(jobs: list[trioban.Job]) -> list[trioban.Job]:
+        await trio.lowlevel.checkpoint()
+        if any(job._unique is not None and job._unique.key == entry.key(refused) for job in jobs):
+            raise psycopg.errors.CheckViolation("new row violates check constraint")
+        inserted.extend((trio.current_time(), job._unique.key) for job in jobs if job._unique)
+        return jobs
+
+    leader = cast(Leadership, SimpleNamespace(is_leader=True))
+    scheduler = Scheduler(
+        [entry],
+        leader,
+        insert_all,
+        _builder,
+        transient=_pg.transient,
+        clock=lambda: start + trio.current_time(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
+        await trio.sleep(210)  # 10:01 refused, 10:02 and 10:03 go in
+        nursery.cancel_scope.cancel()
+    after = [refused + timedelta(minutes=n) for n in (1, 2)]
+    assert [key for _, key in inserted] == [entry.key(minute) for minute in after]
+    assert [round(at) for at, _ in inserted] == [90, 150]  # each on its own minute

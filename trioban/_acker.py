@@ -1,10 +1,11 @@
 """The acker: writes job outcomes in batches, one statement per batch.
 
 Batching is natural: while one batch is being written, the next accumulates. While PostgreSQL
-can't be reached, a batch is retried with backoff. A batch refused for any other reason (an ack
-the statement can't store) is written one ack at a time, and an ack refused on its own is
-replaced by a plain ``discarded`` one saying so: one bad ack never holds up the others, and its
-job isn't rescued and run again forever.
+can't take it for now (unreachable, failing over, overloaded: ``_pg.transient``), a batch is
+retried with backoff. A batch refused for any other reason (an ack the statement can't store)
+is written one ack at a time, and an ack refused on its own is replaced by a plain
+``discarded`` one saying so: one bad ack never holds up the others, and its job isn't rescued
+and run again forever.
 
 The acker is shielded from the instance's cancellation, so the outcome of a finished job is
 written even when ``open()`` exits with an exception or is cancelled. Shutdown bounds it
@@ -19,12 +20,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
-import psycopg
 import trio
 
 from . import _codec, _store, telemetry
 from ._executor import unwritable
-from ._pg import DatabaseUnavailable
+from ._pg import transient
 from ._relay import build_notice
 
 if TYPE_CHECKING:
@@ -42,13 +42,6 @@ DRAIN_TIMEOUT: Final = 10.0
 """Seconds the acker gets at shutdown, after the jobs' ``shutdown_grace``, to write what is
 left (a database outage would otherwise hold shutdown forever)."""
 _RETRY_MAX: Final = 2.0
-# Errors that say PostgreSQL can't be reached right now, not that it refuses the acks.
-_UNREACHABLE: Final = (
-    DatabaseUnavailable,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    OSError,
-)
 
 
 class Acker:
@@ -202,7 +195,9 @@ class Acker:
                 started = time.perf_counter()
                 try:
                     written = await _store.ack(self._pool, self._prefix, texts)
-                except _UNREACHABLE as exc:
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
                     log.warning("writing %d acks failed (%s); retrying", len(batch), exc)
                 else:
                     self.written += len(batch)

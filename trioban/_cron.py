@@ -171,12 +171,14 @@ class Scheduler:
         insert_all: Callable[[list[Job]], Awaitable[list[Job]]],
         builder: Callable[[str], Callable[..., Job] | None],
         *,
+        transient: Callable[[BaseException], bool],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.entries = tuple(entries)
         self._leadership = leadership
         self._insert_all = insert_all
         self._builder = builder
+        self._transient = transient  # whether a failed insert may succeed if tried later
         self._clock = clock
         self._last: datetime | None = None  # the last minute handled by this node
 
@@ -237,7 +239,9 @@ class Scheduler:
 
     async def catch_up(self, minute: datetime) -> int:
         """Enqueue ``minute``, after the earlier minutes (up to ``CATCH_UP`` back) that this
-        node hasn't handled: their insert failed, or the loop ran late."""
+        node hasn't handled: their insert failed for now (the database unreachable), or the
+        loop ran late. A minute whose insert PostgreSQL refuses outright is given up (logged),
+        so it never holds back the minutes after it."""
         start = minute
         if self._last is not None and self._last < minute:
             start = max(self._last + _MINUTE, minute - CATCH_UP * _MINUTE)
@@ -246,7 +250,10 @@ class Scheduler:
             try:
                 created += await self.enqueue(start)
             except Exception as exc:
-                log.warning("enqueueing cron jobs for %s failed (%s); will retry", start, exc)
-                break
+                if self._transient(exc):
+                    log.warning("enqueueing cron jobs for %s failed (%s); will retry", start, exc)
+                    break
+                log.error("enqueueing cron jobs for %s failed (%s); skipped", start, exc)
+                self._last = start
             start += _MINUTE
         return created

@@ -70,7 +70,13 @@ class Oban:
         peer = f"{conf.node}/{self._origin[:8]}"
         interval = conf.heartbeat_interval
         self._leadership = Leadership(work_pool, conf.prefix, conf.name, peer, interval)
-        self._scheduler = Scheduler(cron_entries(conf), self._leadership, self.insert_all, _builder)
+        self._scheduler = Scheduler(
+            cron_entries(conf),
+            self._leadership,
+            self.insert_all,
+            _builder,
+            transient=_pg.transient,
+        )
 
     def __repr__(self) -> str:
         return f"<trioban.Oban node={self.config.node!r} prefix={self.config.prefix!r}>"

@@ -55,6 +55,25 @@ class DatabaseUnavailable(TriobanError):
     """Raised when no connection to PostgreSQL can be made."""
 
 
+# SQLSTATE classes that say "not now" rather than "not this": connection exception, invalid
+# transaction state (a read-only server mid-failover), transaction rollback (deadlock,
+# serialization), insufficient resources, object not in prerequisite state (lock not
+# available), operator intervention (shutdown, cancel), system error, internal error.
+_TRANSIENT_CLASSES: Final = frozenset({"08", "25", "40", "53", "55", "57", "58", "XX"})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says PostgreSQL can't take a statement right now (unreachable, failing
+    over, overloaded, shutting down), so the same statement may succeed later; False when it
+    refuses the statement itself (bad data, a constraint, a bug)."""
+    sqlstate = getattr(exc, "sqlstate", None) if isinstance(exc, psycopg.Error) else None
+    if sqlstate:
+        return sqlstate[:2] in _TRANSIENT_CLASSES
+    # No SQLSTATE: the client failed, which only a lost or unusable connection does.
+    transient_types = (DatabaseUnavailable, psycopg.OperationalError, psycopg.InterfaceError)
+    return isinstance(exc, (*transient_types, OSError))
+
+
 def _poll(fileno: int, wait: int) -> int:
     """Readiness of ``fileno`` for ``wait`` right now, without blocking."""
     poller = select.poll()

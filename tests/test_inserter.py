@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import psycopg
@@ -9,7 +10,8 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config
+from trioban import Config, _pg
+from trioban._inserter import Inserter
 
 from .helpers import eventually, waiting_on_a_lock
 from .workers import echo
@@ -185,3 +187,30 @@ async def test_a_released_slot_fetches_the_job_waiting_for_it(dsn: str) -> None:
 
             with trio.fail_after(3):
                 await eventually(completed)
+
+
+async def test_requests_of_a_statement_fail_together_while_postgres_is_unreachable(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unreachable is no single caller's fault: a shared statement's requests all get the
+    error, instead of each retrying alone through its own reconnect attempts (which held the
+    callers, and shutdown, for seconds per request)."""
+    caplog.set_level(logging.INFO, "trioban.inserter")
+    errors: list[Exception] = []
+    async with _pg.open_pool("postgresql://127.0.0.1:1/nowhere", size=2) as pool:
+        inserter = Inserter(pool, "public", writers=2)
+
+        async def insert(n: int) -> None:
+            try:
+                await inserter.insert([echo.new({"value": n})])
+            except _pg.DatabaseUnavailable as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as writers:
+            await writers.start(inserter.run)
+            async with trio.open_nursery() as callers:
+                for n in range(8):
+                    callers.start_soon(insert, n)
+            writers.cancel_scope.cancel()
+    assert len(errors) == 8
+    assert "one by one" not in caplog.text

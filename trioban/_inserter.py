@@ -2,9 +2,9 @@
 
 Every ``insert``/``insert_all`` outside a caller's transaction is queued here; a few writer tasks
 each take everything queued so far and insert it with one statement (one commit, one round
-trip), so a thousand tasks inserting at once cost tens of statements, not a thousand. If a
-shared statement fails, each request is retried alone, so one caller's bad batch can't fail
-another's.
+trip), so a thousand tasks inserting at once cost tens of statements, not a thousand. If
+PostgreSQL refuses a shared statement, each request is retried alone, so one caller's bad batch
+can't fail another's; if it can't be reached, every request fails at once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import outcome
 import trio
 
 from . import _store
+from ._pg import transient
 
 if TYPE_CHECKING:
     from ._job import Job
@@ -143,12 +144,15 @@ class Inserter:
             async with self._pool.connection() as conn:
                 saved = await _store.insert(conn, self._prefix, jobs)
         except Exception as exc:
-            if len(batch) > 1:
+            if len(batch) > 1 and not transient(exc):
                 log.info("a shared insert failed (%s); inserting its requests one by one", exc)
                 for request in batch:
                     await self._write([request])
                 return
-            batch[0].finish(outcome.Error(exc))
+            # One request, or PostgreSQL unreachable for now: a retry per request would only
+            # hold every caller (and shutdown) through its own reconnect attempts.
+            for request in batch:
+                request.finish(outcome.Error(exc))
             return
         start = 0
         for request in batch:

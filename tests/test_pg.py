@@ -306,3 +306,26 @@ async def test_an_interrupted_prepare_is_checked_before_preparing_again(dsn: str
         finally:
             await locker.close()
             await conn.close()
+
+
+async def test_at_the_server_connection_limit_the_pool_shares_what_it_has(dsn: str) -> None:
+    """A role limited to 2 connections, a pool of 4, 4 tasks: the tasks that can't connect
+    take the connections the others return, rather than fail with idle ones in the pool."""
+    async with await _pg.connect(dsn) as admin:
+        await admin.execute("DROP ROLE IF EXISTS limited")
+        await admin.execute("CREATE ROLE limited LOGIN CONNECTION LIMIT 2")
+    params = psycopg.conninfo.conninfo_to_dict(dsn)
+    limited = make_conninfo("", **{**params, "user": "limited"})
+    done: list[int] = []
+    with trio.fail_after(10):
+        async with _pg.open_pool(limited, size=4) as pool:
+
+            async def use(n: int) -> None:
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT pg_sleep(0.3)")
+                done.append(n)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(4):
+                    nursery.start_soon(use, n)
+    assert sorted(done) == [0, 1, 2, 3]

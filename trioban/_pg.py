@@ -323,16 +323,16 @@ class Pool:
             self._slots.release()
 
     async def _checkout(self) -> Connection:
-        while self._idle:
-            conn = self._idle.pop()
-            if _alive(conn):
-                return conn
-            await _close(conn)
-        return await self._connect()
-
-    async def _connect(self) -> Connection:
+        """An idle connection, else a new one. Connecting is retried with backoff for about
+        3 s, and a connection returned meanwhile is taken instead: at the server's connection
+        limit, the pool works with the connections it has."""
         delay = 0.05
         while True:
+            while self._idle:
+                conn = self._idle.pop()
+                if _alive(conn):
+                    return conn
+                await _close(conn)
             try:
                 return await connect(self._conninfo)
             except (psycopg.Error, OSError) as exc:

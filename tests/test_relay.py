@@ -17,7 +17,7 @@ import trioban
 import trioban.testing
 from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg
 from trioban._codec import decode_payload
-from trioban._relay import _Waiter
+from trioban._relay import Notice, _Waiter
 
 from . import workers
 from .helpers import eventually
@@ -411,3 +411,16 @@ async def test_a_relay_awaited_by_several_tasks_at_once(dsn: str) -> None:
                 gate.set()
             assert results == ["opened"] * 3
             assert len(oban._relays) == 0
+
+
+def test_a_stored_notice_gives_way_only_to_the_final_outcome_from_the_row() -> None:
+    """A poll that read the row while the job was still retrying can land after the notice
+    that its result is stored: that stale notice must not replace it."""
+    waiter = _Waiter()
+    waiter.offer(Notice("completed", stored=True))
+    waiter.offer(Notice("retryable", reason="a stale poll"))
+    assert waiter.notice == Notice("completed", stored=True)
+    waiter.offer(Notice("completed", result={"big": True}))
+    assert waiter.notice == Notice("completed", result={"big": True})
+    waiter.offer(Notice("discarded", reason="late"))  # a final outcome read from the row stays
+    assert waiter.notice == Notice("completed", result={"big": True})

@@ -79,6 +79,15 @@ def notice_from_row(state: str, errors: Sequence[Any] | None, meta: Mapping[str,
     return Notice(state=state, result=(meta or {}).get(META_RESULT), reason=last_error(errors))
 
 
+def _keeps(held: Notice | None, new: Notice) -> bool:
+    """Whether the notice ``held`` stays rather than give way to ``new``. A final one stays;
+    one pointing at the row ("stored") gives way only to the final outcome read from the row,
+    not to a stale poll that saw the job still retrying."""
+    if held is None or held.state not in _FINAL:
+        return False
+    return not held.stored or new.state not in _FINAL
+
+
 class _Waiter:
     """A per-ref slot holding the latest notice; a final notice is never overwritten.
 
@@ -96,8 +105,7 @@ class _Waiter:
         self.owner: _Owner | None = None  # the Relay it serves, weakly
 
     def offer(self, notice: Notice) -> None:
-        held = self.notice
-        if held is not None and held.state in _FINAL and not held.stored:
+        if _keeps(self.notice, notice):
             return
         self.notice = notice
         self.offers += 1

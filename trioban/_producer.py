@@ -186,9 +186,13 @@ class Producer:
             if self._stopping:
                 # stop() came while the claim was in flight. Nothing starts once stopping
                 # (the grace may already be over): the jobs go back to available with their
-                # attempt given back, rather than wait, executing, for the lifeline.
+                # attempt given back, rather than wait, executing, for the lifeline. (One still
+                # running here, whose claim a crash lost, keeps running under the new claim.)
                 for job in fetched:
-                    await self._acker.send(handed_back(job))
+                    if job.id in self.running:
+                        self._start(jobs, job)
+                    else:
+                        await self._acker.send(handed_back(job))
                 return
             for job in fetched:
                 self._start(jobs, job)

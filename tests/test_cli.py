@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -146,3 +147,42 @@ async def test_status_watch_refreshes_until_interrupted(dsn: str) -> None:
                 output += chunk
             proc.send_signal(signal.SIGINT)
             assert await proc.wait() == 130
+
+
+async def test_start_runs_the_queues_of_its_config_file(dsn: str, tmp_path: Path) -> None:
+    config = tmp_path / "app.toml"
+    config.write_text(f'[trioban]\ndsn = "{dsn}"\nqueues = {{mail = 3, reports = 2}}\n')
+    with trio.fail_after(60):
+        for argv, running in [
+            (["--config", str(config)], b"running mail:3, reports:2"),
+            (["--config", str(config), "--queues", "other:1"], b"running other:1"),
+            (["--dsn", dsn], b"running default:10"),
+        ]:
+            async with _command(["start", *argv]) as proc:
+                assert proc.stdout is not None
+                output = b""
+                while b"running" not in output or not output.endswith(b"\n"):
+                    chunk = await proc.stdout.receive_some()
+                    assert chunk, output
+                    output += chunk
+                assert running + b"\n" in output, output
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0
+
+
+async def test_start_and_watch_errors_are_one_line() -> None:
+    with trio.fail_after(60):
+        bad = await cli("start", "--dsn", "postgresql://nobody@127.0.0.1:1/x", check=False)
+        assert bad.returncode == 1
+        # A starting node logs its retries; the error itself is one line, no traceback.
+        stderr = bad.stderr.decode()
+        assert "Traceback" not in stderr
+        assert (
+            stderr.strip()
+            .splitlines()[-1]
+            .startswith("trioban: error: cannot connect to PostgreSQL")
+        )
+        for every in ("-1", "0", "nan", "soon"):
+            watch = await cli("status", "--watch", every, check=False)
+            assert watch.returncode == 2
+            assert "expected a number of seconds > 0" in watch.stderr.decode()

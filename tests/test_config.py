@@ -35,7 +35,7 @@ def test_defaults() -> None:
         ({"install": "yes"}, "install", "True or False"),
         ({"pool_size": 0}, "pool_size", "between 1 and 1000"),
         ({"shutdown_grace": -1}, "shutdown_grace", ">= 0"),
-        ({"stage_interval": 0}, "stage_interval", "> 0"),
+        ({"stage_interval": 0}, "stage_interval", ">= 0.01"),
         ({"stage_interval": float("nan")}, "stage_interval", "finite"),
         ({"stage_interval": "1"}, "stage_interval", "number of seconds"),
         ({"rescue_after": 9.0}, "rescue_after", "at least twice heartbeat_interval"),
@@ -155,3 +155,35 @@ def test_parse_queues() -> None:
     assert parse_queues("a:1,b:20", "queues") == {"a": 1, "b": 20}
     with pytest.raises(ConfigError, match="'b'"):
         parse_queues("a:1,b", "queues")
+
+
+def test_a_prefix_leaves_room_for_channel_names() -> None:
+    from trioban._config import MAX_PREFIX
+    from trioban._sql import channel
+
+    assert Config(prefix="p" * MAX_PREFIX).prefix == "p" * MAX_PREFIX
+    with pytest.raises(ConfigError, match="63-byte names") as raised:
+        Config(prefix="p" * (MAX_PREFIX + 1))
+    assert raised.value.field == "prefix"
+    for internal in ("insert", "relay", "signal", "leader"):
+        assert len(channel("p" * MAX_PREFIX, internal)) <= 63
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("rescue_after", 1e12, "at most 315360000 seconds"),
+        ("prune_max_age", 1e12, "use None to keep jobs forever"),
+        ("heartbeat_interval", 1e12, "at most 315360000 seconds"),
+        ("stage_interval", 1e12, "at most 315360000 seconds"),
+        ("shutdown_grace", 1e12, "at most 315360000 seconds"),
+        ("stage_interval", 0.001, ">= 0.01"),
+        ("heartbeat_interval", 0.0, ">= 0.01"),
+    ],
+)
+def test_intervals_are_bounded(setting: str, value: float, message: str) -> None:
+    settings: dict[str, Any] = {setting: value}
+    with pytest.raises(ConfigError, match=message) as raised:
+        Config(**settings)
+    assert raised.value.field == setting
+    assert Config(rescue_after=315_360_000, prune_max_age=315_360_000).rescue_after == 315_360_000

@@ -181,3 +181,27 @@ async def test_a_server_that_keeps_dropping_the_connection_is_not_hammered(dsn: 
     finally:
         telemetry.detach("count-connections")
     assert 3 <= connections <= 10
+
+
+async def test_every_channel_fits_under_the_longest_prefix(dsn: str) -> None:
+    from trioban._config import MAX_PREFIX
+
+    from .workers import echo
+
+    prefix = "p" * MAX_PREFIX
+    with trio.fail_after(30):
+        conf = Config(dsn=dsn, prefix=prefix, queues={"default": 2})
+        async with trioban.open(conf) as oban:
+            # Inserts, relays, pauses (signals) and leadership all notify on internal channels.
+            assert await oban.relay(echo.new({"value": 7}), timeout=10) is not None
+            await oban.pause_queue("default")
+            room = 63 - len(f"{prefix}.oban_")
+            async with oban.listen(["c" * room]) as messages:
+                await oban.notify("c" * room, {"ok": 1})
+                assert (await messages.receive())[1] == {"ok": 1}
+            # One more char would be truncated by LISTEN: refused, saying the room left.
+            with pytest.raises(ValueError, match=f"at most {room} chars"):
+                await oban.notify("c" * (room + 1), {})
+            with pytest.raises(ValueError, match=f"at most {room} chars"):
+                async with oban.listen(["c" * (room + 1)]):
+                    pass

@@ -10,6 +10,7 @@ from .conftest import ExistingServer
 
 USER_TESTS = """
 import pytest
+import trio
 import trioban
 from trioban import Config, JobState, RelayDiscard, Snooze, worker
 from trioban.testing import (
@@ -24,6 +25,11 @@ async def send(job):
     if job.args.get("later"):
         return Snooze(60)
     return {"sent": job.args["to"]}
+
+
+@worker(queue="mail")
+async def slow(job):
+    await trio.sleep(60)
 
 
 @worker(queue="mail")
@@ -75,6 +81,25 @@ async def test_drain_recursion_and_safety(oban):
         await drain_queue(oban, "mail", with_safety=False)
 
 
+async def test_drain_without_safety_leaves_no_job_executing(oban):
+    # The failing job runs first; the others must not stay claimed ('executing') for ever.
+    failing = await oban.insert(send.new({"fail": True}, priority=0))
+    others = await oban.insert_all([send.new({"to": str(i)}, priority=1) for i in range(3)])
+    with pytest.raises(RuntimeError, match="smtp down"):
+        await drain_queue(oban, "mail", with_safety=False)
+    assert (await oban.get_job(failing.id)).state is JobState.RETRYABLE
+    assert [(await oban.get_job(j.id)).state for j in others] == [JobState.AVAILABLE] * 3
+    assert (await drain_queue(oban, "mail"))["completed"] == 3
+
+
+async def test_cancelled_drain_records_the_running_job(oban):
+    await oban.insert_all([slow.new({}), slow.new({})])
+    with trio.move_on_after(0.5):
+        await drain_queue(oban, "mail")
+    states = sorted(job.state.value for job in await all_enqueued(oban, queue="mail"))
+    assert states == ["available", "retryable"]
+
+
 async def test_inline_mode(trioban_dsn):
     async with trioban.open(Config(dsn=trioban_dsn, testing="inline")) as oban:
         job = await oban.insert(send.new({"to": "x"}))
@@ -94,4 +119,4 @@ def test_the_plugin_in_a_user_project(
     pytester.makepyfile(test_user=USER_TESTS)
     pytester._monkeypatch.setenv("TRIOBAN_TEST_DSN", pg_server.dsn("postgres"))
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)

@@ -11,11 +11,12 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import psycopg
 import trio
@@ -35,6 +36,9 @@ from ._store import job_from_row
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
+_DEFAULT_QUEUES: Final = {"default": 10}
+"""What ``trioban start`` runs when neither ``--queues`` nor the config file names queues."""
+
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``trioban`` command."""
@@ -49,11 +53,43 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = trio.run(args.command, args)
     except KeyboardInterrupt:
         code = 130
-    except (TriobanError, psycopg.Error, ValueError, TypeError, OSError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"trioban: error: {message}", file=sys.stderr)
-        code = 1
+    except _USER_ERRORS as exc:
+        code = _fail(exc)
+    except BaseExceptionGroup as group:
+        # A nursery (start, status --watch) wraps the error: it is still the user's one line.
+        error = _single(group)
+        if not isinstance(error, _USER_ERRORS):
+            raise
+        code = _fail(error)
     sys.exit(code)
+
+
+_USER_ERRORS: Final = (TriobanError, psycopg.Error, ValueError, TypeError, OSError)
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested groups of one (else the group itself)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def _fail(exc: BaseException) -> int:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print(f"trioban: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     uninstall.add_argument("--yes", action="store_true", help="confirm")
     uninstall.add_argument("--drop-schema", action="store_true", help="drop the prefix schema")
     start = command("start", _start, "run queues until SIGINT/SIGTERM (twice: at once)")
-    start.add_argument("--queues", default="default:10", help="e.g. default:10,math:5")
+    start.add_argument(
+        "--queues", help="e.g. default:10,math:5 (default: the config file's, else default:10)"
+    )
     start.add_argument(
         "--import",
         dest="imports",
@@ -89,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a module defining workers (repeatable)",
     )
     status = command("status", _status, "queues by state, and live nodes")
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh every SECONDS")
     jobs = command("jobs", _jobs, "list, retry or cancel jobs")
     jobs.add_argument("action", choices=["list", "retry", "cancel"])
     jobs.add_argument("ids", nargs="*", type=int, help="job ids (retry/cancel)")
@@ -139,7 +177,10 @@ async def _uninstall(args: argparse.Namespace) -> int:
 async def _start(args: argparse.Namespace) -> int:
     for module in args.imports:
         await trio.to_thread.run_sync(importlib.import_module, module)
-    conf = _config(args, queues=parse_queues(args.queues, "--queues"))
+    flag = None if args.queues is None else parse_queues(args.queues, "--queues")
+    conf = _config(args, queues=flag)
+    if not conf.queues:  # neither --queues nor the config file names any
+        conf = conf.evolve(queues=_DEFAULT_QUEUES)
     console = _console(args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -22,7 +22,15 @@ from ._errors import ConfigError
 IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 """What a prefix (PostgreSQL schema) or channel name must match."""
 
+MAX_PREFIX: Final = 40
+"""Longest prefix: every notifier channel, ``<prefix>.oban_<name>``, must fit PostgreSQL's
+63-byte names (pg_notify rejects a longer one; LISTEN silently truncates it)."""
+
 _MAX_QUEUE_LIMIT: Final = 10_000
+_MAX_SECONDS: Final = 10 * 365 * 86_400
+"""Longest interval or age, in seconds (10 years)."""
+_MIN_TICK: Final = 0.01
+"""Shortest stage or heartbeat interval: a shorter one would spin against the database."""
 
 
 def validate_identifier(field: str, value: object) -> str:
@@ -32,6 +40,16 @@ def validate_identifier(field: str, value: object) -> str:
             field, f"expected a name matching {IDENTIFIER.pattern} (lowercase), got {value!r}"
         )
     return value
+
+
+def _prefix(field: str, value: object) -> None:
+    validate_identifier(field, value)
+    if isinstance(value, str) and len(value) > MAX_PREFIX:
+        raise ConfigError(
+            field,
+            f"expected at most {MAX_PREFIX} chars, so notifier channels "
+            f"('<prefix>.oban_<name>') fit PostgreSQL's 63-byte names; got {len(value)} chars",
+        )
 
 
 def _default_node() -> str:
@@ -52,6 +70,14 @@ def _number(field: str, value: object, *, low: float, low_open: bool) -> float:
     if not math.isfinite(value) or value < low or (low_open and value == low):
         rule = f"> {low:g}" if low_open else f">= {low:g}"
         raise ConfigError(field, f"expected a finite number {rule}, got {value!r}")
+    # Larger intervals overflow PostgreSQL's timestamp arithmetic (now() - interval) and
+    # would fail every run of the lifeline or pruner, long after the config was accepted.
+    if value > _MAX_SECONDS:
+        raise ConfigError(
+            field,
+            f"expected at most {_MAX_SECONDS} seconds (10 years), got {value!r}"
+            + ("; use None to keep jobs forever" if field == "prune_max_age" else ""),
+        )
     return float(value)
 
 
@@ -117,6 +143,10 @@ def _non_negative(field: str, value: object) -> None:
     _number(field, value, low=0.0, low_open=False)
 
 
+def _tick(field: str, value: object) -> None:
+    _number(field, value, low=_MIN_TICK, low_open=False)
+
+
 def _optional_positive(field: str, value: object) -> None:
     if value is not None:
         _positive(field, value)
@@ -150,7 +180,8 @@ class Config:
     Attributes:
         dsn: PostgreSQL connection string (``None``: the embedded server, when installed).
         queues: queue name -> concurrency limit on this node; ``{}`` is an insert-only instance.
-        prefix: the PostgreSQL schema holding the tables; it also scopes notifier channels.
+        prefix: the PostgreSQL schema holding the tables; it also scopes notifier channels
+            (at most ``MAX_PREFIX``, 40, chars so channel names fit PostgreSQL's limit).
         node: this process's name in the cluster (default ``<hostname>-<pid>``).
         name: the instance's name among instances sharing a prefix.
         install: install or upgrade the schema on ``open()`` (else only verify it).
@@ -181,14 +212,14 @@ class Config:
 
     dsn: str | None = attrs.field(default=None, validator=_check(_dsn))
     queues: Mapping[str, int] = attrs.field(factory=dict, converter=_queues)
-    prefix: str = attrs.field(default="public", validator=_check(validate_identifier))
+    prefix: str = attrs.field(default="public", validator=_check(_prefix))
     node: str = attrs.field(factory=_default_node, validator=_check(_text))
     name: str = attrs.field(default="oban", validator=_check(_name))
     install: bool = attrs.field(default=True, validator=_check(_flag))
     pool_size: int = attrs.field(default=10, validator=_check(_pool_size))
     shutdown_grace: float = attrs.field(default=15.0, validator=_check(_non_negative))
-    stage_interval: float = attrs.field(default=1.0, validator=_check(_positive))
-    heartbeat_interval: float = attrs.field(default=5.0, validator=_check(_positive))
+    stage_interval: float = attrs.field(default=1.0, validator=_check(_tick))
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_check(_tick))
     rescue_after: float = attrs.field(default=60.0, validator=_check(_positive))
     prune_max_age: float | None = attrs.field(
         default=86_400.0, validator=_check(_optional_positive)

@@ -258,6 +258,13 @@ def _ended(job: Job, state: str, reason: str) -> Ack:
     return _ack(job, state, error=_error(job.attempt, reason), reason=reason)
 
 
+def failure(job: Job, error: BaseException | str) -> Ack:
+    """The ack of ``job`` failing with ``error`` (an exception, or a reason) outside a normal
+    run: retryable or discarded by its attempts, as a raised exception makes it."""
+    text = error if isinstance(error, str) else _exception_text(error)
+    return _failed(job, text, worker=lookup(job.worker))
+
+
 def _granted(job: Job) -> int:
     """The attempt given back to a job whose attempt didn't count (unless the column is full)."""
     return 1 if job.max_attempts < MAX_ATTEMPTS else 0

@@ -24,6 +24,9 @@ __all__ = [
     "query", "quoted_prefix", "schema_sql", "text_array", "uninstall_sql",
 ]  # fmt: skip
 
+_MAX_NAME: Final = 63
+"""PostgreSQL's longest identifier (NAMEDATALEN - 1), which channel names must fit too."""
+
 SCHEMA_VERSION: Final = 3
 """The version of sql/schema.sql; install() upgrades older schemas."""
 
@@ -109,6 +112,17 @@ def uninstall_sql(prefix: str) -> str:
 
 @functools.cache
 def channel(prefix: str, name: str) -> str:
-    """The PostgreSQL channel of notifier channel ``name`` under ``prefix``."""
+    """The PostgreSQL channel of notifier channel ``name`` under ``prefix``.
+
+    Raises ``ValueError`` if it is longer than PostgreSQL's 63-byte names: pg_notify would
+    reject it and LISTEN silently truncate it (so every message would be missed).
+    """
     quoted_prefix(prefix)
-    return f"{prefix}.oban_{name}"
+    full = f"{prefix}.oban_{name}"
+    if len(full.encode()) > _MAX_NAME:
+        room = _MAX_NAME - len(f"{prefix}.oban_".encode())
+        raise ValueError(
+            f"channel name {name!r} is too long for prefix {prefix!r}: '<prefix>.oban_<name>' "
+            f"must fit PostgreSQL's {_MAX_NAME}-byte names, so use at most {room} chars"
+        )
+    return full

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import attrs
 import psycopg
@@ -27,7 +27,7 @@ from psycopg import sql
 from . import _codec, _settle, _store
 from ._acker import ack_json
 from ._config import Config
-from ._executor import Running, execute, run_here
+from ._executor import Ack, Running, execute, failure, run_here
 from ._instance import Oban
 from ._job import Job, JobState
 from ._open import open
@@ -35,8 +35,11 @@ from ._relay import META_REF
 from ._sql import query, schema_sql
 from ._worker import CURRENT, Worker
 
-_ROUND = 10_000
-"""Jobs drain_queue claims at once; a larger queue drains over several rounds."""
+if TYPE_CHECKING:
+    from ._pg import Pool
+
+_CLEANUP_TIMEOUT = 5.0
+"""Seconds a cancelled drain_queue spends recording the job it was running."""
 
 __all__ = [
     "Performed",
@@ -114,15 +117,43 @@ async def _drain(
             async with pool.connection() as conn:
                 await conn.execute(query("make_due", prefix), {"queue": queue})
         # The jobs available now; those they enqueue wait for the next round (recursion).
-        jobs = await _store.fetch(pool, prefix, queue, _ROUND, "drain_queue", producer)
-        for job in jobs:
-            ack = await execute(Running(job, trio.CancelScope(), reraise=not with_safety))
-            await _store.ack(pool, prefix, [ack_json(ack, publish=True)])
-            await _settle.after_acks(pool, prefix, [ack])
-            counts[ack.state] += 1
-        ran = len(jobs)
-        if not ran or (not with_recursion and ran < _ROUND):
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                query("job_ids", prefix), {"state": "available", "queue": queue}
+            )
+            due = len(await cur.fetchall())
+        ran = 0
+        # One claim per job: a worker's exception or a cancelled drain leaves no claimed job
+        # behind in 'executing' (the manual mode has no lifeline to rescue it).
+        while ran < due:
+            jobs = await _store.fetch(pool, prefix, queue, 1, "drain_queue", producer)
+            if not jobs:
+                break
+            counts[await _run_one(pool, prefix, jobs[0], with_safety)] += 1
+            ran += 1
+        if not ran or not with_recursion:
             return
+
+
+async def _run_one(pool: Pool, prefix: str, job: Job, with_safety: bool) -> str:
+    """Run one claimed job and record its outcome, even when its exception is let out."""
+    try:
+        ack = await execute(Running(job, trio.CancelScope(), reraise=not with_safety))
+    except BaseException as exc:
+        # A worker's exception let out (with_safety=False), or the drain cancelled: record the
+        # job's failure (shielded, bounded) so it isn't left 'executing' (the manual mode has
+        # no lifeline), then let the exception go on.
+        reason = "drain_queue was cancelled" if isinstance(exc, trio.Cancelled) else exc
+        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            await _record(pool, prefix, failure(job, reason))
+        raise
+    await _record(pool, prefix, ack)
+    return ack.state
+
+
+async def _record(pool: Pool, prefix: str, ack: Ack) -> None:
+    await _store.ack(pool, prefix, [ack_json(ack, publish=True)])
+    await _settle.after_acks(pool, prefix, [ack])
 
 
 async def all_enqueued(

@@ -1,6 +1,8 @@
 -- trioban schema, Oban-compatible. The prefix marker becomes the validated, quoted schema name.
 -- Every statement is idempotent: install() runs the whole file under an advisory lock, and
 -- only when the recorded version is older than {version} (DDL locks tables busy nodes use).
+-- install() first locks the existing tables this file alters (_schema._ALTERED_TABLES, keep
+-- it in step) in ACCESS EXCLUSIVE mode, so the statements below can't deadlock with nodes.
 
 CREATE SCHEMA IF NOT EXISTS {prefix};
 

@@ -9,6 +9,7 @@ from psycopg import sql
 import trioban
 from trioban import JobState
 
+from . import workers
 from .helpers import eventually
 from .nodes import node_processes
 from .workers import echo, long_count, sleeper, wait_gate
@@ -156,22 +157,20 @@ async def test_lifeline_rescues_the_jobs_of_a_killed_node(dsn: str) -> None:
 
 async def test_an_orphan_out_of_attempts_is_discarded_and_its_relay_told(dsn: str) -> None:
     conf = fast(dsn, queues={"default": 2}, shutdown_grace=0)
+    workers.concurrency.update(now=0, max=0, started=0)
     with trio.fail_after(20):
         async with trioban.open(conf.evolve(queues={})) as caller:
-            async with trioban.open(conf) as runner:
+            async with trioban.open(conf):
                 relay = await caller.dispatch(sleeper.new({"seconds": 60}, max_attempts=1))
-                await eventually(lambda: _executing(runner, relay.job.id or 0))
+                # Started, not only claimed: a claim still in flight as the queue stops is
+                # handed back (available) rather than left executing.
+                await workers.wait_started(1)
             # The runner left the job executing (no grace); the caller's lifeline finds it.
             with pytest.raises(trioban.RelayDiscard, match="stopped heartbeating"):
                 await relay.result(timeout=10)
             job = await caller.get_job(relay.job.id or 0)
             assert job is not None
             assert job.state is JobState.DISCARDED
-
-
-async def _executing(oban: trioban.Oban, job_id: int) -> bool:
-    job = await oban.get_job(job_id)
-    return job is not None and job.state is JobState.EXECUTING
 
 
 async def test_pruner_deletes_old_finished_jobs_only(dsn: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -179,7 +180,6 @@ async def test_a_slot_whose_insert_failed_is_retried_the_next_minute(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     entry = CronEntry("* * * * *", echo.name)
-    start = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC).timestamp() - trio.current_time()
     failures = [OSError("the database is down")]
     inserted: list[str] = []
 
@@ -190,19 +190,7 @@ async def test_a_slot_whose_insert_failed_is_retried_the_next_minute(
         inserted.extend(job._unique.key for job in jobs if job._unique is not None)
         return jobs
 
-    leader = cast(Leadership, SimpleNamespace(is_leader=True))
-    scheduler = Scheduler(
-        [entry],
-        leader,
-        insert_all,
-        _builder,
-        transient=_pg.transient,
-        clock=lambda: start + trio.current_time(),
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(scheduler.run)
-        await trio.sleep(150)  # 10:01 fails, 10:02 enqueues it and its own slot
-        nursery.cancel_scope.cancel()
+    await _run_leading(entry, insert_all, 150)  # 10:01 fails; 10:02 enqueues it and itself
     first = datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
     assert inserted == [entry.key(first), entry.key(first + timedelta(minutes=1))]
 
@@ -213,7 +201,6 @@ async def test_a_slot_postgres_refuses_is_skipped_not_retried(
     """An insert PostgreSQL refuses outright (not "not now") gives its minute up: the minutes
     after it go in on time, rather than wait behind it for the catch-up window."""
     entry = CronEntry("* * * * *", echo.name)
-    start = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC).timestamp() - trio.current_time()
     refused = datetime(2026, 1, 1, 10, 1, tzinfo=UTC)
     inserted: list[tuple[float, str]] = []
 
@@ -224,6 +211,19 @@ async def test_a_slot_postgres_refuses_is_skipped_not_retried(
         inserted.extend((trio.current_time(), job._unique.key) for job in jobs if job._unique)
         return jobs
 
+    await _run_leading(entry, insert_all, 210)  # 10:01 refused, 10:02 and 10:03 go in
+    after = [refused + timedelta(minutes=n) for n in (1, 2)]
+    assert [key for _, key in inserted] == [entry.key(minute) for minute in after]
+    assert [round(at) for at, _ in inserted] == [90, 150]  # each on its own minute
+
+
+async def _run_leading(
+    entry: CronEntry,
+    insert_all: Callable[[list[trioban.Job]], Awaitable[list[trioban.Job]]],
+    seconds: float,
+) -> None:
+    """Run a leading node's scheduler of ``entry`` for ``seconds`` from 10:00:30 (mock clock)."""
+    start = datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC).timestamp() - trio.current_time()
     leader = cast(Leadership, SimpleNamespace(is_leader=True))
     scheduler = Scheduler(
         [entry],
@@ -235,8 +235,5 @@ async def test_a_slot_postgres_refuses_is_skipped_not_retried(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
-        await trio.sleep(210)  # 10:01 refused, 10:02 and 10:03 go in
+        await trio.sleep(seconds)
         nursery.cancel_scope.cancel()
-    after = [refused + timedelta(minutes=n) for n in (1, 2)]
-    assert [key for _, key in inserted] == [entry.key(minute) for minute in after]
-    assert [round(at) for at, _ in inserted] == [90, 150]  # each on its own minute

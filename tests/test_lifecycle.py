@@ -210,6 +210,23 @@ async def _insert_then_fail(oban: trioban.Oban, inserted: list[trioban.Job]) -> 
         raise RuntimeError("abort")
 
 
+async def test_a_call_needing_a_second_connection_inside_a_transaction_fails_at_once(
+    dsn: str,
+) -> None:
+    """With pool_size=1, an insert without conn= inside oban.transaction() can never get a
+    connection: it raises at once (and the transaction rolls back) instead of hanging."""
+    with trio.fail_after(10):
+        async with running(dsn, queues={}, pool_size=1) as oban:
+            kept: list[trioban.Job] = []
+            with pytest.raises(trioban.TriobanError, match="pass `conn=`"):
+                async with oban.transaction() as conn:
+                    kept.append(await oban.insert(echo.new({"value": 1}), conn=conn))
+                    await oban.insert(echo.new({"value": 2}))
+            assert kept[0].id is not None
+            assert await oban.get_job(kept[0].id) is None
+            assert (await oban.insert(echo.new({"value": 3}))).id is not None  # pool intact
+
+
 async def test_concurrency_limit_is_respected(dsn: str) -> None:
     workers.concurrency.update(now=0, max=0, started=0)
     gate = workers.gates["limit"] = trio.Event()

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import inspect
 import json
+import socket
 
 import psycopg
 import pytest
 import trio
+import trio.testing
 from psycopg import generators
 from psycopg.adapt import Transformer
 from psycopg.conninfo import make_conninfo
 
 import trioban
-from trioban import _pg
+from trioban import _pg, _pool
 from trioban._sql import Prepared, prepared
 
 ADD = Prepared(b"test_add", b"SELECT $1::int + 1, $2::text, now() > '2000-01-01'", ("x", "y"))
@@ -101,7 +103,7 @@ async def test_cancelling_a_query_cancels_it_on_the_server(dsn: str) -> None:
 
 
 async def test_a_connection_cancelled_mid_transaction_comes_back_clean(dsn: str) -> None:
-    async with _pg.open_pool(dsn, size=1) as pool:
+    async with _pool.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             await conn.execute("CREATE TABLE t (x int)")
         with trio.move_on_after(0.2):
@@ -118,7 +120,7 @@ async def test_a_connection_cancelled_mid_transaction_comes_back_clean(dsn: str)
 
 
 async def test_pool_limits_concurrency_and_cancelled_checkouts_leak_nothing(dsn: str) -> None:
-    async with _pg.open_pool(dsn, size=2) as pool:
+    async with _pool.open_pool(dsn, size=2) as pool:
         inside = 0
         peak = 0
 
@@ -134,11 +136,20 @@ async def test_pool_limits_concurrency_and_cancelled_checkouts_leak_nothing(dsn:
             for _ in range(6):
                 nursery.start_soon(use)
         assert peak == 2
-        async with pool.connection(), pool.connection():
+        release = trio.Event()
+
+        async def hold_both(task_status: trio.TaskStatus[None]) -> None:
+            async with pool.connection(), pool.connection():
+                task_status.started()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_both)
             with trio.move_on_after(0.1) as scope:
                 async with pool.connection():
                     pytest.fail("a third checkout must wait")
             assert scope.cancelled_caught
+            release.set()
         stats = pool.statistics()
         assert (stats.in_use, stats.waiting) == (0, 0)
         assert stats.idle <= 2
@@ -155,7 +166,7 @@ async def _terminate(dsn: str, pid: int) -> None:
 async def test_broken_connections_are_replaced(dsn: str) -> None:
     """An idle connection the server closed is replaced at checkout, unnoticed; one that breaks
     while in use fails that use, and is replaced too."""
-    async with _pg.open_pool(dsn, size=1) as pool:
+    async with _pool.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             pid = conn.pgconn.backend_pid
         await _terminate(dsn, pid)
@@ -173,7 +184,7 @@ async def test_broken_connections_are_replaced(dsn: str) -> None:
 
 
 async def test_connections_past_their_lifetime_are_recycled(dsn: str) -> None:
-    async with _pg.open_pool(dsn, size=1, max_lifetime=0.0) as pool:
+    async with _pool.open_pool(dsn, size=1, max_lifetime=0.0) as pool:
         async with pool.connection() as conn:
             first = conn.pgconn.backend_pid
         async with pool.connection() as conn:
@@ -181,20 +192,74 @@ async def test_connections_past_their_lifetime_are_recycled(dsn: str) -> None:
 
 
 async def test_closing_the_pool_closes_its_connections(dsn: str) -> None:
-    async with _pg.open_pool(dsn, size=2) as pool, pool.connection() as conn:
+    async with _pool.open_pool(dsn, size=2) as pool, pool.connection() as conn:
         kept = conn
     assert kept.closed
 
 
 async def test_unreachable_server_raises_database_unavailable() -> None:
     """Each checkout fails on its own: the failed one gave its slot back (size 1)."""
-    async with _pg.open_pool("postgresql://nobody@127.0.0.1:1/x", size=1) as pool:
+    async with _pool.open_pool("postgresql://nobody@127.0.0.1:1/x", size=1) as pool:
         for _ in range(2):
             unavailable = pytest.raises(_pg.DatabaseUnavailable, match="cannot connect")
             with trio.fail_after(10), unavailable:
                 async with pool.connection():
                     pass
-        assert pool.statistics() == _pg.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
+        assert pool.statistics() == _pool.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
+
+
+async def test_a_task_holding_every_connection_is_told_at_once(dsn: str) -> None:
+    """Asking for another connection while holding them all would wait for itself forever."""
+    async with _pool.open_pool(dsn, size=1) as pool, pool.connection() as held:
+        with trio.fail_after(1), pytest.raises(trioban.TriobanError, match="already holds all 1"):
+            async with pool.connection():
+                pass
+        cur = await held.execute("SELECT 1")  # the held one still works
+        assert await cur.fetchone() == (1,)
+    assert pool.statistics() == _pool.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
+
+
+async def test_a_checkout_waits_a_bounded_time_for_a_busy_pool(dsn: str) -> None:
+    async with _pool.open_pool(dsn, size=1, checkout_timeout=0.3) as pool:
+        release = trio.Event()
+
+        async def hold(task_status: trio.TaskStatus[None]) -> None:
+            async with pool.connection():
+                task_status.started()
+                await release.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold)
+            start = trio.current_time()
+            with pytest.raises(trioban.PoolTimeout, match="all 1 are in use"):
+                async with pool.connection():
+                    pass
+            assert 0.3 <= trio.current_time() - start < 2
+            assert _pg.transient(trioban.PoolTimeout("x"))  # retried, never taken as bad data
+            release.set()
+        async with pool.connection() as conn:  # the slot came back
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+
+
+async def test_connecting_to_a_silent_server_gives_up_after_the_default_timeout(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that takes the TCP connection but never answers (as when packets are dropped
+    on the way) fails the connect after CONNECT_TIMEOUT, not libpq's minutes."""
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # the kernel completes the handshake; nobody ever answers
+        port = silent.getsockname()[1]
+        start = trio.current_time()
+        with pytest.raises(psycopg.OperationalError):
+            await _pg.connect(f"postgresql://nobody@127.0.0.1:{port}/x")
+        assert trio.current_time() - start == pytest.approx(_pg.CONNECT_TIMEOUT, abs=1)
+        start = trio.current_time()
+        with pytest.raises(psycopg.OperationalError):  # the DSN's own setting wins
+            await _pg.connect(f"postgresql://nobody@127.0.0.1:{port}/x?connect_timeout=3")
+        assert trio.current_time() - start == pytest.approx(3, abs=1)
 
 
 def test_with_options_keeps_existing_options() -> None:
@@ -318,7 +383,7 @@ async def test_at_the_server_connection_limit_the_pool_shares_what_it_has(dsn: s
     limited = make_conninfo("", **{**params, "user": "limited"})
     done: list[int] = []
     with trio.fail_after(10):
-        async with _pg.open_pool(limited, size=4) as pool:
+        async with _pool.open_pool(limited, size=4) as pool:
 
             async def use(n: int) -> None:
                 async with pool.connection() as conn:

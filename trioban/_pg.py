@@ -1,4 +1,4 @@
-"""The Trio-native PostgreSQL driver and pool: the only module that knows psycopg internals.
+"""The Trio-native PostgreSQL driver: the only module that knows psycopg internals.
 
 psycopg's I/O is a set of generators (``psycopg.generators``) that yield "wait for read/write"
 and are resumed when the socket is ready. ``Connection`` subclasses ``psycopg.AsyncConnection``
@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
+import os
 import re
 import select
-from collections import deque
-from collections.abc import AsyncIterator, Generator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Generator, Mapping
 from typing import Any, Final, TypeVar
 
-import attrs
 import psycopg
 import trio
 from psycopg import errors as e
@@ -47,7 +44,9 @@ RV = TypeVar("RV")
 _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 _IDLE: Final = pq.TransactionStatus.IDLE
 _CANCEL_TIMEOUT: Final = 5.0
-_ROLLBACK_TIMEOUT: Final = 5.0
+CONNECT_TIMEOUT: Final = 10
+"""Seconds to connect when neither the DSN nor PGCONNECT_TIMEOUT sets ``connect_timeout``
+(libpq would wait for the system's TCP timeout, minutes when packets are dropped)."""
 _IS_PREPARED: Final = b"SELECT 1 FROM pg_prepared_statements WHERE name = $1"
 
 
@@ -237,6 +236,8 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
         """Open a connection, trying each host the conninfo names in turn."""
         params = await cls._get_connection_params(conninfo)
         timeout = timeout_from_conninfo(params)
+        if params.get("connect_timeout") is None and "PGCONNECT_TIMEOUT" not in os.environ:
+            timeout = CONNECT_TIMEOUT
         attempts = await trio.to_thread.run_sync(conninfo_attempts, params)
         errors: list[str] = []
         for attempt in attempts:
@@ -267,126 +268,7 @@ async def connect(conninfo: str, *, autocommit: bool = True) -> Connection:
     return await Connection.connect_trio(conninfo, autocommit=autocommit)
 
 
-@attrs.frozen
-class PoolStatistics:
-    """A snapshot of a pool: its size and how many connections are idle or in use."""
-
-    size: int
-    idle: int
-    in_use: int
-    waiting: int
-
-
-class Pool:
-    """A bounded pool of autocommit connections (use ``open_pool()``)."""
-
-    def __init__(self, conninfo: str, size: int, max_lifetime: float) -> None:
-        self._conninfo = conninfo
-        self._size = size
-        self._max_lifetime = max_lifetime
-        self._slots = trio.Semaphore(size)
-        self._idle: deque[Connection] = deque()
-        self._in_use: set[Connection] = set()
-        self._closed = False
-
-    def statistics(self) -> PoolStatistics:
-        """The pool's current numbers."""
-        waiting = self._slots.statistics().tasks_waiting
-        return PoolStatistics(self._size, len(self._idle), len(self._in_use), waiting)
-
-    def connection(self) -> Checkout:
-        """Check out a connection (``async with``); it returns to the pool clean (idle) or is
-        discarded."""
-        return Checkout(self)
-
-    async def _acquire(self) -> Connection:
-        if self._closed:
-            raise TriobanError("the connection pool is closed")
-        try:
-            # A free slot is taken without a trip through the scheduler; the query checkpoints.
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
-        try:
-            conn = await self._checkout()
-        except BaseException:
-            self._slots.release()
-            raise
-        self._in_use.add(conn)
-        return conn
-
-    async def _release(self, conn: Connection) -> None:
-        try:
-            self._in_use.discard(conn)
-            await self._checkin(conn)  # shielded inside
-        finally:
-            self._slots.release()
-
-    async def _checkout(self) -> Connection:
-        """An idle connection, else a new one. Connecting is retried with backoff for about
-        3 s, and a connection returned meanwhile is taken instead: at the server's connection
-        limit, the pool works with the connections it has."""
-        delay = 0.05
-        while True:
-            while self._idle:
-                conn = self._idle.pop()
-                if _alive(conn):
-                    return conn
-                await _close(conn)
-            try:
-                return await connect(self._conninfo)
-            except (psycopg.Error, OSError) as exc:
-                if delay > 2:
-                    raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-                log.warning("connecting failed (%s); retrying in %.2fs", exc, delay)
-                await trio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311
-                delay *= 2
-
-    async def _checkin(self, conn: Connection) -> None:
-        if conn.closed or conn.broken or self._closed:
-            await _close(conn)
-            return
-        if conn.pgconn.transaction_status != _IDLE:
-            with trio.move_on_after(_ROLLBACK_TIMEOUT, shield=True):
-                try:
-                    await conn.rollback()
-                except Exception as exc:
-                    log.warning("rollback on return failed (%s); discarding", exc)
-            if conn.closed or conn.pgconn.transaction_status != _IDLE:
-                await _close(conn)
-                return
-        if trio.current_time() - conn.created_at > self._max_lifetime:
-            await _close(conn)
-            return
-        self._idle.append(conn)
-
-    async def aclose(self) -> None:
-        """Close every idle connection; ones in use are closed as they come back."""
-        self._closed = True
-        while self._idle:
-            await _close(self._idle.pop())
-
-
-class Checkout:
-    """``async with pool.connection() as conn``: a slot, then an idle or new connection.
-
-    A class rather than a generator-based context manager: every statement passes through here.
-    """
-
-    __slots__ = ("_conn", "_pool")
-
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
-
-    async def __aenter__(self) -> Connection:
-        self._conn = await self._pool._acquire()
-        return self._conn
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self._pool._release(self._conn)  # noqa: ASYNC102  # shielded inside
-
-
-def _alive(conn: Connection) -> bool:
+def alive(conn: Connection) -> bool:
     """Whether an idle connection is still open. One the server has closed (a restart, an
     idle timeout, pg_terminate_backend) shows as readable: read what it sent, and see."""
     if conn.closed:
@@ -402,22 +284,10 @@ def _alive(conn: Connection) -> bool:
     return pgconn.status == pq.ConnStatus.OK
 
 
-async def _close(conn: Connection) -> None:
+async def close_quietly(conn: Connection) -> None:
+    """Close ``conn`` (shielded); a failure to close a dead connection is only logged."""
     with trio.CancelScope(shield=True):
         try:
             await conn.close()
         except Exception as exc:  # closing a dead connection may fail; it's gone either way
             log.debug("closing a connection failed: %s", exc)
-
-
-@asynccontextmanager
-async def open_pool(
-    conninfo: str, *, size: int = 10, max_lifetime: float = 3600.0
-) -> AsyncIterator[Pool]:
-    """A connection pool of at most ``size`` connections, closed when the block exits."""
-    pool = Pool(conninfo, size, max_lifetime)
-    try:
-        yield pool
-    finally:
-        with trio.CancelScope(shield=True):
-            await pool.aclose()

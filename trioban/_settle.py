@@ -28,7 +28,8 @@ from ._unique import STATE_GROUPS, Claim
 
 if TYPE_CHECKING:
     from ._executor import Ack
-    from ._pg import Connection, Pool
+    from ._pg import Connection
+    from ._pool import Pool
 
 log = logging.getLogger("trioban.settle")
 

@@ -16,7 +16,8 @@ from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
-    from ._pg import Connection, Pool
+    from ._pg import Connection
+    from ._pool import Pool
 
 
 def _utc(value: datetime | None) -> datetime | None:

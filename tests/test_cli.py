@@ -16,9 +16,9 @@ import trio
 import trioban
 from trioban import JobState
 
-from .helpers import eventually
+from .helpers import eventually, reaches
 from .nodes import ROOT
-from .workers import echo, steer
+from .workers import echo, sleeper, steer
 
 
 async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -53,6 +53,17 @@ async def _command(argv: list[str]) -> AsyncIterator[trio.Process]:
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+async def _read_until(proc: trio.Process, marker: bytes, count: int = 1) -> bytes:
+    """The process's output up to the end of the line holding ``marker`` (the ``count``-th)."""
+    assert proc.stdout is not None
+    output = b""
+    while output.count(marker) < count or not output.endswith(b"\n"):
+        chunk = await proc.stdout.receive_some()
+        assert chunk, output
+        output += chunk
+    return output
 
 
 async def test_install_status_and_uninstall(empty_dsn: str) -> None:
@@ -103,11 +114,7 @@ async def test_start_runs_jobs_and_stops_on_sigterm(dsn: str) -> None:
         argv = ["start", "--dsn", dsn, "--queues", "default:2", "--import", "tests.workers"]
         async with _command(argv) as proc:
             assert proc.stdout is not None
-            output = b""
-            while b"running default:2" not in output:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, output
-                output += chunk
+            await _read_until(proc, b"running default:2")
             async with trioban.open(trioban.Config(dsn=dsn)) as oban:
 
                 async def done() -> bool:
@@ -122,6 +129,22 @@ async def test_start_runs_jobs_and_stops_on_sigterm(dsn: str) -> None:
                 rest += chunk
             assert b"SIGTERM: stopping gracefully" in rest
             assert b"stopped" in rest
+
+
+async def test_a_second_signal_stops_at_once_with_the_signals_exit_code(dsn: str) -> None:
+    async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+        job = await oban.insert(sleeper.new({"seconds": 60}))
+    with trio.fail_after(60):
+        argv = ["start", "--dsn", dsn, "--queues", "default:2", "--import", "tests.workers"]
+        async with _command(argv) as proc:
+            await _read_until(proc, b"running default:2")
+            async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+                await reaches(oban, job.id, JobState.EXECUTING)
+            proc.send_signal(signal.SIGTERM)
+            await _read_until(proc, b"stopping gracefully")
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):  # not the job's 60 s, nor the shutdown grace
+                assert await proc.wait() == 128 + signal.SIGTERM
 
 
 async def test_errors_are_one_line() -> None:
@@ -139,12 +162,7 @@ async def test_errors_are_one_line() -> None:
 async def test_status_watch_refreshes_until_interrupted(dsn: str) -> None:
     with trio.fail_after(60):
         async with _command(["status", "--watch", "0.1", "--dsn", dsn]) as proc:
-            assert proc.stdout is not None
-            output = b""
-            while output.count(b"jobs by queue and state") < 2:
-                chunk = await proc.stdout.receive_some()
-                assert chunk, output
-                output += chunk
+            await _read_until(proc, b"jobs by queue and state", count=2)
             proc.send_signal(signal.SIGINT)
             assert await proc.wait() == 130
 
@@ -159,12 +177,7 @@ async def test_start_runs_the_queues_of_its_config_file(dsn: str, tmp_path: Path
             (["--dsn", dsn], b"running default:10"),
         ]:
             async with _command(["start", *argv]) as proc:
-                assert proc.stdout is not None
-                output = b""
-                while b"running" not in output or not output.endswith(b"\n"):
-                    chunk = await proc.stdout.receive_some()
-                    assert chunk, output
-                    output += chunk
+                output = await _read_until(proc, b"running")
                 assert running + b"\n" in output, output
                 proc.send_signal(signal.SIGTERM)
                 assert await proc.wait() == 0

@@ -183,16 +183,19 @@ async def _start(args: argparse.Namespace) -> int:
         conf = conf.evolve(queues=_DEFAULT_QUEUES)
     console = _console(args)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        forced = 0  # the signal that stopped the node at once, if one did
         async with trio.open_nursery() as nursery:
             stop = trio.Event()
 
             async def on_signals() -> None:
+                nonlocal forced
                 async for signum in signals:
                     if not stop.is_set():
                         console.print(f"{signal.Signals(signum).name}: stopping gracefully "
                                       "(again to stop at once)")  # fmt: skip
                         stop.set()
                     else:
+                        forced = signum
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signals)
@@ -202,7 +205,8 @@ async def _start(args: argparse.Namespace) -> int:
                 await stop.wait()
             console.print("stopped")
             nursery.cancel_scope.cancel()
-    return 0
+    # Stopped at once: exit as a process killed by that signal would (130 for SIGINT).
+    return 128 + forced if forced else 0
 
 
 async def _status(args: argparse.Namespace) -> int:

@@ -125,6 +125,17 @@ async def test_a_discarded_job_is_kept_until_its_batch_is_done(oban: trioban.Oba
     ]
 
 
+async def test_callback_jobs_have_the_callback_workers_options(oban: trioban.Oban) -> None:
+    batch = Batch([echo.new({})], callback=MailBatch)
+    (job,) = await oban.insert_all(batch)
+    await _finish(oban, "completed", [job.id or 0])
+    assert await _settle(oban, batch) == 3  # attempted, exhausted, completed
+    rows = await _rows(
+        oban, "SELECT queue, max_attempts, priority, tags FROM oban_jobs WHERE meta ? 'callback'"
+    )
+    assert rows == [("default", 1, 2, ["mail"])] * 3
+
+
 async def test_a_callback_is_kept_while_its_batch_runs(oban: trioban.Oban) -> None:
     batch = Batch([MailBatch.new({}), MailBatch.new({})], callback=MailBatch)
     done, retrying = [job.id or 0 for job in await oban.insert_all(batch)]

@@ -280,7 +280,7 @@ class Mailer:
 
 
 # Type checkers ignore what a class decorator returns: register by calling worker() instead.
-MailBatch = worker(queue="default", max_attempts=1)(Mailer)
+MailBatch = worker(queue="default", max_attempts=1, priority=2, tags=["mail"])(Mailer)
 
 # What the callbacks of the two batch workers below received (tests/test_batches.py).
 callback_runs: list[tuple[str, Any]] = []

@@ -5,10 +5,11 @@ job is acked, the acking node checks the batch; each condition reached enqueues 
 once, guarded by a unique key (batch id + callback), so concurrent acks on several nodes still
 enqueue it exactly once.
 
-A callback job's args are ``callback_args`` as the callback worker's own ``new()`` stores
-them: encrypted for a worker with ``encrypted=``, checked against (and given to the handler as)
-the worker's ``args=`` class. They are built once, when the ``Batch`` is made, and travel in
-each batch job's meta, so any node can enqueue the callbacks without importing the worker.
+A callback job has the callback worker's queue, max_attempts, priority and tags, and its args
+are ``callback_args`` as that worker's own ``new()`` stores them: encrypted for a worker with
+``encrypted=``, checked against (and given to the handler as) the worker's ``args=`` class.
+They are built once, when the ``Batch`` is made, and travel in each batch job's meta, so any
+node can enqueue the callbacks without importing the worker.
 
 Conditions, over the batch's jobs (not its callbacks):
   handle_attempted  every job was attempted at least once (or finished without running)
@@ -33,6 +34,7 @@ CALLBACKS: Final = "batch_callbacks"
 CALLBACK_WORKER: Final = "batch_worker"
 CALLBACK_QUEUE: Final = "batch_queue"
 CALLBACK_ARGS: Final = "batch_args"
+CALLBACK_OPTIONS: Final = "batch_options"  # the callback worker's max_attempts, priority, tags
 HANDLERS: Final = (
     "handle_attempted",
     "handle_exhausted",
@@ -75,10 +77,16 @@ class Batch:
             # Stored as the worker stores its own jobs' args (encrypted, structured), so the
             # callback job runs through the worker's prepare() like any other job.
             try:
-                self._stored_args = callback.new(callback_args, unique=False).args
+                built = callback.new(callback_args, unique=False)
             except (TypeError, ValueError) as exc:
                 exc.add_note(f"(building the callback_args of a batch for {callback.name})")
                 raise
+            self._stored_args = built.args
+            self._options = {
+                "max_attempts": built.max_attempts,
+                "priority": built.priority,
+                "tags": list(built.tags),
+            }
         else:
             self._stored_args = check_json_object(callback_args or {}, "callback_args")[0]
         self.callback_args: Any = {} if callback_args is None else callback_args
@@ -110,5 +118,6 @@ class Batch:
                 CALLBACK_WORKER: self.callback.name,
                 CALLBACK_QUEUE: self.callback.queue,
                 CALLBACK_ARGS: dict(self._stored_args),
+                CALLBACK_OPTIONS: self._options,
             }
         return [evolve(job, meta={**job.meta, **extra}) for job in self._jobs]

@@ -13,11 +13,14 @@ from collections.abc import Collection, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
+
 from . import _store
 from ._batch import (
     BATCH_ID,
     CALLBACK,
     CALLBACK_ARGS,
+    CALLBACK_OPTIONS,
     CALLBACK_QUEUE,
     CALLBACK_WORKER,
     CALLBACKS,
@@ -156,10 +159,17 @@ def _callback_job(batch_id: str, name: str, meta: dict[str, Any]) -> Job:
     # The args are already in the callback worker's stored form (Batch made them with its
     # new(): encrypted, structured), so this node needn't import the worker.
     key = hashlib.sha256(f"batch\0{batch_id}\0{name}".encode()).hexdigest()
+    # The worker's options; batches inserted by older versions have none (Job's defaults).
+    fields = attrs.fields(Job)
+    defaults = {"max_attempts": fields.max_attempts.default, "priority": fields.priority.default}
+    options: dict[str, Any] = defaults | (meta.get(CALLBACK_OPTIONS) or {})
     return Job(
         worker=str(meta[CALLBACK_WORKER]),
         args=MappingProxyType(dict(meta.get(CALLBACK_ARGS) or {})),
         queue=str(meta.get(CALLBACK_QUEUE) or "default"),
         meta={BATCH_ID: batch_id, CALLBACK: name},
+        max_attempts=int(options["max_attempts"]),
+        priority=int(options["priority"]),
+        tags=tuple(options.get("tags", ())),
         _unique=Claim(key=key, period=None, states=STATE_GROUPS["all"], replace={}),
     )

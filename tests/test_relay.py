@@ -15,7 +15,7 @@ import trio
 
 import trioban
 import trioban.testing
-from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg
+from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg, _relay
 from trioban._codec import decode_payload
 from trioban._relay import Notice, _Waiter
 
@@ -369,9 +369,9 @@ async def test_a_relay_that_joins_an_existing_unique_job(dsn: str) -> None:
 
 
 async def test_relays_that_share_a_unique_job_all_get_its_result(dsn: str) -> None:
-    """Relays that joined a unique job share its id and are served by the poller (the notice
-    goes under the first relay's ref, and asks for a poll when the result is too large to
-    publish). Each one gets the result, even with one of them held and never awaited."""
+    """Relays that joined a unique job share its id; a result too large to publish is read
+    from the row by the poller. Each one gets the result, even with one of them held and never
+    awaited."""
     value = os.urandom(10_000).hex()  # too large for a notice, even compressed
     with trio.fail_after(20):
         async with running(dsn, queues={}) as caller:
@@ -385,6 +385,33 @@ async def test_relays_that_share_a_unique_job_all_get_its_result(dsn: str) -> No
                 outcomes = await caller.await_many([first, joined], timeout=3)
             assert [o.unwrap() for o in outcomes] == [value, value]
             assert await held.result(timeout=3) == value
+
+
+async def test_relays_that_joined_a_unique_job_get_its_notice_without_a_poll(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notice of a unique job reaches the relays that joined it, from the notifier (the
+    job ran on another node) or from the acker (it ran here), not a later poll of the row."""
+    monkeypatch.setattr(_relay, "POLL_INTERVAL", 60.0)  # a poll would come too late
+    unique = trioban.Unique(period=None)
+    gate = workers.gates["joined"] = trio.Event()
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(20):
+        async with running(dsn, queues={}) as caller:
+            first = await caller.dispatch(unique_echo.new({"value": "elsewhere"}))
+            joined = await caller.dispatch(unique_echo.new({"value": "elsewhere"}))
+            assert joined.job.conflict
+            async with running(dsn) as oban:
+                outcomes = await caller.await_many([first, joined], timeout=3)
+                assert [o.unwrap() for o in outcomes] == ["elsewhere"] * 2
+                first = await oban.dispatch(wait_gate.new({"gate": "joined"}, unique=unique))
+                await workers.wait_started(1)
+                joined = await oban.dispatch(wait_gate.new({"gate": "joined"}, unique=unique))
+                assert joined.job.conflict
+                gate.set()
+                outcomes = await oban.await_many([first, joined], timeout=3)
+                assert [o.unwrap() for o in outcomes] == ["opened"] * 2
+            assert len(caller._relays._joiners) == 0  # nothing left behind
 
 
 async def test_a_relay_awaited_by_several_tasks_at_once(dsn: str) -> None:

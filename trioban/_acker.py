@@ -211,7 +211,7 @@ class Acker:
     def _hand_over(self, local: list[Ack], written: set[int]) -> None:
         for ack in local:
             if ack.id in written and ack.relay is not None:  # a stale ack hands over nothing
-                self._relays.offer(*ack.relay)
+                self._relays.offer(*ack.relay, job_id=ack.id)
 
 
 def ack_json(ack: Ack, *, publish: bool) -> str:

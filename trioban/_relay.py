@@ -140,6 +140,9 @@ class Registry:
         self._pool = pool
         self._get_state = get_state
         self._waiters: dict[str, _Waiter] = {}
+        # Refs of relays that joined an existing unique job, by job id: its notices carry
+        # the ref of the relay that inserted it.
+        self._joiners: dict[int, set[str]] = {}
         self._poll_now = trio.Event()
 
     def __len__(self) -> int:
@@ -152,7 +155,17 @@ class Registry:
         return waiter
 
     def discard(self, ref: str) -> None:
-        self._waiters.pop(ref, None)
+        waiter = self._waiters.pop(ref, None)
+        if waiter is not None and (joined := self._joiners.get(waiter.job_id or 0)):
+            joined.discard(ref)
+            if not joined:
+                del self._joiners[waiter.job_id or 0]
+
+    def join(self, ref: str, job_id: int) -> None:
+        """``ref``'s relay follows the existing unique job ``job_id``: route its notices there
+        too, and read its row now (it may have finished before anyone joined)."""
+        self._joiners.setdefault(job_id, set()).add(ref)
+        self.poll_soon()
 
     def own(self, ref: str, relay: Relay) -> None:
         """Drop ``ref``'s waiter when ``relay`` is collected: one never awaited can't leak."""
@@ -168,16 +181,20 @@ class Registry:
         """Whether a relay of this instance waits on ``ref``."""
         return ref in self._waiters
 
-    def offer(self, ref: str, notice: Notice) -> None:
-        """Hand ``notice`` to the relay waiting on ``ref``, if any (a job run on this node)."""
-        waiter = self._waiters.get(ref)
-        if waiter is not None:
-            waiter.offer(notice)
+    def offer(self, ref: str, notice: Notice, job_id: int | None = None) -> None:
+        """Hand ``notice`` to the relay waiting on ``ref``, if any (a job run on this node),
+        and to relays that joined job ``job_id``."""
+        refs = self._joiners.get(job_id or 0, ())
+        for waiter in (self._waiters.get(key) for key in (ref, *refs)):
+            if waiter is not None:
+                waiter.offer(notice)
 
     def deliver(self, payload: Any) -> None:
         """Notifier handler for the relay channel."""
-        waiter = self._waiters.get(payload.get("ref", "")) if isinstance(payload, dict) else None
-        if waiter is None:
+        if not isinstance(payload, dict):
+            return
+        ref, job_id = payload.get("ref"), payload.get("id")
+        if ref not in self._waiters and job_id not in self._joiners:
             return
         notice = Notice(
             state=str(payload.get("state")),
@@ -185,7 +202,7 @@ class Registry:
             reason=str(payload.get("reason", "")),
             stored=bool(payload.get("stored")),
         )
-        waiter.offer(notice)
+        self.offer(str(ref), notice, job_id if isinstance(job_id, int) else None)
 
     def poll_soon(self) -> None:
         """Poll pending relays at once (after a reconnect, or for a stored result)."""
@@ -345,6 +362,8 @@ async def insert_relayed(
         # itself relayed or its worker records results.
         recorded = found is not None and found.recorded
         stored = not job.conflict or META_REF in job.meta or recorded
+        if job.conflict and job.id is not None:
+            registry.join(ref, job.id)
         relays.append(Relay(registry, ref, job, load, stored=stored))
     return saved, relays
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config, _pg, _pool
+from trioban import Config, _pg
 from trioban._inserter import Inserter
 
 from .helpers import eventually, waiting_on_a_lock
@@ -197,7 +197,7 @@ async def test_requests_of_a_statement_fail_together_while_postgres_is_unreachab
     callers, and shutdown, for seconds per request)."""
     caplog.set_level(logging.INFO, "trioban.inserter")
     errors: list[Exception] = []
-    async with _pool.open_pool("postgresql://127.0.0.1:1/nowhere", size=2) as pool:
+    async with _pg.open_pool("postgresql://127.0.0.1:1/nowhere", size=2) as pool:
         inserter = Inserter(pool, "public", writers=2)
 
         async def insert(n: int) -> None:

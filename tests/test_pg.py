@@ -15,7 +15,7 @@ from psycopg.adapt import Transformer
 from psycopg.conninfo import make_conninfo
 
 import trioban
-from trioban import _pg, _pool
+from trioban import _pg
 from trioban._sql import Prepared, prepared
 
 ADD = Prepared(b"test_add", b"SELECT $1::int + 1, $2::text, now() > '2000-01-01'", ("x", "y"))
@@ -40,7 +40,7 @@ async def _active_queries(dsn: str, text: str) -> int:
 
 
 def test_the_psycopg_seams_we_rely_on_exist() -> None:
-    # trioban/_pg.py drives these undocumented parts; an upgrade that moves them fails here.
+    # trioban/_pg/_driver.py drives these undocumented parts; an upgrade that moves them fails here.
     assert psycopg.__version__.startswith("3.3.")
     conn_type = psycopg.AsyncConnection
     for name in ("wait", "_connect_gen", "_cancel_gen", "_get_connection_params", "cancel"):
@@ -103,7 +103,7 @@ async def test_cancelling_a_query_cancels_it_on_the_server(dsn: str) -> None:
 
 
 async def test_a_connection_cancelled_mid_transaction_comes_back_clean(dsn: str) -> None:
-    async with _pool.open_pool(dsn, size=1) as pool:
+    async with _pg.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             await conn.execute("CREATE TABLE t (x int)")
         with trio.move_on_after(0.2):
@@ -120,7 +120,7 @@ async def test_a_connection_cancelled_mid_transaction_comes_back_clean(dsn: str)
 
 
 async def test_pool_limits_concurrency_and_cancelled_checkouts_leak_nothing(dsn: str) -> None:
-    async with _pool.open_pool(dsn, size=2) as pool:
+    async with _pg.open_pool(dsn, size=2) as pool:
         inside = 0
         peak = 0
 
@@ -166,7 +166,7 @@ async def _terminate(dsn: str, pid: int) -> None:
 async def test_broken_connections_are_replaced(dsn: str) -> None:
     """An idle connection the server closed is replaced at checkout, unnoticed; one that breaks
     while in use fails that use, and is replaced too."""
-    async with _pool.open_pool(dsn, size=1) as pool:
+    async with _pg.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             pid = conn.pgconn.backend_pid
         await _terminate(dsn, pid)
@@ -184,7 +184,7 @@ async def test_broken_connections_are_replaced(dsn: str) -> None:
 
 
 async def test_connections_past_their_lifetime_are_recycled(dsn: str) -> None:
-    async with _pool.open_pool(dsn, size=1, max_lifetime=0.0) as pool:
+    async with _pg.open_pool(dsn, size=1, max_lifetime=0.0) as pool:
         async with pool.connection() as conn:
             first = conn.pgconn.backend_pid
         async with pool.connection() as conn:
@@ -192,35 +192,35 @@ async def test_connections_past_their_lifetime_are_recycled(dsn: str) -> None:
 
 
 async def test_closing_the_pool_closes_its_connections(dsn: str) -> None:
-    async with _pool.open_pool(dsn, size=2) as pool, pool.connection() as conn:
+    async with _pg.open_pool(dsn, size=2) as pool, pool.connection() as conn:
         kept = conn
     assert kept.closed
 
 
 async def test_unreachable_server_raises_database_unavailable() -> None:
     """Each checkout fails on its own: the failed one gave its slot back (size 1)."""
-    async with _pool.open_pool("postgresql://nobody@127.0.0.1:1/x", size=1) as pool:
+    async with _pg.open_pool("postgresql://nobody@127.0.0.1:1/x", size=1) as pool:
         for _ in range(2):
             unavailable = pytest.raises(_pg.DatabaseUnavailable, match="cannot connect")
             with trio.fail_after(10), unavailable:
                 async with pool.connection():
                     pass
-        assert pool.statistics() == _pool.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
+        assert pool.statistics() == _pg.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
 
 
 async def test_a_task_holding_every_connection_is_told_at_once(dsn: str) -> None:
     """Asking for another connection while holding them all would wait for itself forever."""
-    async with _pool.open_pool(dsn, size=1) as pool, pool.connection() as held:
+    async with _pg.open_pool(dsn, size=1) as pool, pool.connection() as held:
         with trio.fail_after(1), pytest.raises(trioban.TriobanError, match="already holds all 1"):
             async with pool.connection():
                 pass
         cur = await held.execute("SELECT 1")  # the held one still works
         assert await cur.fetchone() == (1,)
-    assert pool.statistics() == _pool.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
+    assert pool.statistics() == _pg.PoolStatistics(size=1, idle=0, in_use=0, waiting=0)
 
 
 async def test_a_checkout_waits_a_bounded_time_for_a_busy_pool(dsn: str) -> None:
-    async with _pool.open_pool(dsn, size=1, checkout_timeout=0.3) as pool:
+    async with _pg.open_pool(dsn, size=1, checkout_timeout=0.3) as pool:
         release = trio.Event()
 
         async def hold(task_status: trio.TaskStatus[None]) -> None:
@@ -383,7 +383,7 @@ async def test_at_the_server_connection_limit_the_pool_shares_what_it_has(dsn: s
     limited = make_conninfo("", **{**params, "user": "limited"})
     done: list[int] = []
     with trio.fail_after(10):
-        async with _pool.open_pool(limited, size=4) as pool:
+        async with _pg.open_pool(limited, size=4) as pool:
 
             async def use(n: int) -> None:
                 async with pool.connection() as conn:

@@ -6,7 +6,7 @@ contract in pyproject.toml lists every module):
   instance   _open (open()) > _instance (Oban) > _queues _checks
   services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
              _notifier _leader _lifeline _pruner
-  database   _store _schema > _bulk > _pool > _pg > _sql
+  database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
   pure       _batch _workflow > _worker > _config _cron _crypto _structured _aio _backoff
              > _unique > _job > _codec _errors telemetry _embedded _devserver
 """
@@ -36,7 +36,7 @@ from ._job import Snooze as Snooze
 from ._notifier import LISTEN_BUFFER as LISTEN_BUFFER
 from ._open import open as open
 from ._pg import DatabaseUnavailable as DatabaseUnavailable
-from ._pool import PoolTimeout as PoolTimeout
+from ._pg import PoolTimeout as PoolTimeout
 from ._producer import QueueInfo as QueueInfo
 from ._relay import Relay as Relay
 from ._schema import SchemaError as SchemaError

@@ -29,7 +29,7 @@ from ._relay import build_notice
 
 if TYPE_CHECKING:
     from ._executor import Ack
-    from ._pool import Pool
+    from ._pg import Pool
     from ._relay import Registry
 
 log = logging.getLogger("trioban.acker")

@@ -16,7 +16,7 @@ import trio
 from ._sql import query
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
     from ._producer import Producer, Producers
 
 log = logging.getLogger("trioban.heartbeat")

@@ -22,7 +22,7 @@ from ._pg import transient
 
 if TYPE_CHECKING:
     from ._job import Job
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.inserter")
 

@@ -14,7 +14,7 @@ import attrs
 import outcome
 import trio
 
-from . import _pg, _pool, _schema, _settle, _store
+from . import _pg, _schema, _settle, _store
 from ._acker import Acker
 from ._batch import Batch
 from ._checks import (
@@ -53,7 +53,7 @@ PKILL_CHUNK: Final = 200
 class Oban:
     """A running trioban instance, handed out by ``trioban.open()``."""
 
-    def __init__(self, conf: Config, pool: _pool.Pool, work_pool: _pool.Pool) -> None:
+    def __init__(self, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> None:
         self.config = conf
         self._pool = pool  # inserts, queries, callers' transactions: durable commits
         self._work_pool = work_pool  # claims, acks, polls: see _open._relaxed()
@@ -489,7 +489,7 @@ class Oban:
             self._queues.apply(message)
 
     @classmethod
-    def _create(cls, conf: Config, pool: _pool.Pool, work_pool: _pool.Pool) -> Oban:
+    def _create(cls, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> Oban:
         return cls(conf, pool, work_pool)
 
 

@@ -18,7 +18,7 @@ from . import _codec, _store, telemetry
 from ._sql import query
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.leader")
 

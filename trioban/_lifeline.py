@@ -15,7 +15,7 @@ from . import telemetry
 from ._sql import channel, query
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.lifeline")
 

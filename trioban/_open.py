@@ -9,7 +9,7 @@ from typing import Final
 
 import trio
 
-from . import _aio, _embedded, _heartbeat, _lifeline, _pg, _pool, _pruner, _schema, _settle, _stager
+from . import _aio, _embedded, _heartbeat, _lifeline, _pg, _pruner, _schema, _settle, _stager
 from ._config import Config
 from ._errors import InternalError, TriobanError
 from ._instance import Oban
@@ -43,8 +43,8 @@ async def open(conf: Config) -> AsyncIterator[Oban]:
     body_error: BaseException | None = None
     try:
         async with (
-            _pool.open_pool(_no_jit(conf.dsn), size=conf.pool_size) as pool,
-            _pool.open_pool(_relaxed(_no_jit(conf.dsn)), size=len(conf.queues) + 2) as work_pool,
+            _pg.open_pool(_no_jit(conf.dsn), size=conf.pool_size) as pool,
+            _pg.open_pool(_relaxed(_no_jit(conf.dsn)), size=len(conf.queues) + 2) as work_pool,
         ):
             await _prepare_schema(pool, conf)
             async with _running(conf, pool, work_pool) as oban:
@@ -74,7 +74,7 @@ async def _embedded_dsn() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def _running(conf: Config, pool: _pool.Pool, work_pool: _pool.Pool) -> AsyncIterator[Oban]:
+async def _running(conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> AsyncIterator[Oban]:
     oban = Oban._create(conf, pool, work_pool)
     if conf.testing == "disabled":  # testing modes run no queue: tests drain them
         for queue, limit in conf.queues.items():
@@ -201,7 +201,7 @@ def _relaxed(dsn: str) -> str:
     return _pg.with_options(dsn, synchronous_commit="off")
 
 
-async def _prepare_schema(pool: _pool.Pool, conf: Config) -> None:
+async def _prepare_schema(pool: _pg.Pool, conf: Config) -> None:
     async with pool.connection() as conn:
         if conf.install:
             await _schema.install(conn, conf.prefix)

@@ -22,7 +22,7 @@ from ._executor import Running, execute, handed_back
 if TYPE_CHECKING:
     from ._acker import Acker
     from ._job import Job
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.producer")
 

@@ -14,7 +14,7 @@ from . import telemetry
 from ._sql import query
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.pruner")
 

@@ -14,7 +14,7 @@ from typing import Any, Final, final
 import outcome
 import trio
 
-from . import _pool
+from . import _pg
 from ._acker import Acker
 from ._errors import TriobanError
 from ._inserter import Settle
@@ -31,7 +31,7 @@ class Queues:
     """The producers of one instance, by queue name."""
 
     def __init__(
-        self, work_pool: _pool.Pool, acker: Acker, notifier: Notifier, prefix: str, node: str
+        self, work_pool: _pg.Pool, acker: Acker, notifier: Notifier, prefix: str, node: str
     ) -> None:
         self._work_pool = work_pool
         self._acker = acker

@@ -26,7 +26,7 @@ from ._job import Job, evolve
 from ._worker import lookup
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
 
 log = logging.getLogger("trioban.relay")
 

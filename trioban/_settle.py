@@ -31,8 +31,7 @@ from ._unique import STATE_GROUPS, Claim
 
 if TYPE_CHECKING:
     from ._executor import Ack
-    from ._pg import Connection
-    from ._pool import Pool
+    from ._pg import Connection, Pool
 
 log = logging.getLogger("trioban.settle")
 

@@ -19,7 +19,7 @@ import trio.lowlevel
 from . import _store, telemetry
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
     from ._producer import Producer
 
 log = logging.getLogger("trioban.stager")

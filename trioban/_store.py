@@ -16,8 +16,7 @@ from ._sql import channel, prepared, query, text_array
 from ._worker import args_json
 
 if TYPE_CHECKING:
-    from ._pg import Connection
-    from ._pool import Pool
+    from ._pg import Connection, Pool
 
 
 def _utc(value: datetime | None) -> datetime | None:

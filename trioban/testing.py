@@ -36,7 +36,7 @@ from ._sql import query, schema_sql
 from ._worker import CURRENT, Worker
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from ._pg import Pool
 
 _CLEANUP_TIMEOUT = 5.0
 """Seconds a cancelled drain_queue spends recording the job it was running."""

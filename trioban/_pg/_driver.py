@@ -1,4 +1,4 @@
-"""The Trio-native PostgreSQL driver: the only module that knows psycopg internals.
+"""The Trio-native PostgreSQL driver: the only code that knows psycopg internals.
 
 psycopg's I/O is a set of generators (``psycopg.generators``) that yield "wait for read/write"
 and are resumed when the socket is ready. ``Connection`` subclasses ``psycopg.AsyncConnection``
@@ -34,9 +34,9 @@ from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.types.json import set_json_loads
 
-from . import _codec
-from ._errors import TriobanError
-from ._sql import Prepared
+from .. import _codec
+from .._errors import TriobanError
+from .._sql import Prepared
 
 log = logging.getLogger("trioban.pg")
 

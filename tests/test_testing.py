@@ -1,10 +1,28 @@
-"""trioban.testing, used the way a user would: a pytest project that enables the plugin."""
+"""trioban.testing, used the way a user would: a pytest project that enables the plugin;
+and its helpers' edge cases, in process."""
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 
+import attrs
+import psycopg
+import pytest
+import trio
+
+import trioban
+from trioban import Job, JobState, worker
+from trioban._codec import dumps
 from trioban._devserver import TempServer
+from trioban.testing import (
+    _contains,
+    all_enqueued,
+    assert_enqueued,
+    drain_queue,
+    refute_enqueued,
+)
 
 from .conftest import ExistingServer
 
@@ -118,5 +136,149 @@ def test_the_plugin_in_a_user_project(
     pytester.makeini("[pytest]\ntrio_mode = true\n")
     pytester.makepyfile(test_user=USER_TESTS)
     pytester._monkeypatch.setenv("TRIOBAN_TEST_DSN", pg_server.dsn("postgres"))
+    before = _template_databases(pg_server)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7)
+    # The session's template database is dropped too: a long-lived server keeps none.
+    assert _template_databases(pg_server) == before
+
+
+def _template_databases(server: TempServer | ExistingServer) -> set[str]:
+    with psycopg.connect(server.dsn("postgres")) as conn:
+        cur = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'trioban_tpl_%'")
+        return {row[0] for row in cur.fetchall()}
+
+
+def test_the_helpers_import_without_pytest() -> None:
+    # pytest is not a dependency of trioban: only the plugin's fixtures need it.
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"
+        "from trioban.testing import perform_job, drain_queue, assert_enqueued\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+async def oban(dsn: str) -> AsyncIterator[trioban.Oban]:
+    async with trioban.open(trioban.Config(dsn=dsn, testing="manual")) as instance:
+        yield instance
+
+
+@worker(queue="drain", priority=1)
+async def fan_out(job: Job) -> None:
+    """Enqueues an urgent job, claimed before the jobs already waiting if it were run."""
+    await trioban.current_instance().insert(urgent.new({"of": job.id}))
+    if job.args.get("fail"):
+        raise RuntimeError("fan-out failed")
+
+
+@worker(queue="drain", priority=0)
+async def urgent(job: Job) -> None:
+    pass
+
+
+@worker(queue="drain", priority=2)
+async def waiting(job: Job) -> None:
+    if job.args.get("fail"):
+        raise RuntimeError("waiting failed")
+
+
+async def _states(oban: trioban.Oban, jobs: list[Job]) -> list[JobState]:
+    found = [await oban.get_job(job.id) for job in jobs if job.id is not None]
+    return [job.state for job in found if job is not None]
+
+
+async def test_drain_runs_the_jobs_available_when_it_starts(oban: trioban.Oban) -> None:
+    with trio.fail_after(10):
+        first = await oban.insert_all([fan_out.new({}), waiting.new({})])
+        counts = await drain_queue(oban, "drain")
+        assert counts["completed"] == 2
+        assert await _states(oban, first) == [JobState.COMPLETED] * 2
+        # The urgent job it enqueued waits (claimed and handed back), not left executing.
+        [left] = await all_enqueued(oban, queue="drain")
+        assert (left.worker, left.state) == (urgent.name, JobState.AVAILABLE)
+        assert (await drain_queue(oban, "drain"))["completed"] == 1
+
+
+async def test_drain_without_safety_hands_back_jobs_it_set_aside(oban: trioban.Oban) -> None:
+    with trio.fail_after(10):
+        await oban.insert_all([fan_out.new({}), waiting.new({"fail": True})])
+        with pytest.raises(RuntimeError, match="waiting failed"):
+            await drain_queue(oban, "drain", with_safety=False)
+        [left] = await all_enqueued(oban, worker=urgent)
+        assert left.state is JobState.AVAILABLE
+
+
+@worker(queue="enc", encrypted=trioban.Encrypted(key=b"k" * 32))
+async def charge(job: Job) -> None:
+    pass
+
+
+@attrs.frozen
+class Order:
+    n: int
+    tags: tuple[str, ...] = ()
+
+
+@worker(queue="enc", args=Order)
+async def ship(job: Job) -> None:
+    pass
+
+
+async def test_enqueued_args_match_what_an_encrypted_worker_gets(oban: trioban.Oban) -> None:
+    await oban.insert(charge.new({"amount": 5, "to": {"id": 7, "name": "x"}}))
+    [found] = await assert_enqueued(oban, worker=charge, args={"to": {"id": 7}})
+    assert set(found.args) == {"encrypted"}  # jobs as stored
+    await assert_enqueued(oban, args={"amount": 5})
+    await refute_enqueued(oban, worker=charge.name, args={"amount": 6})
+
+
+async def test_encrypted_args_of_a_worker_not_importable_cannot_be_matched(
+    oban: trioban.Oban, dsn: str
+) -> None:
+    job = await oban.insert(charge.new({"amount": 5}))
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE oban_jobs SET worker = 'tests.nowhere.charge' WHERE id = %s", [job.id])
+    with pytest.raises(trioban.TriobanError, match=r"encrypted and its worker .* not importable"):
+        await refute_enqueued(oban, args={"amount": 5})
+    await assert_enqueued(oban, worker="tests.nowhere.charge")  # no args filter: no decryption
+
+
+async def test_enqueued_args_may_be_a_structured_instance(oban: trioban.Oban) -> None:
+    await oban.insert(ship.new(Order(4, ("a", "b"))))
+    await assert_enqueued(oban, worker=ship, args=Order(4, ("a", "b")))
+    await assert_enqueued(oban, worker=ship.name, args={"tags": ["b"]})
+    await refute_enqueued(oban, worker=ship, args=Order(5))
+    with pytest.raises(TypeError, match="args class of the worker given as worker="):
+        await all_enqueued(oban, args=Order(4))
+    with pytest.raises(TypeError, match=r"for tests\.test_testing\.charge \(args=None\)"):
+        await all_enqueued(oban, worker=charge, args=Order(4))
+
+
+CONTAINMENT = [
+    ({"a": [1, 2]}, {"a": 1}),
+    ({"a": [[1, 2], 3]}, {"a": [1]}),
+    ({"a": [1, [2]]}, {"a": [[2]]}),
+    ({"a": [{"b": 1, "c": 2}]}, {"a": [{"b": 1}]}),
+    ({"a": [1, 1]}, {"a": [1, 1, 1]}),
+    ({"a": 1}, {"a": 1.0}),
+    ({"a": True}, {"a": 1}),
+    ({"a": 0}, {"a": False}),
+    ({"a": {}}, {"a": []}),
+    ({"a": "x"}, {"a": ["x"]}),
+    ({"a": None}, {"a": None}),
+    ({"a": {"b": {"c": 1, "d": 2}}}, {"a": {"b": {"d": 2}}}),
+    ({"a": 1}, {"b": None}),
+]
+
+
+def test_args_match_as_jsonb_containment(dsn: str) -> None:
+    # Args are matched in Python (encrypted args are readable only here), meta in PostgreSQL:
+    # both must mean the same.
+    with psycopg.connect(dsn) as conn:
+        for have, want in CONTAINMENT:
+            cur = conn.execute("SELECT %s::jsonb @> %s::jsonb", [dumps(have), dumps(want)])
+            row = cur.fetchone()
+            assert row is not None
+            assert _contains(have, want) is row[0], (have, want)

@@ -2,7 +2,7 @@
 
 Layers (imports go one way, downwards; `nox -s lint` checks them with import-linter, whose
 contract in pyproject.toml lists every module):
-  entry      _commands testing _demo
+  entry      _commands testing _demo _pytest_plugin
   instance   _open (open()) > _instance (Oban) > _queues _checks
   services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
              _notifier _leader _lifeline _pruner

@@ -1,9 +1,10 @@
 """Telemetry: synchronous event handlers for jobs and trioban's own services.
 
 ``attach(handler_id, events, handler)`` calls ``handler(event, measurements, metadata)`` for
-each event named in ``events``. Handlers run inline on the event loop, so keep them quick and
-non-blocking (hand slow work to a channel). A handler that raises is logged and detached, so
-a broken handler never breaks job processing.
+each event named in ``events``. Handlers are plain functions (``attach`` rejects an
+``async def`` one, which would never run) called inline on the event loop, so keep them quick
+and non-blocking (hand slow work to a channel). A handler that raises is logged and detached,
+so a broken handler never breaks job processing.
 
 Events (measurements; metadata)::
 
@@ -24,6 +25,7 @@ Events (measurements; metadata)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -57,6 +59,12 @@ def attach(handler_id: str, events: Iterable[str], handler: Handler) -> None:
         raise TypeError(f"expected handler_id to be a non-empty str, got {handler_id!r}")
     if not callable(handler):
         raise TypeError(f"expected handler to be callable, got {handler!r}")
+    if _is_async(handler):
+        raise TypeError(
+            f"expected handler to be a plain function, got the async {handler!r}: handlers are "
+            "called synchronously on the event loop, so a coroutine would never run; use a "
+            "`def` handler (hand slow work to a channel with send_nowait)"
+        )
     names = [events] if isinstance(events, str) else list(events)
     unknown = sorted(set(names) - EVENTS)
     if unknown or not names:
@@ -65,6 +73,14 @@ def attach(handler_id: str, events: Iterable[str], handler: Handler) -> None:
         raise ValueError(f"a telemetry handler {handler_id!r} is already attached; detach it first")
     for name in names:
         _handlers.setdefault(name, {})[handler_id] = handler
+
+
+def _is_async(handler: object) -> bool:
+    """Whether calling ``handler`` makes a coroutine (an async function, a partial of one, or
+    an object with an async ``__call__``)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 (its method is inspected, not called)
+    )
 
 
 def detach(handler_id: str) -> bool:
@@ -82,9 +98,14 @@ def emit(event: str, measurements: Mapping[str, float], metadata: Mapping[str, A
         return
     for handler_id, handler in list(handlers.items()):
         try:
-            handler(event, measurements, metadata)
+            returned = handler(event, measurements, metadata)
         except Exception:
             log.exception("telemetry handler %r failed on %s; detaching it", handler_id, event)
+            detach(handler_id)
+            continue
+        if inspect.iscoroutine(returned):  # async in disguise (attach can't see through all)
+            returned.close()
+            log.error("telemetry handler %r returned a coroutine; detaching it", handler_id)
             detach(handler_id)
 
 

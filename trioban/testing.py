@@ -10,36 +10,38 @@ installed (on a throwaway PostgreSQL, or the server named by ``TRIOBAN_TEST_DSN`
 queue runs, so a test decides when they run with ``drain_queue`` (or runs one worker directly
 with ``perform_job``) and checks what was enqueued with ``assert_enqueued``.
 ``Config(testing="inline")`` instead runs each job at insert and relays return at once.
+The helpers themselves import without pytest.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
-import psycopg
-import pytest
 import trio
-from psycopg import sql
 
-from . import _codec, _settle, _store
+from . import _codec, _settle, _store, _structured
 from ._acker import ack_json
-from ._config import Config
-from ._executor import Ack, Running, execute, failure, run_here
+from ._crypto import FIELD as SEALED_FIELD
+from ._executor import Ack, Running, execute, failure, handed_back, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
-from ._open import open
 from ._relay import META_REF
-from ._sql import query, schema_sql
-from ._worker import CURRENT, Worker
+from ._sql import query
+from ._worker import CURRENT, Worker, WorkerNotFound, lookup
 
 if TYPE_CHECKING:
     from ._pg import Pool
 
+# pytest loads the fixtures from there when a project enables this module as a plugin; they
+# live apart so these helpers import without pytest.
+pytest_plugins: Final = ["trioban._pytest_plugin"]
+
 _CLEANUP_TIMEOUT = 5.0
-"""Seconds a cancelled drain_queue spends recording the job it was running."""
+"""Seconds drain_queue spends, shielded, recording the job it was running when cancelled (or
+let a worker's exception out), or handing back the jobs it set aside."""
 
 __all__ = [
     "Performed",
@@ -85,12 +87,14 @@ async def drain_queue(
     with_recursion: bool = False,
     with_safety: bool = True,
 ) -> dict[str, int]:
-    """Run the available jobs of ``queue`` here, one at a time, and count their outcomes.
+    """Run the jobs of ``queue`` available when it starts here, one at a time, and count
+    their outcomes.
 
     ``with_scheduled`` runs scheduled (and retryable) jobs too, as if due now;
-    ``with_recursion`` keeps draining while jobs enqueue more; ``with_safety=False`` lets a
-    worker's exception out of ``drain_queue`` instead of recording it. Returns counts by new
-    state (``completed``, ``retryable``, ``discarded``, ``cancelled``, ``scheduled``).
+    ``with_recursion`` also runs the jobs they enqueue, round after round, until none is left;
+    ``with_safety=False`` lets a worker's exception out of ``drain_queue`` instead of recording
+    it. Returns counts by new state (``completed``, ``retryable``, ``discarded``,
+    ``cancelled``, ``scheduled``).
     """
     counts = dict.fromkeys(("completed", "retryable", "discarded", "cancelled", "scheduled"), 0)
     # Jobs see this instance as theirs (current_instance(), relays, inserts).
@@ -116,23 +120,53 @@ async def _drain(
         if with_scheduled:
             async with pool.connection() as conn:
                 await conn.execute(query("make_due", prefix), {"queue": queue})
-        # The jobs available now; those they enqueue wait for the next round (recursion).
+        # A round runs the jobs available now; those they enqueue wait for the next round
+        # (recursion), even when they would be claimed first.
         async with pool.connection() as conn:
             cur = await conn.execute(
                 query("job_ids", prefix), {"state": "available", "queue": queue}
             )
-            due = len(await cur.fetchall())
-        ran = 0
-        # One claim per job: a worker's exception or a cancelled drain leaves no claimed job
-        # behind in 'executing' (the manual mode has no lifeline to rescue it).
-        while ran < due:
+            due = {row[0] for row in await cur.fetchall()}
+        ran = await _round(pool, prefix, queue, due, producer, counts, with_safety)
+        if not ran or not with_recursion:
+            return
+
+
+async def _round(
+    pool: Pool,
+    prefix: str,
+    queue: str,
+    due: set[int],
+    producer: str,
+    counts: dict[str, int],
+    with_safety: bool,
+) -> int:
+    """Run the jobs ``due`` (ids) that are still available; returns how many ran."""
+    ran = 0
+    # One claim per job: a worker's exception or a cancelled drain leaves no claimed job
+    # behind in 'executing' (the manual mode has no lifeline to rescue it). A job enqueued
+    # during the round at a better priority is claimed before them: it is set aside (kept
+    # claimed, so the next claim passes it) and handed back unstarted when the round ends
+    # (like a snooze, that claim costs it no attempt).
+    aside: list[Job] = []
+    try:
+        while due:
             jobs = await _store.fetch(pool, prefix, queue, 1, "drain_queue", producer)
             if not jobs:
                 break
-            counts[await _run_one(pool, prefix, jobs[0], with_safety)] += 1
+            job = jobs[0]
+            if job.id not in due:
+                aside.append(job)
+                continue
+            due.discard(job.id)
+            counts[await _run_one(pool, prefix, job, with_safety)] += 1
             ran += 1
-        if not ran or not with_recursion:
-            return
+    finally:
+        if aside:
+            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                for job in aside:
+                    await _record(pool, prefix, handed_back(job))
+    return ran
 
 
 async def _run_one(pool: Pool, prefix: str, job: Job, with_safety: bool) -> str:
@@ -161,26 +195,79 @@ async def all_enqueued(
     *,
     worker: Worker | str | None = None,
     queue: str | None = None,
-    args: Mapping[str, Any] | None = None,
+    args: Any = None,
     meta: Mapping[str, Any] | None = None,
 ) -> list[Job]:
     """Jobs waiting to run (available, scheduled, retryable) that match every filter given.
 
     ``args`` and ``meta`` match partially: the job's must contain the given keys and values
-    (nested objects too).
+    (nested objects too). ``args`` is matched against the args the worker gets (decrypted for
+    a worker with ``encrypted=``); for a worker with ``args=Cls`` given as ``worker=``, it may
+    be a ``Cls`` instance.
     """
     name = worker.name if isinstance(worker, Worker) else worker
-    params = {
-        "worker": name,
-        "queue": queue,
-        "args": _codec.dumps(args or {}),
-        "meta": _codec.dumps(meta or {}),
-    }
+    want = None if args is None else await _args_filter(args, worker)
+    params = {"worker": name, "queue": queue, "args": "{}", "meta": _codec.dumps(meta or {})}
     statement = query("enqueued_jobs", oban.config.prefix)
     async with oban._pool.connection() as conn:
         cur = await conn.execute(statement, params)
         rows = await cur.fetchall()
-    return [_store.job_from_row(row) for row in rows]
+    jobs = [_store.job_from_row(row) for row in rows]
+    if want is None:
+        return jobs
+    # Matched here, not by the database: encrypted args are only readable here.
+    return [job for job in jobs if _contains(await _worker_args(job), want)]
+
+
+async def _args_filter(args: Any, worker: Worker | str | None) -> Any:
+    """The ``args`` filter as JSON data; a structured instance through its worker."""
+    if not isinstance(args, Mapping):
+        found = await resolve(worker) if isinstance(worker, str) else worker
+        args_type = None if found is None else found.args_type
+        if args_type is None or not isinstance(args, args_type):
+            raise TypeError(
+                f"expected args to be a mapping (matched partially), or an instance of the "
+                f"args class of the worker given as worker=, got {args!r}"
+                + ("" if found is None else f" for {found.name} (args={args_type!r})")
+            )
+        args = _structured.unstructure(args, args_type, "args")
+    return _codec.loads(_codec.dumps(args))  # as stored: tuples as lists, keys as str
+
+
+async def _worker_args(job: Job) -> Any:
+    """``job``'s args as its worker gets them (before structuring): decrypted if sealed."""
+    found = lookup(job.worker)
+    if found is None and _is_sealed(job.args):
+        found = await resolve(job.worker)
+        if found is None:
+            raise WorkerNotFound(
+                f"cannot match args against job {job.id}: its args are encrypted and its "
+                f"worker {job.worker!r} is not importable here to decrypt them"
+            )
+    if found is None or found.encrypted is None:
+        return job.args
+    return _codec.loads(found.encrypted.decrypt(job.args, found.name))
+
+
+def _is_sealed(args: Any) -> bool:
+    return isinstance(args, Mapping) and set(args) == {SEALED_FIELD}
+
+
+def _contains(have: Any, want: Any) -> bool:
+    """``have @> want``, PostgreSQL's jsonb containment (as ``meta`` is matched): an object
+    holds the given keys with contained values, an array holds each given element within one
+    of its own, a scalar is equal (but ``true`` is not ``1``)."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(
+            key in have and _contains(have[key], value) for key, value in want.items()
+        )
+    if isinstance(want, list):
+        return isinstance(have, list | tuple) and all(
+            any(_contains(item, wanted) for item in have) for wanted in want
+        )
+    if isinstance(have, Mapping | list | tuple) or isinstance(have, bool) != isinstance(want, bool):
+        return False
+    return bool(have == want)
 
 
 async def assert_enqueued(oban: Oban, **filters: Any) -> list[Job]:
@@ -197,61 +284,3 @@ async def refute_enqueued(oban: Oban, **filters: Any) -> None:
     if found:
         ids = [job.id for job in found]
         raise AssertionError(f"expected no job enqueued matching {filters}, found {ids}")
-
-
-# -- the pytest plugin -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def trioban_server_dsn() -> Iterator[str]:
-    """A PostgreSQL server for the session: ``TRIOBAN_TEST_DSN``, else a throwaway one."""
-    import os
-
-    from ._devserver import temp_postgres
-
-    existing = os.environ.get("TRIOBAN_TEST_DSN")
-    if existing:
-        yield existing
-        return
-    with temp_postgres() as server:
-        yield server.dsn()
-
-
-@pytest.fixture(scope="session")
-def _trioban_template(trioban_server_dsn: str) -> str:
-    name = f"trioban_tpl_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(trioban_server_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with psycopg.connect(_with_db(trioban_server_dsn, name), autocommit=True) as conn:
-        conn.execute(schema_sql("public").encode())
-    return name
-
-
-@pytest.fixture
-def trioban_dsn(trioban_server_dsn: str, _trioban_template: str) -> Iterator[str]:
-    """A fresh database with the trioban schema, dropped after the test."""
-    name = f"trioban_t_{uuid.uuid4().hex}"
-    with psycopg.connect(trioban_server_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(_trioban_template)
-            )
-        )
-    try:
-        yield _with_db(trioban_server_dsn, name)
-    finally:
-        with psycopg.connect(trioban_server_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@pytest.fixture
-async def oban(trioban_dsn: str) -> AsyncIterator[Oban]:
-    """An instance on ``trioban_dsn`` in the manual testing mode (no queue runs)."""
-    async with open(Config(dsn=trioban_dsn, testing="manual")) as instance:
-        yield instance
-
-
-def _with_db(dsn: str, dbname: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    return make_conninfo("", **{**conninfo_to_dict(dsn), "dbname": dbname})

@@ -187,3 +187,41 @@ def test_intervals_are_bounded(setting: str, value: float, message: str) -> None
         Config(**settings)
     assert raised.value.field == setting
     assert Config(rescue_after=315_360_000, prune_max_age=315_360_000).rescue_after == 315_360_000
+
+
+@pytest.mark.parametrize(
+    "variable", ["TRIOBAN_DATA_DIR", "TRIOBAN_PG_BIN", "TRIOBAN_TEST_DSN", "TRIOBAN_HEAVY"]
+)
+def test_from_env_skips_the_variables_trioban_reads_elsewhere(variable: str) -> None:
+    env = {"TRIOBAN_DSN": "postgresql:///app", "TRIOBAN_QUEUES": "default:5", variable: "x"}
+    assert Config.from_env(env) == Config(dsn="postgresql:///app", queues={"default": 5})
+    # A typo of a setting is still an error.
+    with pytest.raises(ConfigError, match="did you mean TRIOBAN_TESTING"):
+        Config.from_env({**env, "TRIOBAN_TESTNG": "inline"})
+
+
+def test_evolving_the_time_zone_moves_the_entries_without_their_own() -> None:
+    crontab = [
+        ("0 9 * * *", "app.workers.report", {"args": {"a": 1}, "queue": "reports"}),
+        ("0 3 * * *", "app.workers.cleanup", {"timezone": "UTC"}),
+    ]
+    direct = Config(crontab=crontab, timezone="Europe/Paris")
+    evolved = Config(crontab=crontab).evolve(timezone="Europe/Paris")
+    assert [entry.timezone for entry in evolved.crontab] == ["Europe/Paris", "UTC"]
+    assert evolved == direct
+    assert evolved.crontab[0].args == {"a": 1}
+    assert evolved.crontab[0].options == {"queue": "reports"}
+    # Other changes keep the entries as they are; evolving back gives the original.
+    assert direct.evolve(pool_size=3).crontab == direct.crontab
+    assert evolved.evolve(timezone="UTC") == Config(crontab=crontab)
+    # An explicit zone, even the config's own, stays when the config's zone changes.
+    pinned = Config(crontab=[("0 9 * * *", "app.w", {"timezone": "UTC"})])
+    assert pinned.evolve(timezone="Asia/Tokyo").crontab[0].timezone == "UTC"
+
+
+def test_from_toml_of_a_file_not_in_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "conf.toml"
+    path.write_bytes(b'[trioban]\nnode = "caf\xe9"\n')  # Latin-1
+    with pytest.raises(ConfigError, match="not UTF-8") as raised:
+        Config.from_toml(path)
+    assert raised.value.field == "path"

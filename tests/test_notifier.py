@@ -205,3 +205,53 @@ async def test_every_channel_fits_under_the_longest_prefix(dsn: str) -> None:
             with pytest.raises(ValueError, match=f"at most {room} chars"):
                 async with oban.listen(["c" * (room + 1)]):
                     pass
+
+
+async def test_listeners_end_when_the_instance_closes(dsn: str) -> None:
+    """A listener in a nursery outside the instance sees its ``async for`` end as the instance
+    closes (before, it waited forever and its nursery never exited); a closed instance
+    refuses ``listen()`` instead of waiting forever."""
+    got: list[Any] = []
+    first = trio.Event()
+
+    async def listener(oban: trioban.Oban, *, task_status: trio.TaskStatus[None]) -> None:
+        async with oban.listen(["gossip"]) as messages:
+            task_status.started()
+            async for _, payload in messages:
+                got.append(payload)
+                first.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery, trioban.open(Config(dsn=dsn)) as oban:
+            await nursery.start(listener, oban)
+            await oban.notify("gossip", {"n": 1})
+            await first.wait()
+        assert got == [{"n": 1}]
+        with pytest.raises(trioban.TriobanError, match="closed"):
+            async with oban.listen(["gossip"]):
+                pytest.fail("listen() entered on a closed instance")
+
+
+async def test_a_channel_named_twice_delivers_each_message_once(dsn: str) -> None:
+    with trio.fail_after(10):
+        async with trioban.open(Config(dsn=dsn)) as oban, oban.listen(["dup", "dup"]) as messages:
+            await oban.notify("dup", [{"n": 1}, {"n": 2}])
+            assert await messages.receive() == ("dup", {"n": 1})
+            assert await messages.receive() == ("dup", {"n": 2})
+
+
+async def test_a_consumer_that_closed_its_channel_is_dropped_quietly(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(10), caplog.at_level(logging.WARNING, logger="trioban.notifier"):
+        async with (
+            trioban.open(Config(dsn=dsn)) as oban,
+            oban.listen(["cl"]) as witness,
+            oban.listen(["cl"]) as closed,
+        ):
+            await closed.aclose()
+            await oban.notify("cl", [{"n": 1}, {"n": 2}])
+            # Each message reaches every subscriber before the witness can read it.
+            assert await witness.receive() == ("cl", {"n": 1})
+            assert await witness.receive() == ("cl", {"n": 2})
+    assert not caplog.records

@@ -378,6 +378,72 @@ async def test_cancelling_a_waiting_step_settles_its_workflow_and_batch(
     assert callbacks == [("handle_attempted",), ("handle_cancelled",), ("handle_exhausted",)]
 
 
+async def test_retrying_a_waiting_step_leaves_it_to_its_deps(quiet: trioban.Oban) -> None:
+    """A held step made available would run before its deps completed."""
+    wf = Workflow().add("a", later()).add("b", step(), deps=["a"])
+    a, b = await quiet.insert_workflow(wf)
+    assert await quiet.retry_job(b.id or 0) is False
+    assert await quiet.workflow_status(wf.workflow_id) == {
+        "a": JobState.SCHEDULED,
+        "b": JobState.SUSPENDED,
+    }
+    assert await quiet.retry_job(a.id or 0) is True  # any other waiting job: available now
+    assert (await quiet.workflow_status(wf.workflow_id))["a"] is JobState.AVAILABLE
+
+
+def _nightly(run: str) -> Workflow:
+    return Workflow("nightly").add("a", later()).add("b", step(run=run), deps=["a"])
+
+
+async def test_a_workflow_id_in_use_is_refused(quiet: trioban.Oban) -> None:
+    """A second run under the same id would mix its steps and deps with the first's."""
+    await quiet.insert_workflow(_nightly("first"))
+    refused = "workflow 'nightly' already exists"
+    with pytest.raises(ValueError, match=refused):
+        await quiet.insert_workflow(_nightly("second"))
+    with pytest.raises(ValueError, match=refused):
+        await quiet.insert_all(_nightly("second"))
+    with pytest.raises(ValueError, match=refused):
+        await quiet.relay_workflow(_nightly("second"), timeout=1)
+    with pytest.raises(ValueError, match=refused):
+        async with quiet.transaction() as conn:
+            await quiet.insert_workflow(_nightly("second"), conn=conn)
+    rows = await _rows(
+        quiet, "SELECT args->>'run' FROM oban_jobs WHERE meta ? 'workflow_id' ORDER BY id"
+    )
+    assert rows == [(None,), ("first",)]
+    assert len(quiet._relays) == 0
+    # Adding steps to it is what append_workflow is for.
+    await quiet.append_workflow("nightly", lambda more: more.add("c", step(), deps=["b"]))
+    assert list(await quiet.workflow_status("nightly")) == ["a", "b", "c"]
+
+
+async def test_concurrent_inserts_of_one_workflow_id_let_one_through(
+    quiet: trioban.Oban,
+) -> None:
+    refused: list[str] = []
+
+    async def insert(run: str) -> None:
+        try:
+            await quiet.insert_workflow(_nightly(run))
+        except ValueError:
+            refused.append(run)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for run in ("one", "two", "three"):
+                nursery.start_soon(insert, run)
+    assert len(refused) == 2
+    assert len(await quiet.workflow_status("nightly")) == 2
+
+
+async def test_relay_workflow_checks_its_timeout_before_inserting(quiet: trioban.Oban) -> None:
+    for timeout, error in ((float("nan"), ValueError), ("5", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="timeout"):
+            await quiet.relay_workflow(_nightly("x"), timeout=timeout)  # type: ignore[arg-type]
+    assert await quiet.workflow_status("nightly") == {}
+
+
 async def test_the_sweep_reaches_stranded_workflows_among_many_waiting(
     quiet: trioban.Oban, monkeypatch: pytest.MonkeyPatch
 ) -> None:

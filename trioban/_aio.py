@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
+
 from ._errors import TriobanError
 
 FLAVORS = ("trio", "asyncio")
@@ -36,13 +38,30 @@ def check_available() -> None:
 
 
 async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-    """Await asyncio ``function(*args)`` from Trio, on the current trio-asyncio loop."""
+    """Await asyncio ``function(*args)`` from Trio, on the current trio-asyncio loop.
+
+    An ``asyncio.CancelledError`` that Trio didn't cause (the code awaited an asyncio task
+    cancelled elsewhere) comes out as a ``RuntimeError``: an ordinary failure of the job.
+    """
+    import asyncio
+
     import trio_asyncio
 
-    if trio_asyncio.current_loop.get() is None:
-        async with trio_asyncio.open_loop():
-            return await trio_asyncio.aio_as_trio(function)(*args)
-    return await trio_asyncio.aio_as_trio(function)(*args)
+    try:
+        if trio_asyncio.current_loop.get() is None:
+            async with trio_asyncio.open_loop():
+                return await trio_asyncio.aio_as_trio(function)(*args)
+        return await trio_asyncio.aio_as_trio(function)(*args)
+    except asyncio.CancelledError as exc:
+        # trio-asyncio turns the cancellation Trio asks for into trio.Cancelled, so this one is
+        # the code's own; as a BaseException it would pass the executor and stop the node.
+        error = RuntimeError(
+            "the job's asyncio task was cancelled, not by trioban (did it await an asyncio "
+            "task or future cancelled elsewhere?)"
+        )
+        error.__cause__ = exc
+    await trio.lowlevel.checkpoint_if_cancelled()  # a Trio cancellation pending all the same wins
+    raise error
 
 
 @asynccontextmanager

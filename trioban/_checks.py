@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from . import _codec, _pg
 from ._batch import Batch
+from ._config import valid_queue_name
 from ._job import Job
+from ._relay import check_timeout as check_timeout  # relays check theirs too
 from ._workflow import Workflow
 
 
@@ -48,16 +50,25 @@ def check_key(value: object, what: str) -> str:
     return value
 
 
+MAX_JOB_ID: Final = 2**63 - 1
+"""The largest job id (the column is a bigint)."""
+
+
 def check_id(job_id: int) -> int:
-    if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise TypeError(f"expected a job id (a positive int), got {job_id!r}")
+    if not 1 <= job_id <= MAX_JOB_ID:
+        # Never a job's id: a caller's bug, not a missing job (the same for every method).
+        raise ValueError(f"expected a job id between 1 and 2**63 - 1, got {job_id!r}")
     return job_id
 
 
-def check_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ValueError(f"expected timeout to be a number of seconds >= 0, got {timeout!r}")
-    return float(timeout)
+def check_queue(queue: object) -> str:
+    if not valid_queue_name(queue):
+        raise ValueError(
+            f"expected queue to be a name of 1 to 127 printable chars, no spaces, got {queue!r}"
+        )
+    return queue
 
 
 def encode_message(item: Mapping[str, Any]) -> str:

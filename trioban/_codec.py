@@ -10,6 +10,7 @@ import binascii
 import gzip
 import json
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 NOTIFY_LIMIT = 8000
@@ -80,6 +81,42 @@ def loads(data: str | bytes) -> Any:
     if data == b"{}":
         return {}
     return _decode(str(data, "utf-8"))
+
+
+def _stored_number(text: str) -> float | int:
+    # jsonb keeps a number as numeric and prints it in full: 1e+20 comes back as the int
+    # 100000000000000000000 (an exponent leaving no fraction), -0.0 as 0.0.
+    if "e" in text or "E" in text:
+        number = Decimal(text)
+        exponent = number.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= 0:
+            return int(number)
+    return float(text) or 0.0
+
+
+def _stored_key(pair: tuple[str, Any]) -> tuple[int, str]:
+    # jsonb orders an object's keys by their length in UTF-8 bytes, then bytewise (which,
+    # among keys of one length, is code point order).
+    key = pair[0]
+    return (len(key) if key.isascii() else len(key.encode()), key)
+
+
+def _stored_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len(pairs) > 1:
+        pairs.sort(key=_stored_key)  # stable: of duplicate keys the last wins, as in jsonb
+    return dict(pairs)
+
+
+_decode_stored = json.JSONDecoder(
+    parse_float=_stored_number, object_pairs_hook=_stored_object
+).decode
+
+
+def loads_stored(text: str) -> Any:
+    """Decode JSON text as a jsonb column holding it reads back: keys in jsonb's order,
+    numbers as jsonb prints them. A job claimed on insert gets its args and meta this way, as
+    a job fetched from the database would."""
+    return _decode_stored(text)
 
 
 def encode_payload(value: Any) -> str:

@@ -12,11 +12,11 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import attrs
 
-from ._cron import check_timezone, parse_crontab
+from ._cron import CronEntry, check_timezone, parse_crontab
 from ._errors import ConfigError
 
 IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -27,6 +27,7 @@ MAX_PREFIX: Final = 40
 63-byte names (pg_notify rejects a longer one; LISTEN silently truncates it)."""
 
 _MAX_QUEUE_LIMIT: Final = 10_000
+_MAX_QUEUE_NAME: Final = 127
 _MAX_SECONDS: Final = 10 * 365 * 86_400
 """Longest interval or age, in seconds (10 years)."""
 _MIN_TICK: Final = 0.01
@@ -89,18 +90,23 @@ def _integer(field: str, value: object, low: int, high: int) -> int:
     return value
 
 
+def valid_queue_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` may name a queue: a printable str of 1 to 127 chars, no whitespace
+    (the rule of ``Config.queues`` and of the queue methods of ``Oban``)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= _MAX_QUEUE_NAME
+        and name.isprintable()
+        and not any(ch.isspace() for ch in name)
+    )
+
+
 def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
     if not isinstance(value, Mapping):
         raise ConfigError("queues", f"expected a mapping of queue name to limit, got {value!r}")
     checked: dict[str, int] = {}
     for name, limit in value.items():
-        if (
-            not isinstance(name, str)
-            or not name
-            or len(name) > 127
-            or not name.isprintable()
-            or (any(ch.isspace() for ch in name))
-        ):
+        if not valid_queue_name(name):
             raise ConfigError("queues", f"expected queue names without spaces, got {name!r}")
         if (
             isinstance(limit, bool)
@@ -229,6 +235,10 @@ class Config:
     crontab: Sequence[Any] = attrs.field(default=())
     timezone: str = attrs.field(default="UTC", validator=_check(_timezone))
     testing: str = attrs.field(default="disabled", validator=_check(_testing))
+    # Per crontab entry: given without a time zone of its own, so it takes the config's, now
+    # and after evolve(timezone=...). Not a setting (init=False), but compared: it changes
+    # what evolve() makes of the config.
+    _zone_follows: tuple[bool, ...] = attrs.field(init=False, default=(), repr=False)
 
     def __new__(cls, *args: Any, **settings: Any) -> Config:
         # Runs before attrs' typed __init__, so an unknown keyword gets a ConfigError with a
@@ -238,7 +248,9 @@ class Config:
 
     def __attrs_post_init__(self) -> None:
         # Parsed here, not by a converter: entries default to the config's time zone.
-        object.__setattr__(self, "crontab", parse_crontab(self.crontab, self.timezone))
+        given = self.crontab
+        object.__setattr__(self, "crontab", parse_crontab(given, self.timezone))
+        object.__setattr__(self, "_zone_follows", tuple(map(_follows_zone, given)))
         # Two beats fit in the window: the latest beat surely lists a job claimed before it.
         if self.rescue_after < 2 * self.heartbeat_interval:
             raise ConfigError(
@@ -248,8 +260,18 @@ class Config:
             )
 
     def evolve(self, **changes: Any) -> Config:
-        """A copy with ``changes`` applied, validated like the original."""
+        """A copy with ``changes`` applied, validated like the original.
+
+        Crontab entries given without a time zone take the copy's ``timezone``.
+        """
         _reject_unknown(changes)
+        if "crontab" not in changes:
+            changes["crontab"] = [
+                (entry.expression, entry.worker, {"args": entry.args, **entry.options})
+                if follows
+                else entry
+                for entry, follows in zip(self.crontab, self._zone_follows, strict=True)
+            ]
         return attrs.evolve(self, **changes)
 
     @classmethod
@@ -264,12 +286,15 @@ class Config:
     ) -> Config:
         """Settings from ``TRIOBAN_*`` variables (``TRIOBAN_QUEUES="default:10,math:5"``).
 
-        Keyword ``overrides`` win over the environment, which wins over the defaults.
+        Keyword ``overrides`` win over the environment, which wins over the defaults. The
+        variables trioban reads elsewhere (``TRIOBAN_DATA_DIR``, ``TRIOBAN_PG_BIN``,
+        ``TRIOBAN_TEST_DSN``, ``TRIOBAN_HEAVY``, ``TRIOBAN_BENCH_DSN``) are skipped; any other
+        unknown ``TRIOBAN_*`` name raises ``ConfigError`` (a typo).
         """
         env = os.environ if environ is None else environ
         settings: dict[str, Any] = {}
         for key, raw in env.items():
-            if not key.startswith(prefix):
+            if not key.startswith(prefix) or key in _OTHER_VARIABLES:
                 continue
             field = key[len(prefix) :].lower()
             if field not in _FIELDS:
@@ -297,6 +322,10 @@ class Config:
             raise ConfigError(
                 "path", f"cannot read {file}: {exc.strerror}; check the path"
             ) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                "path", f"{file} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("path", f"{file} is not valid TOML: {exc}") from None
         table = data.get(section, data.get("tool", {}).get(section))
@@ -305,8 +334,21 @@ class Config:
         return cls.build(**(dict(table) | _explicit(overrides)))
 
 
-_FIELDS: Final = frozenset(field.name for field in attrs.fields(Config))
+_FIELDS: Final = frozenset(field.name for field in attrs.fields(Config) if field.init)
+_OTHER_VARIABLES: Final = frozenset(
+    {"TRIOBAN_DATA_DIR", "TRIOBAN_PG_BIN", "TRIOBAN_TEST_DSN", "TRIOBAN_HEAVY", "TRIOBAN_BENCH_DSN"}
+)
+"""Environment variables trioban reads elsewhere (the embedded and test servers, the test
+suite, the benchmarks): ``from_env`` skips them rather than call them unknown settings."""
 _OPTIONAL: Final = frozenset({"prune_max_age"})
+
+
+def _follows_zone(item: object) -> bool:
+    """Whether a (validated) crontab item takes the config's time zone: given as a tuple
+    without a ``timezone`` option. A ``CronEntry`` keeps its own."""
+    if isinstance(item, CronEntry) or not isinstance(item, Sequence):
+        return False
+    return len(item) < 3 or "timezone" not in item[2]
 
 
 def _suggest(name: str) -> str | None:

@@ -59,9 +59,8 @@ class Encrypted:
         return {FIELD: base64.b64encode(nonce + sealed).decode("ascii")}
 
     def decrypt(self, stored: Mapping[str, Any], worker: str) -> str:
-        """The JSON args text sealed in ``stored``; ``DecryptionError`` if no key opens it."""
-        from cryptography.exceptions import InvalidTag
-
+        """The JSON args text sealed in ``stored``; ``DecryptionError`` if no key opens it, or
+        the keys can't be had (a key callable that raises, a key of the wrong size)."""
         token = stored.get(FIELD) if isinstance(stored, Mapping) else None
         if not isinstance(token, str):
             raise DecryptionError(
@@ -77,16 +76,26 @@ class Encrypted:
             text = f"the encrypted args of this {worker} job are too short to be sealed args"
             raise DecryptionError(text)
         nonce, sealed = raw[:NONCE_BYTES], raw[NONCE_BYTES:]
-        for key in self.keys():
-            try:
-                opened: bytes = _aead(key).decrypt(nonce, sealed, worker.encode())
-                return opened.decode()
-            except InvalidTag:
-                continue
-        raise DecryptionError(
-            f"cannot decrypt the args of this {worker} job with any of the worker's "
-            f"{len(self.keys())} key(s): a wrong key, or the stored args were altered"
-        )
+        keys = self._keys_for(worker)
+        opened = _open(keys, nonce, sealed, worker)
+        if opened is None:
+            raise DecryptionError(
+                f"cannot decrypt the args of this {worker} job with any of the worker's "
+                f"{len(keys)} key(s): a wrong key, or the stored args were altered"
+            )
+        return opened.decode()
+
+    def _keys_for(self, worker: str) -> list[bytes]:
+        # A node missing a key (an unset environment variable) or holding a mangled one: the
+        # attempt fails with DecryptionError, retried, so a fixed node still runs the job.
+        try:
+            return self.keys()
+        except Exception as exc:
+            raise DecryptionError(
+                f"cannot get the encryption keys of worker {worker} on this node "
+                f"({type(exc).__name__}: {exc}); fix its Encrypted(key=...) source (e.g. the "
+                f"environment variables it reads) to give {KEY_BYTES}-byte keys"
+            ) from exc
 
 
 def _check_keys(value: object) -> list[bytes]:
@@ -102,6 +111,23 @@ def _check_keys(value: object) -> list[bytes]:
                 + "; make one with os.urandom(32)"
             )
     return [bytes(key) for key in keys]
+
+
+def _open(keys: list[bytes], nonce: bytes, sealed: bytes, worker: str) -> bytes | None:
+    """The plaintext sealed for ``worker``, opened with the first key that fits, or None."""
+    try:
+        from cryptography.exceptions import InvalidTag
+
+        for key in keys:
+            try:
+                opened: bytes = _aead(key).decrypt(nonce, sealed, worker.encode())
+                return opened
+            except InvalidTag:
+                continue
+    except Exception as exc:  # e.g. the cryptography package missing on this node
+        text = f"cannot decrypt the args of this {worker} job on this node"
+        raise DecryptionError(f"{text} ({type(exc).__name__}: {exc})") from exc
+    return None
 
 
 def _aead(key: bytes) -> Any:

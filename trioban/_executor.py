@@ -70,7 +70,12 @@ class Running:
 
 
 async def resolve(name: str) -> Worker | None:
-    """The worker called ``name``, importing its module once if it isn't registered yet."""
+    """The worker called ``name``, importing its module if it isn't registered yet; None if
+    that module doesn't exist or doesn't register it.
+
+    Raises what importing the module raised (a module that fails to import, as in a rolling
+    deploy or a configuration error, may import on a later attempt).
+    """
     found = lookup(name)
     if found is not None or "." not in name:
         return found
@@ -78,13 +83,32 @@ async def resolve(name: str) -> Worker | None:
     try:
         await trio.to_thread.run_sync(importlib.import_module, module)
     except Exception as exc:
-        log.warning("cannot import %s for worker %s: %s", module, name, exc)
+        log.warning("cannot import %s for worker %s: %r", module, name, exc)
+        if not _is_missing(module, exc):
+            raise
     return lookup(name)
+
+
+def _is_missing(module: str, exc: Exception) -> bool:
+    """Whether ``exc`` says ``module`` (or a package above it) doesn't exist, rather than that
+    something it imports is missing."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    return missing is not None and (module == missing or module.startswith(f"{missing}."))
 
 
 def _error(attempt: int, text: str) -> str:
     at = datetime.now(UTC).replace(tzinfo=None).isoformat()
-    return _codec.dumps({"at": at, "attempt": attempt, "error": text[:_TRACEBACK_LIMIT]})
+    return _codec.dumps({"at": at, "attempt": attempt, "error": _shorten(text, _TRACEBACK_LIMIT)})
+
+
+def _shorten(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: its start (where a failure's ``Type: message``
+    is) and its end (the innermost frames), with the middle cut out."""
+    if len(text) <= limit:
+        return text
+    kept = limit - len(f"\n[... {len(text)} characters cut ...]\n")  # at least the marker's
+    head, tail = kept - kept // 2, kept // 2
+    return f"{text[:head]}\n[... {len(text) - kept} characters cut ...]\n{text[len(text) - tail :]}"
 
 
 def _clean(text: str) -> str:
@@ -97,7 +121,10 @@ def _clean(text: str) -> str:
 
 
 def _exception_text(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
+    """``Type: message`` and then the traceback: a shortened text (a relay's reason, a deep
+    traceback) keeps the message."""
+    summary = "".join(traceback.format_exception_only(exc)).rstrip()
+    return summary + "\n\n" + "".join(traceback.format_exception(exc)).rstrip()
 
 
 async def execute(running: Running) -> Ack:
@@ -146,7 +173,13 @@ def _queue_time(job: Job) -> float:
 
 async def _run(running: Running) -> Ack:
     job = running.job
-    worker = await resolve(job.worker)
+    try:
+        worker = await resolve(job.worker)
+    except Exception as exc:
+        # Retried (with the default backoff): a fixed deployment or configuration runs it.
+        module = job.worker.rsplit(".", 1)[0]
+        text = f"cannot import module {module!r} of worker {job.worker!r} on this node: "
+        return _failed(job, text + _exception_text(exc))
     if worker is None:
         reason = (
             f"unknown worker {job.worker!r}: no imported module registers it; import the "
@@ -160,6 +193,8 @@ async def _run(running: Running) -> Ack:
         return _failed(job, str(exc), worker=worker)
     except ValueError as exc:
         return _failed(job, f"{exc}; the job was inserted with args its worker rejects", final=True)
+    except Exception as exc:  # not expected: fail the job, not the node
+        return _failed(job, _exception_text(exc), worker=worker)
     if worker.timeout is not None:
         running.scope.deadline = trio.current_time() + worker.timeout
     try:
@@ -176,7 +211,11 @@ async def _run(running: Running) -> Ack:
             return _ended(job, "cancelled", running.cancel_reason)
         text = f"TimeoutError: job exceeded its worker's timeout of {worker.timeout}s"
         return _failed(job, text, worker=worker)
-    return _outcome(job, worker, result)
+    try:
+        return _outcome(job, worker, result)
+    except Exception as exc:  # a return value the ack can't be made of fails the job, not the node
+        text = f"cannot record what {worker.name} returned ({type(result).__name__}): "
+        return _failed(job, text + _exception_text(exc), worker=worker)
 
 
 def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
@@ -243,11 +282,15 @@ def _retry_in(worker: Worker, attempt: int) -> float:
 
 
 def _failed(job: Job, text: str, *, worker: Worker | None = None, final: bool = False) -> Ack:
+    """The ack of a failed attempt: retried after ``worker``'s backoff (the default one without
+    a worker), or discarded when ``final`` or out of attempts."""
     text = _clean(text)
-    if final or job.attempt >= job.max_attempts or worker is None:
+    if final or job.attempt >= job.max_attempts:
         ack = _ended(job, "discarded", text)
     else:
-        schedule_in = _retry_in(worker, job.attempt)
+        schedule_in = (
+            default_backoff(job.attempt) if worker is None else _retry_in(worker, job.attempt)
+        )
         error = _error(job.attempt, text)
         ack = _ack(job, "retryable", schedule_in=schedule_in, error=error, reason=text)
     return attrs.evolve(ack, error=text)
@@ -262,7 +305,8 @@ def failure(job: Job, error: BaseException | str) -> Ack:
     """The ack of ``job`` failing with ``error`` (an exception, or a reason) outside a normal
     run: retryable or discarded by its attempts, as a raised exception makes it."""
     text = error if isinstance(error, str) else _exception_text(error)
-    return _failed(job, text, worker=lookup(job.worker))
+    worker = lookup(job.worker)
+    return _failed(job, text, worker=worker, final=worker is None)
 
 
 def _granted(job: Job) -> int:
@@ -285,7 +329,7 @@ def unwritable(ack: Ack, reason: str) -> Ack:
     relay = (
         None
         if ack.relay is None
-        else (ack.relay[0], Notice("discarded", None, text[:REASON_LIMIT]))
+        else (ack.relay[0], Notice("discarded", None, _shorten(text, REASON_LIMIT)))
     )
     return attrs.evolve(
         ack,
@@ -314,7 +358,7 @@ def _ack(
         # Published by the acker unless the relay waits here (then handed over in-process).
         # The result as JSON holds it (tuples as lists, keys as str), as the notifier gives it.
         relayed = _codec.loads(meta).get(META_RESULT) if meta is not None else None
-        relay = (str(ref), Notice(state, relayed, reason[:REASON_LIMIT]))
+        relay = (str(ref), Notice(state, relayed, _shorten(reason, REASON_LIMIT)))
     assert job.attempted_at is not None
     job_id = _job_id(job)
     workflow = job.meta.get(WORKFLOW_ID)

@@ -12,6 +12,7 @@ from typing import Any, Final, final
 
 import attrs
 import outcome
+import psycopg
 import trio
 
 from . import _pg, _schema, _settle, _store
@@ -23,6 +24,7 @@ from ._checks import (
     check_jobs,
     check_key,
     check_limit,
+    check_queue,
     check_timeout,
     check_type,
     encode_message,
@@ -30,14 +32,14 @@ from ._checks import (
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
-from ._executor import run_here
+from ._executor import Ack, run_here
 from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
 from ._notifier import Notifier, check_channel
 from ._producer import QueueInfo
 from ._queues import SIGNAL, Queues, settle_claims
-from ._relay import META_RESULT, Registry, Relay, insert_relayed
+from ._relay import META_REF, META_RESULT, Notice, Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
 from ._sql import query
 from ._worker import CURRENT, lookup, scheduled
@@ -47,6 +49,8 @@ log = logging.getLogger("trioban")
 
 PKILL_CHUNK: Final = 200
 """Executing jobs named per cancel signal (a notification holds at most 8,000 bytes)."""
+ROLLBACK_TIMEOUT: Final = 5.0
+"""Seconds the shielded rollback of a failed or cancelled ``oban.transaction()`` may take."""
 
 
 @final
@@ -64,7 +68,9 @@ class Oban:
         self._uncommitted: dict[_pg.Connection, list[Job]] = {}
         settle = partial(_settle.after_acks, work_pool, conf.prefix)
         self._acker = Acker(work_pool, conf.prefix, settle, self._relays)
-        self._queues = Queues(work_pool, self._acker, self._notifier, conf.prefix, conf.node)
+        self._queues = Queues(
+            work_pool, self._acker, self._notifier, conf.prefix, conf.node, instance=self
+        )
         # Identifies this instance's own signals (several instances may share a node name).
         self._origin = uuid.uuid4().hex
         peer = f"{conf.node}/{self._origin[:8]}"
@@ -106,6 +112,8 @@ class Oban:
         check_conn(conn)
         if self.config.testing == "inline":
             return [await self._run_inline(job) for job in batch]
+        if isinstance(jobs, Workflow) and not jobs._existing:  # not append_workflow's steps
+            return await self._insert_new_workflow(jobs.workflow_id, batch, conn=conn)
         prefix = self.config.prefix
         unique = any(job._unique is not None for job in batch)
         if conn is not None:
@@ -128,11 +136,34 @@ class Oban:
         self._queues.wake_for(saved)
         return saved
 
+    async def _insert_new_workflow(
+        self, workflow_id: str, jobs: list[Job], *, conn: _pg.Connection | None = None
+    ) -> list[Job]:
+        """Insert a new workflow's jobs, refusing an id already in use: the runs' steps and
+        deps would mix. The id is locked until the insert commits, then checked."""
+        if self.config.testing == "inline":
+            return await self.insert_all(jobs)
+        if conn is None:
+            async with self.transaction() as tx:
+                return await self._insert_new_workflow(workflow_id, jobs, conn=tx)
+        prefix = self.config.prefix
+        params = {"workflow_id": workflow_id, "prefix": prefix}
+        await conn.execute(query("lock_workflow_id", prefix), params)
+        cur = await conn.execute(query("workflow_exists", prefix), params)
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            raise ValueError(
+                f"workflow {workflow_id!r} already exists: give each run its own id (the "
+                "default), or add steps to it with append_workflow()"
+            )
+        return await self.insert_all(jobs, conn=conn)
+
     async def _run_inline(self, job: Job) -> Job:
         """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""
         ran, ack = await run_here(job)
-        if ack.relay is not None:
-            self._relays.offer(*ack.relay)
+        ref = job.meta.get(META_REF)
+        if ref is not None:
+            self._relays.offer(str(ref), _inline_notice(ack))
         return attrs.evolve(ran, id=None, state=JobState(ack.state), meta=job.meta)
 
     async def run_cron(self, at: datetime | None = None) -> int:
@@ -169,7 +200,10 @@ class Oban:
         return data if worker is None else worker.load_result(data)
 
     async def retry_job(self, job_id: int) -> bool:
-        """Make a finished or waiting job available now; False if it was available/executing."""
+        """Make a finished or waiting job available now.
+
+        False if it was available or executing, or is a workflow step waiting on its deps.
+        """
         return await _store.retry_job(self._pool, self.config.prefix, check_id(job_id))
 
     async def cancel_job(self, job_id: int, reason: str = "cancelled") -> bool:
@@ -181,6 +215,8 @@ class Oban:
 
     async def cancel_all_jobs(self, job_ids: Iterable[int], *, reason: str = "cancelled") -> int:
         """Cancel several jobs (see ``cancel_job``); returns how many were cancelled."""
+        if isinstance(job_ids, str | bytes) or not isinstance(job_ids, Iterable):
+            raise TypeError(f"expected a list of job ids, got {job_ids!r}")
         ids = [check_id(job_id) for job_id in job_ids]
         if not isinstance(reason, str):
             raise TypeError(f"cancel reason must be a str, got {reason!r}")
@@ -212,13 +248,14 @@ class Oban:
     async def transaction(self) -> AsyncIterator[_pg.Connection]:
         """A pooled connection inside a transaction, for ``insert(job, conn=...)``.
 
-        The transaction commits when the block exits normally and rolls back on an exception.
+        The transaction commits when the block exits normally and rolls back on an exception
+        (or when the block is cancelled).
         """
         async with self._pool.connection() as conn:
             inserted: list[Job] = []
             self._uncommitted[conn] = inserted
             try:
-                async with conn.transaction():
+                async with _transaction(conn):
                     yield conn
             finally:
                 del self._uncommitted[conn]
@@ -231,7 +268,10 @@ class Oban:
     async def insert_workflow(
         self, workflow: Workflow, *, conn: _pg.Connection | None = None
     ) -> list[Job]:
-        """Insert a workflow's jobs (checked: known deps, no cycles) in one statement."""
+        """Insert a workflow's jobs (checked: known deps, no cycles) in one transaction.
+
+        Raises ``ValueError`` if a workflow with its id is already in the database.
+        """
         check_type(workflow, Workflow, "a trioban.Workflow")
         return await self.insert_all(workflow, conn=conn)
 
@@ -295,9 +335,9 @@ class Oban:
         check_type(workflow, Workflow, "a trioban.Workflow")
         deadline = trio.current_time() + check_timeout(timeout)
         jobs, sinks = workflow.build(), set(workflow.sinks())
-        _, relays = await insert_relayed(
-            self._relays, self.insert_all, jobs, [job.meta[NAME] in sinks for job in jobs]
-        )
+        insert = partial(self._insert_new_workflow, workflow.workflow_id)
+        flags = [job.meta[NAME] in sinks for job in jobs]
+        _, relays = await insert_relayed(self._relays, insert, jobs, flags)
         waiting = [relay for relay in relays if relay is not None]
         remaining = max(0.0, deadline - trio.current_time())
         outcomes = await _await_many(waiting, remaining)
@@ -344,18 +384,22 @@ class Oban:
 
     async def await_many(
         self,
-        relays: Sequence[Relay],
+        relays: Iterable[Relay],
         timeout: float = 5.0,  # noqa: ASYNC109 (the API contract takes a timeout)
     ) -> list[outcome.Outcome[Any]]:
-        """Await several relays under one deadline: one ``outcome.Outcome`` each, in order.
+        """Await several relays (any iterable of them) under one deadline: one
+        ``outcome.Outcome`` each, in order.
 
         Unfinished relays at the deadline get ``outcome.Error(RelayTimeout())``; a job's
         failure is an ``outcome.Error``, never an exception from this call.
         """
-        for relay in relays:
+        if isinstance(relays, Relay):
+            raise TypeError("await_many expects a list of Relay objects; use result() for one")
+        waiting = list(relays)
+        for relay in waiting:
             if not isinstance(relay, Relay):
                 raise TypeError(f"await_many expects Relay objects, got {relay!r}")
-        return await _await_many(relays, check_timeout(timeout))
+        return await _await_many(waiting, check_timeout(timeout))
 
     # -- notifier ---------------------------------------------------------------------------
 
@@ -374,7 +418,15 @@ class Oban:
         """
         check_channel(channel)
         check_conn(conn)
-        items = [payload] if isinstance(payload, Mapping) else list(payload)
+        if isinstance(payload, Mapping):
+            items: Sequence[Mapping[str, Any]] = [payload]
+        elif isinstance(payload, Sequence) and not isinstance(payload, str | bytes):
+            items = payload
+        else:
+            raise TypeError(
+                "expected the notifier payload to be a JSON object (a dict) or a list of them, "
+                f"got {type(payload).__name__}"
+            )
         texts = [encode_message(item) for item in items]
         if conn is not None:
             await _store.notify(conn, self.config.prefix, channel, texts)
@@ -391,7 +443,7 @@ class Oban:
         consumer that falls more than ``trioban.LISTEN_BUFFER`` messages behind loses new ones
         (a warning is logged).
         """
-        if isinstance(channels, str):
+        if isinstance(channels, str) or not isinstance(channels, Iterable):
             raise TypeError("listen() expects a list of channel names, e.g. ['gossip']")
         return self._notifier.listen(channels)
 
@@ -452,9 +504,10 @@ class Oban:
         self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
     ) -> None:
         """Start running ``queue`` with ``limit`` on every node (or one) not running it yet."""
+        message = _queue_message("start", queue, local_only, node, limit=check_limit(limit))
         if queue not in self._queues.producers and node in (None, self.config.node):
-            await self._queues.start(queue, check_limit(limit))
-        await self._queue_action("start", queue, local_only, node, limit=limit)
+            await self._queues.start(queue, limit)
+        await self._send(message, local_only)
 
     async def stop_queue(
         self, queue: str, *, local_only: bool = False, node: str | None = None
@@ -470,11 +523,10 @@ class Oban:
     async def _queue_action(
         self, action: str, queue: str, local_only: bool, node: str | None, **extra: Any
     ) -> None:
-        if not isinstance(queue, str) or not queue:
-            raise ValueError(f"expected queue to be a non-empty str, got {queue!r}")
-        if node is not None and (not isinstance(node, str) or not node):
-            raise ValueError(f"expected node to be a node name or None, got {node!r}")
-        message = {"action": action, "queue": queue, "node": node, **extra}
+        await self._send(_queue_message(action, queue, local_only, node, **extra), local_only)
+
+    async def _send(self, message: dict[str, Any], local_only: bool) -> None:
+        """Apply a queue signal here, then send it to the other nodes unless ``local_only``."""
         self._queues.apply(message)
         if not local_only:
             await self._signal(message)
@@ -504,6 +556,56 @@ def current_instance() -> Oban:
         ) from None
     assert isinstance(instance, Oban)
     return instance
+
+
+@asynccontextmanager
+async def _transaction(conn: _pg.Connection) -> AsyncIterator[None]:
+    """``conn.transaction()``, but its rollback runs when the block is cancelled.
+
+    psycopg's own exit awaits the rollback in the cancelled scope, where it can't run, and
+    leaves its transaction open on the connection (which the pool must then throw away).
+    Here the rollback is shielded and bounded, and so is that of a commit cancelled before
+    the COMMIT was sent.
+    """
+    tx = psycopg.AsyncTransaction(conn)
+    await tx.__aenter__()
+    try:
+        yield
+    except BaseException as exc:
+        with trio.move_on_after(ROLLBACK_TIMEOUT, shield=True):
+            if await tx.__aexit__(type(exc), exc, exc.__traceback__):
+                return  # a psycopg.Rollback raised in the block: rolled back as asked
+        raise
+    try:
+        await tx.__aexit__(None, None, None)
+    except BaseException as exc:
+        if tx.status is tx.Status.ACTIVE:  # cancelled before the COMMIT was sent
+            with trio.move_on_after(ROLLBACK_TIMEOUT, shield=True):
+                await tx.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+
+
+def _inline_notice(ack: Ack) -> Notice:
+    """The final outcome of an inline job for its relay: inline runs one attempt only, so a
+    failure that would be retried, or a snooze, ends the relay at once (``RelayDiscard``),
+    even ``with_retries=True``, instead of leaving it waiting for an attempt that never runs.
+    """
+    if ack.relay is not None:
+        notice = ack.relay[1]
+        return notice if ack.final else Notice("discarded", None, notice.reason)
+    # Only a snooze leaves a relayed job without a notice.
+    return Notice("discarded", None, "the job snoozed; the inline testing mode runs each job once")
+
+
+def _queue_message(
+    action: str, queue: object, local_only: object, node: object, **extra: Any
+) -> dict[str, Any]:
+    """A queue signal, its arguments checked first: nothing is done with bad ones."""
+    check_queue(queue)
+    check_type(local_only, bool, "local_only to be True or False")
+    if node is not None and (not isinstance(node, str) or not node):
+        raise ValueError(f"expected node to be a node name or None, got {node!r}")
+    return {"action": action, "queue": queue, "node": node, **extra}
 
 
 def cron_entries(conf: Config) -> list[CronEntry]:

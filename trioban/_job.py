@@ -33,6 +33,13 @@ AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
 """States an insert derives from ``scheduled_at``; any other state is written as given."""
 
 
+def _with_args(text: str | tuple[Any, str] | None, job: Any) -> tuple[Any, str] | None:
+    """The cache of ``job``'s args JSON: text from ``Worker.new()`` is paired with ``job.args``
+    (set already: attrs sets fields in order); a pair copied from another job is kept as is,
+    so ``args_json`` sees when it encodes args other than ``job.args``."""
+    return (job.args, text) if isinstance(text, str) else text
+
+
 @final
 @attrs.frozen(kw_only=True)
 class Job:
@@ -62,8 +69,16 @@ class Job:
     discarded_at: datetime | None = None
     cancelled_at: datetime | None = None
     conflict: bool = False
-    # The args' JSON text, encoded once by Worker.new() and reused at insert.
-    _args_json: str | None = attrs.field(default=None, repr=False, eq=False, alias="_args_json")
+    # The args' JSON text, encoded once by Worker.new() and reused at insert, kept with the
+    # args object it encodes: a copy with other args (attrs.evolve) doesn't reuse it.
+    _args_json: tuple[Any, str] | None = attrs.field(
+        default=None,
+        repr=False,
+        eq=False,
+        alias="_args_json",
+        # The mypy plugin can't read a Converter: it types this argument as Any.
+        converter=attrs.Converter(_with_args, takes_self=True),  # type: ignore[misc]
+    )
     # The unique key and conflict rules, computed by Worker.new() before any encryption.
     _unique: Claim | None = attrs.field(default=None, repr=False, eq=False, alias="_unique")
 
@@ -111,20 +126,34 @@ def as_inserted(
     )
 
 
+def _cancel_reason(reason: object) -> str:
+    return "cancelled" if reason is None else str(reason)
+
+
+def _discard_reason(reason: object) -> str:
+    return "discarded" if reason is None else str(reason)
+
+
 @final
 @attrs.frozen
 class Cancel:
-    """Return ``Cancel(reason)`` to cancel the job; a relay raises ``RelayCancelled``."""
+    """Return ``Cancel(reason)`` to cancel the job; a relay raises ``RelayCancelled``.
 
-    reason: str = "cancelled"
+    ``reason`` is kept as text: ``Cancel(exc)`` stores ``str(exc)``; None is the default.
+    """
+
+    reason: str = attrs.field(default="cancelled", converter=_cancel_reason)
 
 
 @final
 @attrs.frozen
 class Discard:
-    """Return ``Discard(reason)`` to discard the job; a relay raises ``RelayDiscard``."""
+    """Return ``Discard(reason)`` to discard the job; a relay raises ``RelayDiscard``.
 
-    reason: str = "discarded"
+    ``reason`` is kept as text: ``Discard(exc)`` stores ``str(exc)``; None is the default.
+    """
+
+    reason: str = attrs.field(default="discarded", converter=_discard_reason)
 
 
 @final

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import _codec, _pg, telemetry
+from ._errors import TriobanError
 from ._sql import IDENTIFIER, channel
 
 log = logging.getLogger("trioban.notifier")
@@ -63,6 +64,10 @@ class Notifier:
         self._listening: set[str] = set()
         self._read_scope: trio.CancelScope | None = None
         self._listened = trio.Event()
+        # The send ends of the open ``listen()`` blocks: closed when the notifier stops, so
+        # their consumers' ``async for`` ends.
+        self._listeners: set[trio.MemorySendChannel[tuple[str, Any]]] = set()
+        self._stopped = False
         self.connected = False
 
     def subscribe(self, name: str, handler: Handler) -> None:
@@ -97,6 +102,12 @@ class Notifier:
         only by a connection that stayed up ``_HEALTHY_AFTER`` seconds, so a server that
         accepts connections and drops them is not reconnected to in a tight loop.
         """
+        try:
+            await self._connect_and_read(task_status)
+        finally:
+            self._stop()
+
+    async def _connect_and_read(self, task_status: trio.TaskStatus[None]) -> NoReturn:
         delay = 0.0
         started = False
         while True:
@@ -128,6 +139,22 @@ class Notifier:
                 await trio.sleep(delay)
                 delay = _backoff(delay)
 
+    def _stop(self) -> None:
+        """No more messages: every ``listen()`` consumer gets ``EndOfChannel``, and waiting
+        for a LISTEN or starting a ``listen()`` from now on raises."""
+        self._stopped = True
+        for send in self._listeners:
+            send.close()
+        self._listeners.clear()
+        self._listened.set()
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise TriobanError(
+                "this trioban instance is closed: its notifier has stopped; listen inside "
+                "`async with trioban.open(conf) as oban:`"
+            )
+
     async def _read(self, conn: _pg.Connection) -> NoReturn:
         while True:
             try:
@@ -157,6 +184,7 @@ class Notifier:
         """Wait until the connection is listening on every channel in ``names``."""
         full = {channel(self._prefix, name) for name in names}
         while not (self.connected and full <= self._listening):
+            self._check_running()
             await self._listened.wait()
 
     def _dispatch(self, full_channel: str, payload: str) -> None:
@@ -188,11 +216,14 @@ class Notifier:
         """Receive ``(channel, payload)`` for ``names`` until the block exits.
 
         The channel buffers ``LISTEN_BUFFER`` messages; when the consumer falls further behind,
-        new messages are dropped and counted in a logged warning.
+        new messages are dropped and counted in a logged warning. The channel ends
+        (``EndOfChannel``) when the notifier stops, as its instance closes; on a closed
+        instance, ``TriobanError`` is raised.
         """
-        wanted = [check_channel(name) for name in names]
+        wanted = list(dict.fromkeys(check_channel(name) for name in names))  # each one once
         if not wanted:
             raise ValueError("listen() needs at least one channel name")
+        self._check_running()
         send, receive = trio.open_memory_channel[tuple[str, Any]](LISTEN_BUFFER)
         dropped = 0
 
@@ -201,6 +232,8 @@ class Notifier:
                 nonlocal dropped
                 try:
                     send.send_nowait((name, payload))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.unsubscribe(name, handle)  # the consumer closed its end: it's gone
                 except trio.WouldBlock:
                     dropped += 1
                     if dropped in (1, 10, 100) or dropped % 1000 == 0:
@@ -209,6 +242,7 @@ class Notifier:
             return handle
 
         handlers = [(name, handler_for(name)) for name in wanted]
+        self._listeners.add(send)
         try:
             for name, handler in handlers:
                 self.subscribe(name, handler)
@@ -216,5 +250,6 @@ class Notifier:
             with send, receive:
                 yield receive
         finally:
+            self._listeners.discard(send)
             for name, handler in handlers:
                 self.unsubscribe(name, handler)

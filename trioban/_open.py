@@ -126,7 +126,9 @@ async def _serving(oban: Oban) -> AsyncIterator[None]:
     loses no ack, and bounded: it stops ``_acker.DRAIN_TIMEOUT`` seconds after the grace."""
     acker, grace = oban._acker, oban.config.shutdown_grace
     async with trio.open_nursery() as acking:
-        await acking.start(acker.run)
+        # Not ``start()``: the acker is ready at once, and a ``start()`` cancelled before its
+        # ``started()`` would wait for it, shielded, for ever, never reaching ``close()``.
+        acking.start_soon(acker.run)
         try:
             async with oban._queues.serve(grace):
                 try:
@@ -209,11 +211,10 @@ async def _prepare_schema(pool: _pg.Pool, conf: Config) -> None:
             await _schema.verify(conn, conf.prefix)
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for child in exc.exceptions for leaf in _leaves(child)]
 
 
 def _collapse(
@@ -221,11 +222,18 @@ def _collapse(
 ) -> BaseException:
     """What to raise for an exception group from the instance's nurseries (STYLE rule 8)."""
     leaves = _leaves(group)
-    if body is not None and all(leaf is body for leaf in leaves):
+    # The body's own exception, a group too, comes out whole. Found by its leaves: a
+    # cancel scope on the way out may have copied the groups holding them.
+    mine = set() if body is None else {id(leaf) for leaf in _leaves(body)}
+    if body is not None and all(id(leaf) in mine for leaf in leaves):
         return body
     if all(isinstance(leaf, trio.Cancelled) for leaf in leaves):
         return group
-    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
-    if len(errors) == 1 and isinstance(errors[0], TriobanError) and body is None:
-        return errors[0]
-    return InternalError(f"a trioban task failed: {errors[0]!r}")
+    ours = [
+        leaf for leaf in leaves if id(leaf) not in mine and not isinstance(leaf, trio.Cancelled)
+    ]
+    if body is not None and not ours:
+        return body  # beside it, only Cancelled: its consequence
+    if len(ours) == 1 and isinstance(ours[0], TriobanError) and body is None:
+        return ours[0]
+    return InternalError(f"a trioban task failed: {ours[0]!r}")

@@ -18,11 +18,13 @@ import trio
 
 from . import _store, telemetry
 from ._executor import Running, execute, handed_back
+from ._worker import CURRENT
 
 if TYPE_CHECKING:
     from ._acker import Acker
     from ._job import Job
     from ._pg import Pool
+    from ._worker import Relayer
 
 log = logging.getLogger("trioban.producer")
 
@@ -47,7 +49,15 @@ class Producer:
     """The runner of one queue on this node."""
 
     def __init__(
-        self, *, pool: Pool, acker: Acker, prefix: str, node: str, queue: str, limit: int
+        self,
+        *,
+        pool: Pool,
+        acker: Acker,
+        prefix: str,
+        node: str,
+        queue: str,
+        limit: int,
+        instance: Relayer | None = None,
     ) -> None:
         self.queue = queue
         self.limit = limit
@@ -58,6 +68,7 @@ class Producer:
         self._acker = acker
         self._prefix = prefix
         self._node = node
+        self._instance = instance  # what ``current_instance()`` is in this queue's jobs
         self._wakeup = trio.Event()
         # Set once no job runs and no fetch is in flight; replaced only when set, so a
         # ``wait_idle`` waiting on it is woken however many jobs start meanwhile.
@@ -234,6 +245,10 @@ class Producer:
         jobs.start_soon(self._execute, running)
 
     async def _execute(self, running: Running) -> None:
+        if self._instance is not None:
+            # A task starts in a copy of its spawner's context: here an inserting task's (claim
+            # on insert) or a start_queue() caller's. A job sees the instance that runs it.
+            CURRENT.set(self._instance)
         job: Job = running.job
         try:
             ack = await execute(running)

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, Final, TypeAlias, final
 
 import outcome
 import trio
 
-from . import _pg
+from . import _codec, _pg
 from ._acker import Acker
 from ._errors import TriobanError
 from ._inserter import Settle
 from ._job import Job, JobState, evolve
 from ._notifier import Notifier
 from ._producer import Producer, Producers
+from ._worker import Relayer, args_json
 
 SIGNAL: Final = "signal"
 """The notifier channel of queue signals."""
+
+Claims: TypeAlias = dict[Producer, list[tuple[int, Job]]]
+"""Jobs claimed on insert, by producer: each one's index in the batch, and the job as built."""
 
 
 @final
@@ -31,9 +35,16 @@ class Queues:
     """The producers of one instance, by queue name."""
 
     def __init__(
-        self, work_pool: _pg.Pool, acker: Acker, notifier: Notifier, prefix: str, node: str
+        self,
+        work_pool: _pg.Pool,
+        acker: Acker,
+        notifier: Notifier,
+        prefix: str,
+        node: str,
+        instance: Relayer,
     ) -> None:
         self._work_pool = work_pool
+        self._instance = instance  # what current_instance() is in the jobs run here
         self._acker = acker
         self._notifier = notifier
         self._prefix = prefix
@@ -60,6 +71,7 @@ class Queues:
             node=self._node,
             queue=queue,
             limit=limit,
+            instance=self._instance,
         )
         if not self.producers and not self._woken_by_inserts:
             # Only a node running queues listens for inserts: an insert-only node would
@@ -89,11 +101,12 @@ class Queues:
                 self._nursery = None
                 await stop(self.producers.values(), grace)  # noqa: ASYNC102
 
-    def claim(self, jobs: list[Job]) -> tuple[list[Job], dict[Producer, list[int]]]:
+    def claim(self, jobs: list[Job]) -> tuple[list[Job], Claims]:
         """Claim on insert: jobs for a queue this node runs, with free slots and nothing
         waiting, are inserted already claimed by its producer and run at once, skipping the
-        notification and fetch round trips. Returns the jobs and each producer's indexes."""
-        claims: dict[Producer, list[int]] = {}
+        notification and fetch round trips. Returns the jobs and each producer's claims (the
+        index of each claimed job, and the job)."""
+        claims: Claims = {}
         if not self.producers:
             return jobs, claims
         claimed = list(jobs)
@@ -103,7 +116,7 @@ class Queues:
                 continue
             if producer.reserve(1):
                 claimed[index] = evolve(job, attempted_by=(self._node, producer.uuid))
-                claims.setdefault(producer, []).append(index)
+                claims.setdefault(producer, []).append((index, job))
         return claimed, claims
 
     def wake_for(self, saved: Sequence[Job]) -> None:
@@ -175,19 +188,44 @@ class Queues:
                 del self.producers[producer.queue]
 
 
-def settle_claims(claims: dict[Producer, list[int]]) -> Settle:
+def settle_claims(claims: Claims) -> Settle:
     """The inserter's callback for jobs claimed on insert: once the insert's outcome is known,
     each producer runs its saved jobs, or frees their slots if nothing was inserted."""
 
     def settle(result: outcome.Outcome[list[Job]] | None) -> None:
         saved = result.value if isinstance(result, outcome.Value) else None
-        for producer, indexes in claims.items():
+        for producer, claimed in claims.items():
             if saved is None:
-                producer.release(len(indexes))
+                producer.release(len(claimed))
             else:
-                producer.adopt([saved[i] for i in indexes])
+                producer.adopt([as_fetched(saved[index], job) for index, job in claimed])
 
     return settle
+
+
+def as_fetched(saved: Job, built: Job) -> Job:
+    """``saved`` (as ``as_inserted`` made it) with the args and meta a fetch would give it:
+    decoded from the JSON inserted (``built``'s), not the caller's objects, which the caller
+    may still change and which may hold what JSON reshapes (tuples, int keys, big floats)."""
+    meta_json = _codec.dumps(built.meta) if built.meta else "{}"
+    args, meta = _codec.loads_stored(f"[{args_json(built)},{meta_json}]")  # one decode, both
+    # Built, not evolve()d, on the relay hot path: evolve copies every field, at twice the cost.
+    return Job(
+        worker=saved.worker,
+        args=args,
+        queue=saved.queue,
+        priority=saved.priority,
+        max_attempts=saved.max_attempts,
+        tags=saved.tags,
+        meta=meta,
+        id=saved.id,
+        state=saved.state,
+        inserted_at=saved.inserted_at,
+        scheduled_at=saved.scheduled_at,
+        attempt=saved.attempt,
+        attempted_at=saved.attempted_at,
+        attempted_by=saved.attempted_by,
+    )
 
 
 async def stop(producers: Iterable[Producer], grace: float) -> None:

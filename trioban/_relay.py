@@ -11,6 +11,7 @@ once after the notifier reconnects, so a missed notice only delays a result.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -294,7 +295,7 @@ class Relay:
         A relay of a unique job that joined an existing job follows that job; if that job
         completes without storing its result, ``RelayError`` says so.
         """
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(check_timeout(timeout)):
             return await self._wait(with_retries)
         raise RelayTimeout(f"no result for job {self.job.id} within {timeout}s")
 
@@ -366,6 +367,19 @@ async def insert_relayed(
             registry.join(ref, job.id)
         relays.append(Relay(registry, ref, job, load, stored=stored))
     return saved, relays
+
+
+def check_timeout(timeout: float) -> float:
+    """``timeout`` as seconds for a cancel scope; ``inf`` waits for ever, NaN is refused."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"expected timeout to be a number of seconds, got {timeout!r}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf if timeout > 0 else -math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"expected timeout to be a number of seconds >= 0, got {timeout!r}")
+    return seconds
 
 
 def new_ref() -> str:

@@ -30,6 +30,8 @@ FIELDS: Final = frozenset({"worker", "queue", "args", "meta"})
 REPLACEABLE: Final = frozenset(
     {"args", "max_attempts", "meta", "priority", "queue", "scheduled_at", "tags"}
 )
+MAX_PERIOD: Final = 100 * 365.25 * 86400.0
+"""The longest ``Unique(period=)``, in seconds (100 years); ``None`` is forever."""
 
 
 @final
@@ -50,6 +52,12 @@ def _period(value: object) -> float | None:
         raise TypeError(f"expected Unique(period=) to be seconds or None (forever), got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"expected Unique(period=) to be a finite number > 0, got {value}")
+    if value > MAX_PERIOD:
+        # PostgreSQL can't subtract much longer periods from now(): the insert would fail.
+        raise ValueError(
+            f"expected Unique(period=) to be at most 100 years ({MAX_PERIOD:.0f} seconds), "
+            f"got {value}; period=None blocks duplicates forever"
+        )
     return float(value)
 
 
@@ -111,7 +119,8 @@ class Unique:
     """A uniqueness constraint: ``@worker(unique=Unique(...))`` or ``Worker.new(unique=...)``.
 
     Attributes:
-        period: seconds a job blocks its duplicates after it was inserted; ``None``: forever.
+        period: seconds a job blocks its duplicates after it was inserted (at most 100
+            years); ``None``: forever.
         fields: which of ``worker``, ``queue``, ``args``, ``meta`` make jobs duplicates.
         keys: only these args keys count (default: all of the args).
         meta_keys: these meta keys count (implies ``meta``; default: all of meta when

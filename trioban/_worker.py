@@ -6,7 +6,8 @@ import contextvars
 import inspect
 import math
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol, final, overload
@@ -28,11 +29,13 @@ RECORDED_LIMIT: Final = 1_000_000
 _MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
 
 
-class _Relayer(Protocol):
+class Relayer(Protocol):
+    """What a job's code reaches through ``current_instance()``: an open instance."""
+
     async def relay(self, job: Job, *, timeout: float, with_retries: bool) -> Any: ...  # noqa: ASYNC109
 
 
-CURRENT: contextvars.ContextVar[_Relayer] = contextvars.ContextVar("trioban_instance")
+CURRENT: contextvars.ContextVar[Relayer] = contextvars.ContextVar("trioban_instance")
 """The innermost open trioban instance of this task, set by ``trioban.open()``."""
 
 # A NUL character as JSON escapes it: \u0000 after an even run of backslashes.
@@ -51,7 +54,49 @@ def _check_queue(queue: object, field: str = "queue") -> str:
         raise ValueError(
             f"expected {field} to be a non-empty str of at most {_MAX_NAME} chars, got {queue!r}"
         )
+    _check_utf8(queue, field)
     return queue
+
+
+def _check_utf8(text: str, field: str) -> None:
+    """Reject a lone surrogate (left by decoding bytes with ``errors="surrogateescape"``, say):
+    PostgreSQL is sent UTF-8, which can't encode one."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"expected {field} to be text UTF-8 can encode, but it holds the lone surrogate "
+            f"{text[exc.start]!r}, which PostgreSQL can't store"
+        ) from None
+
+
+def _check_tags(tags: Sequence[str], field: str = "tags") -> tuple[str, ...]:
+    checked = as_str_tuple(tags, field)
+    for tag in checked:
+        _check_utf8(tag, field)
+    return checked
+
+
+def _check_name(name: str) -> str:
+    if not 0 < len(name) <= _MAX_NAME:
+        raise ValueError(
+            f"a worker's name (its module and qualified name, stored in each job) must be 1 to "
+            f"{_MAX_NAME} characters; {name!r} has {len(name)}: use a shorter name or module path"
+        )
+    return name
+
+
+def _worker_name(target: type[Any] | JobFunction) -> str:
+    """``module.qualname``; for code run as ``python -m pkg.app``, ``pkg.app``'s name rather
+    than ``__main__``, which other nodes (importing ``pkg.app``) could not resolve."""
+    module = target.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name:
+            module = spec.name
+    return _check_name(f"{module}.{target.__qualname__}")
 
 
 MAX_ATTEMPTS: Final = 2**31 - 1
@@ -88,14 +133,57 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
     try:
         encoded = _codec.dumps(copy)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, TypeError):
+            _check_nested_keys(copy, field)  # name the place of a bad key, if that is it
         raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
     if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
         raise ValueError(
             f"{field} contains the NUL character (\\u0000), which PostgreSQL's jsonb can't "
             "store; remove it or encode the value (e.g. base64)"
         )
+    if not encoded.isascii():
+        _check_utf8(encoded, field)
+    if encoded.find("{", 1) >= 0:  # a nested object (or a "{" in a string): check its keys
+        _check_nested_keys(copy, field)
     # Read-only, so the encoding cached for insert can't go stale.
     return MappingProxyType(copy), encoded
+
+
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _check_nested_keys(value: Mapping[str, Any], field: str) -> None:
+    """Every key of the objects nested in ``value`` is a str: the encoder would silently turn
+    others into text (``{1: 2, "1": 3}`` into duplicate keys), and unique keys couldn't sort
+    them."""
+    try:
+        found = _non_str_key(value)
+    except RecursionError:  # nested about as deep as the encoder allows
+        raise ValueError(f"expected {field} to be nested less deeply") from None
+    if found is not None:
+        path, key = found
+        where = field + "".join(f"[{step!r}]" for step in path)
+        raise TypeError(f"expected the keys of {where} to be str, got {key!r}")
+
+
+def _non_str_key(value: Any) -> tuple[list[Any], Any] | None:
+    """The path to the first object in ``value`` (an encodable container) with a key that
+    isn't a str, and that key."""
+    children: Iterable[tuple[Any, Any]]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                return [], key
+        children = value.items()
+    else:
+        children = enumerate(value)
+    for step, item in children:
+        if type(item) not in _SCALARS and isinstance(item, Mapping | list | tuple):
+            found = _non_str_key(item)
+            if found is not None:
+                found[0].insert(0, step)
+                return found
+    return None
 
 
 @final
@@ -126,11 +214,11 @@ class Worker:
         flavor: str = "trio",
     ) -> None:
         self.target = target
-        self.name = f"{target.__module__}.{target.__qualname__}"
+        self.name = _worker_name(target)
         self.queue = _check_queue(queue)
         self.max_attempts = _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS)
         self.priority = _check_int(priority, "priority", 0, MAX_PRIORITY)
-        self.tags = as_str_tuple(tags, "tags")
+        self.tags = _check_tags(tags)
         if not callable(backoff):
             raise TypeError(
                 f"expected backoff to be a callable attempt -> seconds, got {backoff!r}"
@@ -166,6 +254,25 @@ class Worker:
         """Whether the worker's return value is stored with the job."""
         return self.recorded_limit is not None
 
+    def _options(self) -> dict[str, Any]:
+        """The options it was registered with, as validated (to compare registrations)."""
+        return {
+            "queue": self.queue,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "tags": self.tags,
+            "backoff": self.backoff,
+            "timeout": self.timeout,
+            "args": self.args_type,
+            "result": self.result_type,
+            "strict_args": self.strict_args,
+            "recorded": self.recorded_limit,
+            "encrypted": self.encrypted,
+            "unique": self.unique,
+            "cron": self.cron,
+            "flavor": self.flavor,
+        }
+
     def new(
         self,
         args: Any = None,
@@ -186,7 +293,7 @@ class Worker:
         ``unique=False`` drops it; ``True`` or ``None`` (like the other options) keeps it.
         """
         job_args, args_json = check_json_object(self._args_data(args), "args")
-        job_meta = check_json_object(meta, "meta")[0] if meta else _EMPTY
+        job_meta = _EMPTY if meta is None else check_json_object(meta, "meta")[0]
         queue = self.queue if queue is None else _check_queue(queue)
         if unique is True or unique is None:
             constraint = self.unique
@@ -211,7 +318,7 @@ class Worker:
             max_attempts=self.max_attempts
             if max_attempts is None
             else _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS),
-            tags=self.tags if tags is None else as_str_tuple(tags, "tags"),
+            tags=self.tags if tags is None else _check_tags(tags),
             meta=job_meta,
             scheduled_at=when,
             state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,
@@ -325,13 +432,21 @@ def _schedule(
         raise TypeError(f"expected schedule_in to be seconds or a timedelta, got {schedule_in!r}")
     if not math.isfinite(schedule_in) or schedule_in < 0:
         raise ValueError(f"expected schedule_in to be a finite number >= 0, got {schedule_in}")
-    return datetime.now(UTC) + timedelta(seconds=schedule_in)
+    try:
+        return datetime.now(UTC) + timedelta(seconds=schedule_in)
+    except OverflowError:
+        raise ValueError(
+            f"expected schedule_in to fall before the year 10000, got {schedule_in} seconds"
+        ) from None
 
 
 def args_json(job: Job) -> str:
-    """The JSON text of a job's args, cached by ``new()``."""
+    """The JSON text of a job's args, cached by ``new()`` (unless the args have changed since,
+    as in a copy made with ``attrs.evolve(job, args=...)``)."""
     cached = job._args_json
-    return cached if cached is not None else _codec.dumps(job.args)
+    if cached is not None and cached[0] is job.args:
+        return cached[1]
+    return _codec.dumps(job.args)
 
 
 @overload
@@ -406,12 +521,49 @@ def worker(
             flavor=flavor,
         )
         existing = _registry.get(built.name)
-        if existing is not None and existing.target is not target:
-            raise ValueError(f"another worker is already registered as {built.name!r}")
+        if existing is not None:
+            _check_replaces(existing, built)
         _registry[built.name] = built
         return built
 
     return register if target is None else register(target)
+
+
+def _check_replaces(existing: Worker, built: Worker) -> None:
+    """``built`` may take the name of ``existing`` if it is the same code with the same options,
+    or a module-level definition run again (``importlib.reload`` re-creates it), not a second
+    one sharing the name (jobs name their worker, so all its jobs would run with its options)."""
+    target = built.target
+    if existing.target is not target:
+        if "<locals>" in target.__qualname__:
+            raise ValueError(
+                f"another worker is already registered as {built.name!r}: a worker defined in "
+                "a function gets the same name each time the function runs; define it once, "
+                "at module level"
+            )
+        return
+    old, new = existing._options(), built._options()
+    changed = [
+        f"{key}={old[key]!r}, then {new[key]!r}" for key in old if not _same(old[key], new[key])
+    ]
+    if changed:
+        name = target.__name__
+        variant = (
+            f"a subclass (`class Urgent{name}({name}): pass`)"
+            if isinstance(target, type)
+            else f"a wrapper (`async def urgent_{name}(job): return await {name}(job)`)"
+        )
+        raise ValueError(
+            f"{target.__qualname__} is already registered as worker {built.name!r} with other "
+            f"options ({'; '.join(changed)}); jobs name their worker, so one name can't have "
+            f"two sets of options: register the variant under a name of its own, e.g. {variant}"
+        )
+
+
+def _same(old: object, new: object) -> bool:
+    if isinstance(old, Encrypted) and isinstance(new, Encrypted):
+        return old is new or old._key == new._key  # Encrypted(key=K) twice is the same option
+    return old is new or old == new
 
 
 def _check_target(target: object) -> None:

@@ -47,6 +47,9 @@ class Workflow:
 
     A step can't be a unique job: a duplicate isn't inserted, and the run would then depend on
     another run's job. Build steps of a unique worker with ``new(..., unique=False)``.
+
+    ``workflow_id`` (a fresh uuid by default) names one run: a workflow inserted under an id
+    already in the database is refused.
     """
 
     def __init__(

@@ -202,14 +202,15 @@ SELECT {job} FROM {prefix}.oban_jobs AS j WHERE j.id = %(id)s
 SELECT id, state::text, errors, meta FROM {prefix}.oban_jobs WHERE id = ANY(%(ids)s::bigint[])
 
 -- name: retry_job
--- Make a finished or waiting job available again, granting one more attempt if needed.
+-- Make a finished or waiting job available again, granting one more attempt if needed. A
+-- suspended workflow step is left waiting for its deps: the workflow releases it.
 WITH retried AS (
   UPDATE {prefix}.oban_jobs AS j SET
     state = 'available',
     scheduled_at = timezone('UTC', now()),
     max_attempts = greatest(j.max_attempts, j.attempt + 1),
     completed_at = NULL, discarded_at = NULL, cancelled_at = NULL
-  WHERE j.id = %(id)s AND j.state NOT IN ('available', 'executing')
+  WHERE j.id = %(id)s AND j.state NOT IN ('available', 'executing', 'suspended')
   RETURNING j.queue
 ), notified AS (
   SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM retried
@@ -454,6 +455,19 @@ FROM {prefix}.oban_jobs AS j
 WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' = %(workflow_id)s
   AND (%(names)s::text[] IS NULL OR j.meta->>'name' = ANY(%(names)s::text[]))
 ORDER BY j.id
+
+-- name: lock_workflow_id
+-- Before a new workflow is inserted: hold its id until the transaction ends, so two inserts
+-- of the same id can't both find it free (workflow_exists runs next, with a fresh snapshot).
+SELECT pg_advisory_xact_lock(hashtextextended('trioban workflow ' || %(prefix)s || ' '
+                                              || %(workflow_id)s, 0))
+
+-- name: workflow_exists
+-- Whether a workflow id is in use: a new workflow under it would mix its steps with those.
+SELECT EXISTS (
+  SELECT 1 FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' = %(workflow_id)s
+)
 
 -- name: workflow_options
 -- The workflow-wide options a workflow was inserted with (appended steps inherit them).

@@ -57,6 +57,10 @@ def test_the_psycopg_seams_we_rely_on_exist() -> None:
 
     assert callable(conninfo_attempts)
     assert (int(Wait.R), int(Wait.W), int(Ready.R)) == (1, 2, 1)
+    # Connection.transaction() re-implements psycopg's block with the same parameters.
+    ours = inspect.signature(_pg.Connection.transaction).parameters
+    assert list(ours) == list(inspect.signature(conn_type.transaction).parameters)
+    assert psycopg.AsyncTransaction.Status.ACTIVE  # its .status, set as it is entered
 
 
 async def test_execute_transaction_copy_and_notifies(dsn: str) -> None:
@@ -102,16 +106,23 @@ async def test_cancelling_a_query_cancels_it_on_the_server(dsn: str) -> None:
         await conn.close()
 
 
-async def test_a_connection_cancelled_mid_transaction_comes_back_clean(dsn: str) -> None:
+async def test_a_connection_cancelled_mid_transaction_comes_back_clean(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cancelled block's rollback still runs (shielded), so the pool keeps the connection
+    rather than throwing it away with a warning."""
     async with _pg.open_pool(dsn, size=1) as pool:
         async with pool.connection() as conn:
             await conn.execute("CREATE TABLE t (x int)")
+            pid = conn.pgconn.backend_pid
         with trio.move_on_after(0.2):
             async with pool.connection() as conn, conn.transaction():
                 await conn.execute("INSERT INTO t VALUES (1)")
                 await conn.execute("SET LOCAL statement_timeout = 12345")
                 await conn.execute("SELECT pg_sleep(10)")
         async with pool.connection() as conn:
+            assert conn.pgconn.backend_pid == pid
+            assert "rollback on return failed" not in caplog.text
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
             cur = await conn.execute("SELECT count(*) FROM t")
             assert await cur.fetchone() == (0,)

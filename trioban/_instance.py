@@ -12,7 +12,6 @@ from typing import Any, Final, final
 
 import attrs
 import outcome
-import psycopg
 import trio
 
 from . import _pg, _schema, _settle, _store
@@ -49,8 +48,6 @@ log = logging.getLogger("trioban")
 
 PKILL_CHUNK: Final = 200
 """Executing jobs named per cancel signal (a notification holds at most 8,000 bytes)."""
-ROLLBACK_TIMEOUT: Final = 5.0
-"""Seconds the shielded rollback of a failed or cancelled ``oban.transaction()`` may take."""
 
 
 @final
@@ -255,7 +252,7 @@ class Oban:
             inserted: list[Job] = []
             self._uncommitted[conn] = inserted
             try:
-                async with _transaction(conn):
+                async with conn.transaction():
                     yield conn
             finally:
                 del self._uncommitted[conn]
@@ -556,33 +553,6 @@ def current_instance() -> Oban:
         ) from None
     assert isinstance(instance, Oban)
     return instance
-
-
-@asynccontextmanager
-async def _transaction(conn: _pg.Connection) -> AsyncIterator[None]:
-    """``conn.transaction()``, but its rollback runs when the block is cancelled.
-
-    psycopg's own exit awaits the rollback in the cancelled scope, where it can't run, and
-    leaves its transaction open on the connection (which the pool must then throw away).
-    Here the rollback is shielded and bounded, and so is that of a commit cancelled before
-    the COMMIT was sent.
-    """
-    tx = psycopg.AsyncTransaction(conn)
-    await tx.__aenter__()
-    try:
-        yield
-    except BaseException as exc:
-        with trio.move_on_after(ROLLBACK_TIMEOUT, shield=True):
-            if await tx.__aexit__(type(exc), exc, exc.__traceback__):
-                return  # a psycopg.Rollback raised in the block: rolled back as asked
-        raise
-    try:
-        await tx.__aexit__(None, None, None)
-    except BaseException as exc:
-        if tx.status is tx.Status.ACTIVE:  # cancelled before the COMMIT was sent
-            with trio.move_on_after(ROLLBACK_TIMEOUT, shield=True):
-                await tx.__aexit__(type(exc), exc, exc.__traceback__)
-        raise
 
 
 def _inline_notice(ack: Ack) -> Notice:

@@ -9,6 +9,7 @@ and drives them with Trio's own waits, instead of asyncio's. Undocumented seams 
 - ``AsyncConnection.lock`` (an asyncio.Lock, replaced by a trio.Lock);
 - ``psycopg.generators.execute`` and ``psycopg.errors.error_from_result``, which ``run`` uses
   for the hot statements, skipping the cursor layer;
+- ``AsyncTransaction.status`` (``transaction()`` is re-implemented to roll back when cancelled);
 - ``AsyncConnection._connect_gen``, ``_cancel_gen``, ``_get_connection_params`` and
   ``psycopg._conninfo_attempts.conninfo_attempts`` (``connect()`` is re-implemented: psycopg's
   calls asyncio directly).
@@ -21,7 +22,8 @@ import math
 import os
 import re
 import select
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncIterator, Generator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -44,6 +46,7 @@ RV = TypeVar("RV")
 _ACTIVE: Final = pq.TransactionStatus.ACTIVE
 _IDLE: Final = pq.TransactionStatus.IDLE
 _CANCEL_TIMEOUT: Final = 5.0
+_ROLLBACK_TIMEOUT: Final = 5.0
 CONNECT_TIMEOUT: Final = 10
 """Seconds to connect when neither the DSN nor PGCONNECT_TIMEOUT sets ``connect_timeout``
 (libpq would wait for the system's TCP timeout, minutes when packets are dropped)."""
@@ -139,6 +142,34 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
         self._statements_unsure: set[bytes] = set()
         set_json_loads(_codec.loads, self)  # json and jsonb columns
         self._row_loader = Transformer(self)
+
+    @asynccontextmanager
+    async def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncIterator[psycopg.AsyncTransaction]:
+        """psycopg's transaction block, whose rollback also runs when the block is cancelled.
+
+        psycopg's own exit awaits the rollback in the cancelled scope, where it can't run, and
+        leaves its transaction open on the connection (the pool must then throw it away).
+        Here the rollback is shielded and bounded, as is that of a commit cancelled before
+        the COMMIT was sent.
+        """
+        tx = psycopg.AsyncTransaction(self, savepoint_name, force_rollback)
+        await tx.__aenter__()
+        try:
+            yield tx
+        except BaseException as exc:
+            with trio.move_on_after(_ROLLBACK_TIMEOUT, shield=True):
+                if await tx.__aexit__(type(exc), exc, exc.__traceback__):
+                    return  # a psycopg.Rollback raised in the block: rolled back as asked
+            raise
+        try:
+            await tx.__aexit__(None, None, None)
+        except BaseException as exc:
+            if tx.status is tx.Status.ACTIVE:  # cancelled before the COMMIT was sent
+                with trio.move_on_after(_ROLLBACK_TIMEOUT, shield=True):
+                    await tx.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
 
     async def run(self, statement: Prepared, params: Mapping[str, object]) -> list[tuple[Any, ...]]:
         """Run ``statement`` with ``params`` (sent as text) and return its rows.

@@ -190,6 +190,17 @@ async def fetch(
     return [job_from_row(row) for row in rows]
 
 
+async def claim_one_of(
+    pool: Pool, prefix: str, ids: Sequence[int], node: str, producer: str
+) -> Job | None:
+    """Claim the next of the jobs ``ids`` that is still available, if any."""
+    params = {"ids": ids, "node": node, "producer": producer}
+    async with pool.connection() as conn:
+        cur = await conn.execute(query("claim_one_of", prefix), params)
+        row = await cur.fetchone()
+    return None if row is None else job_from_row(row)
+
+
 async def ack(pool: Pool, prefix: str, acks: Sequence[str]) -> set[int]:
     """Write a batch of outcomes (each an ack's JSON) in one statement; returns the ids the
     fence let in. Relay notices in the acks are published."""

@@ -25,7 +25,7 @@ import trio
 from . import _codec, _settle, _store, _structured
 from ._acker import ack_json
 from ._crypto import FIELD as SEALED_FIELD
-from ._executor import Ack, Running, execute, failure, handed_back, resolve, run_here
+from ._executor import Ack, Running, execute, failure, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
 from ._relay import META_REF
@@ -41,7 +41,7 @@ pytest_plugins: Final = ["trioban._pytest_plugin"]
 
 _CLEANUP_TIMEOUT = 5.0
 """Seconds drain_queue spends, shielded, recording the job it was running when cancelled (or
-let a worker's exception out), or handing back the jobs it set aside."""
+let a worker's exception out)."""
 
 __all__ = [
     "Performed",
@@ -127,7 +127,7 @@ async def _drain(
                 query("job_ids", prefix), {"state": "available", "queue": queue}
             )
             due = {row[0] for row in await cur.fetchall()}
-        ran = await _round(pool, prefix, queue, due, producer, counts, with_safety)
+        ran = await _round(pool, prefix, due, producer, counts, with_safety)
         if not ran or not with_recursion:
             return
 
@@ -135,7 +135,6 @@ async def _drain(
 async def _round(
     pool: Pool,
     prefix: str,
-    queue: str,
     due: set[int],
     producer: str,
     counts: dict[str, int],
@@ -144,28 +143,14 @@ async def _round(
     """Run the jobs ``due`` (ids) that are still available; returns how many ran."""
     ran = 0
     # One claim per job: a worker's exception or a cancelled drain leaves no claimed job
-    # behind in 'executing' (the manual mode has no lifeline to rescue it). A job enqueued
-    # during the round at a better priority is claimed before them: it is set aside (kept
-    # claimed, so the next claim passes it) and handed back unstarted when the round ends
-    # (like a snooze, that claim costs it no attempt).
-    aside: list[Job] = []
-    try:
-        while due:
-            jobs = await _store.fetch(pool, prefix, queue, 1, "drain_queue", producer)
-            if not jobs:
-                break
-            job = jobs[0]
-            if job.id not in due:
-                aside.append(job)
-                continue
-            due.discard(job.id)
-            counts[await _run_one(pool, prefix, job, with_safety)] += 1
-            ran += 1
-    finally:
-        if aside:
-            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                for job in aside:
-                    await _record(pool, prefix, handed_back(job))
+    # behind in 'executing' (the manual mode has no lifeline to rescue it).
+    while due:
+        job = await _store.claim_one_of(pool, prefix, sorted(due), "drain_queue", producer)
+        if job is None:
+            break
+        due.discard(job.id or 0)
+        counts[await _run_one(pool, prefix, job, with_safety)] += 1
+        ran += 1
     return ran
 
 

@@ -143,6 +143,24 @@ SET state = 'executing',
 WHERE j.id = ANY(ARRAY(SELECT id FROM candidates))
 RETURNING {job}
 
+-- name: claim_one_of
+-- Claim the next of the jobs %(ids)s that is still available (testing's drain_queue: one job
+-- at a time, of those available when its round began).
+WITH candidate AS (
+  SELECT id FROM {prefix}.oban_jobs
+  WHERE id = ANY(%(ids)s::bigint[]) AND state = 'available' AND attempt < max_attempts
+  ORDER BY priority, scheduled_at, id
+  LIMIT 1
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE {prefix}.oban_jobs AS j
+SET state = 'executing',
+    attempt = j.attempt + 1,
+    attempted_at = timezone('UTC', now()),
+    attempted_by = ARRAY[%(node)s::text, %(producer)s::text]
+WHERE j.id = (SELECT id FROM candidate)
+RETURNING {job}
+
 -- name: ack_jobs
 -- Record the outcomes of finished jobs in one statement. The fence (still executing, same
 -- attempted_at) stops a stale ack from overwriting a job that was rescued and run again.

@@ -33,13 +33,6 @@ AUTO_STATES = frozenset({JobState.AVAILABLE, JobState.SCHEDULED})
 """States an insert derives from ``scheduled_at``; any other state is written as given."""
 
 
-def _with_args(text: str | tuple[Any, str] | None, job: Any) -> tuple[Any, str] | None:
-    """The cache of ``job``'s args JSON: text from ``Worker.new()`` is paired with ``job.args``
-    (set already: attrs sets fields in order); a pair copied from another job is kept as is,
-    so ``args_json`` sees when it encodes args other than ``job.args``."""
-    return (job.args, text) if isinstance(text, str) else text
-
-
 @final
 @attrs.frozen(kw_only=True)
 class Job:
@@ -69,15 +62,10 @@ class Job:
     discarded_at: datetime | None = None
     cancelled_at: datetime | None = None
     conflict: bool = False
-    # The args' JSON text, encoded once by Worker.new() and reused at insert, kept with the
-    # args object it encodes: a copy with other args (attrs.evolve) doesn't reuse it.
+    # The args' JSON text, encoded once by Worker.new() and reused at insert, with the args
+    # object it encodes: a copy with other args (attrs.evolve) doesn't reuse it.
     _args_json: tuple[Any, str] | None = attrs.field(
-        default=None,
-        repr=False,
-        eq=False,
-        alias="_args_json",
-        # The mypy plugin can't read a Converter: it types this argument as Any.
-        converter=attrs.Converter(_with_args, takes_self=True),  # type: ignore[misc]
+        default=None, repr=False, eq=False, alias="_args_json"
     )
     # The unique key and conflict rules, computed by Worker.new() before any encryption.
     _unique: Claim | None = attrs.field(default=None, repr=False, eq=False, alias="_unique")

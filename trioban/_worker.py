@@ -322,7 +322,7 @@ class Worker:
             meta=job_meta,
             scheduled_at=when,
             state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,
-            _args_json=args_json,
+            _args_json=(job_args, args_json),
             _unique=claim,
         )
         return job

@@ -89,21 +89,27 @@ def evolve(job: Job, **changes: Any) -> Job:
 
 def as_inserted(
     job: Job,
-    id_: int,
+    id_: int | None,
     state: JobState,
-    inserted_at: datetime,
-    scheduled_at: datetime,
+    inserted_at: datetime | None,
+    scheduled_at: datetime | None,
     attempted_at: datetime | None,
+    *,
+    data: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
 ) -> Job:
-    """``job`` as its insert saved it; ``attempted_at`` is set when it was claimed on insert."""
+    """``job`` as its insert saved it; ``attempted_at`` is set when it was claimed on insert.
+
+    ``data`` replaces its args and meta (as a fetch would decode them).
+    """
+    args, meta = (job.args, job.meta) if data is None else data
     return Job(
         worker=job.worker,
-        args=job.args,
+        args=args,
         queue=job.queue,
         priority=job.priority,
         max_attempts=job.max_attempts,
         tags=job.tags,
-        meta=job.meta,
+        meta=meta,
         id=id_,
         state=state,
         inserted_at=inserted_at,

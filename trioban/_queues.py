@@ -18,7 +18,7 @@ from . import _codec, _pg
 from ._acker import Acker
 from ._errors import TriobanError
 from ._inserter import Settle
-from ._job import Job, JobState, evolve
+from ._job import Job, JobState, as_inserted, evolve
 from ._notifier import Notifier
 from ._producer import Producer, Producers
 from ._worker import Relayer, args_json
@@ -210,21 +210,14 @@ def as_fetched(saved: Job, built: Job) -> Job:
     meta_json = _codec.dumps(built.meta) if built.meta else "{}"
     args, meta = _codec.loads_stored(f"[{args_json(built)},{meta_json}]")  # one decode, both
     # Built, not evolve()d, on the relay hot path: evolve copies every field, at twice the cost.
-    return Job(
-        worker=saved.worker,
-        args=args,
-        queue=saved.queue,
-        priority=saved.priority,
-        max_attempts=saved.max_attempts,
-        tags=saved.tags,
-        meta=meta,
-        id=saved.id,
-        state=saved.state,
-        inserted_at=saved.inserted_at,
-        scheduled_at=saved.scheduled_at,
-        attempt=saved.attempt,
-        attempted_at=saved.attempted_at,
-        attempted_by=saved.attempted_by,
+    return as_inserted(
+        saved,
+        saved.id,
+        saved.state,
+        saved.inserted_at,
+        saved.scheduled_at,
+        saved.attempted_at,
+        data=(args, meta),
     )
 
 

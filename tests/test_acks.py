@@ -16,7 +16,7 @@ import trioban
 from trioban import Job, JobState, RelayDiscard, Snooze, _executor, _pg, _store, worker
 from trioban._acker import Acker
 from trioban._job import evolve
-from trioban._worker import MAX_ATTEMPTS
+from trioban._validate import MAX_ATTEMPTS
 
 from .helpers import eventually, reaches
 from .test_lifecycle import running

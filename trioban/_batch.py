@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from typing import Any, Final, final
 
 from ._job import Job, evolve
-from ._worker import Worker, check_json_object
+from ._validate import check_json_object
+from ._worker import Worker
 
 BATCH_ID: Final = "batch_id"
 CALLBACK: Final = "callback"

@@ -21,7 +21,8 @@ from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice
-from ._worker import MAX_ATTEMPTS, Worker, args_json, lookup
+from ._validate import MAX_ATTEMPTS
+from ._worker import Worker, args_json, lookup
 from ._workflow import WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")

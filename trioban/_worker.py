@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
-import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol, final, overload
@@ -17,16 +16,24 @@ from ._backoff import default_backoff
 from ._cron import check_expression
 from ._crypto import Encrypted
 from ._errors import TriobanError
-from ._job import Job, JobState, as_str_tuple, evolve, utc_datetime
+from ._job import Job, JobState, evolve, utc_datetime
 from ._unique import Unique
+from ._validate import (
+    MAX_ATTEMPTS,
+    MAX_PRIORITY,
+    check_int,
+    check_json_object,
+    check_name,
+    check_queue,
+    check_seconds,
+    check_tags,
+)
 
 Backoff = Callable[[int], float]
 JobFunction = Callable[[Job], Awaitable[Any]]
 
-MAX_PRIORITY: Final = 9
 RECORDED_LIMIT: Final = 1_000_000
 """Default bound, in bytes of JSON, on a recorded result (``@worker(recorded=True)``)."""
-_MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
 
 
 class Relayer(Protocol):
@@ -38,54 +45,12 @@ class Relayer(Protocol):
 CURRENT: contextvars.ContextVar[Relayer] = contextvars.ContextVar("trioban_instance")
 """The innermost open trioban instance of this task, set by ``trioban.open()``."""
 
-# A NUL character as JSON escapes it: \u0000 after an even run of backslashes.
-_NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
 _registry: dict[str, Worker] = {}
 _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 class WorkerNotFound(TriobanError):
     """Raised when a job names a worker that no imported module defines."""
-
-
-def _check_queue(queue: object, field: str = "queue") -> str:
-    if not isinstance(queue, str) or not queue or len(queue) > _MAX_NAME or "\x00" in queue:
-        raise ValueError(
-            f"expected {field} to be a non-empty str of at most {_MAX_NAME} chars, got {queue!r}"
-        )
-    _check_utf8(queue, field)
-    return queue
-
-
-def _check_utf8(text: str, field: str) -> None:
-    """Reject a lone surrogate (left by decoding bytes with ``errors="surrogateescape"``, say):
-    PostgreSQL is sent UTF-8, which can't encode one."""
-    if text.isascii():
-        return
-    try:
-        text.encode()
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"expected {field} to be text UTF-8 can encode, but it holds the lone surrogate "
-            f"{text[exc.start]!r}, which PostgreSQL can't store"
-        ) from None
-
-
-def _check_tags(tags: Sequence[str], field: str = "tags") -> tuple[str, ...]:
-    checked = as_str_tuple(tags, field)
-    for tag in checked:
-        _check_utf8(tag, field)
-    return checked
-
-
-def _check_name(name: str) -> str:
-    if not 0 < len(name) <= _MAX_NAME:
-        raise ValueError(
-            f"a worker's name (its module and qualified name, stored in each job) must be 1 to "
-            f"{_MAX_NAME} characters; {name!r} has {len(name)}: use a shorter name or module path"
-        )
-    return name
 
 
 def _worker_name(target: type[Any] | JobFunction) -> str:
@@ -96,94 +61,7 @@ def _worker_name(target: type[Any] | JobFunction) -> str:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         if spec is not None and spec.name:
             module = spec.name
-    return _check_name(f"{module}.{target.__qualname__}")
-
-
-MAX_ATTEMPTS: Final = 2**31 - 1
-"""The largest max_attempts the column (a PostgreSQL integer) holds."""
-
-
-def _check_int(value: object, field: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"expected {field} to be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"expected {field} to be {bound}, got {value}")
-    return value
-
-
-def _check_seconds(value: object, field: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"expected {field} to be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"expected {field} to be a finite number of seconds > 0, got {value}")
-    return float(value)
-
-
-def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str]:
-    """Validate a JSON object; return a read-only copy and its encoding (reused at insert)."""
-    if type(value) is not dict and not isinstance(value, Mapping):
-        raise TypeError(
-            f"expected {field} to be a dict (a JSON object), got {type(value).__name__}"
-        )
-    copy = dict(value)
-    for key in copy:
-        if type(key) is not str:
-            raise TypeError(f"expected the keys of {field} to be str, got {key!r}")
-    try:
-        encoded = _codec.dumps(copy)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, TypeError):
-            _check_nested_keys(copy, field)  # name the place of a bad key, if that is it
-        raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
-    if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
-        raise ValueError(
-            f"{field} contains the NUL character (\\u0000), which PostgreSQL's jsonb can't "
-            "store; remove it or encode the value (e.g. base64)"
-        )
-    if not encoded.isascii():
-        _check_utf8(encoded, field)
-    if encoded.find("{", 1) >= 0:  # a nested object (or a "{" in a string): check its keys
-        _check_nested_keys(copy, field)
-    # Read-only, so the encoding cached for insert can't go stale.
-    return MappingProxyType(copy), encoded
-
-
-_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
-
-
-def _check_nested_keys(value: Mapping[str, Any], field: str) -> None:
-    """Every key of the objects nested in ``value`` is a str: the encoder would silently turn
-    others into text (``{1: 2, "1": 3}`` into duplicate keys), and unique keys couldn't sort
-    them."""
-    try:
-        found = _non_str_key(value)
-    except RecursionError:  # nested about as deep as the encoder allows
-        raise ValueError(f"expected {field} to be nested less deeply") from None
-    if found is not None:
-        path, key = found
-        where = field + "".join(f"[{step!r}]" for step in path)
-        raise TypeError(f"expected the keys of {where} to be str, got {key!r}")
-
-
-def _non_str_key(value: Any) -> tuple[list[Any], Any] | None:
-    """The path to the first object in ``value`` (an encodable container) with a key that
-    isn't a str, and that key."""
-    children: Iterable[tuple[Any, Any]]
-    if isinstance(value, Mapping):
-        for key in value:
-            if not isinstance(key, str):
-                return [], key
-        children = value.items()
-    else:
-        children = enumerate(value)
-    for step, item in children:
-        if type(item) not in _SCALARS and isinstance(item, Mapping | list | tuple):
-            found = _non_str_key(item)
-            if found is not None:
-                found[0].insert(0, step)
-                return found
-    return None
+    return check_name(f"{module}.{target.__qualname__}")
 
 
 @final
@@ -215,16 +93,16 @@ class Worker:
     ) -> None:
         self.target = target
         self.name = _worker_name(target)
-        self.queue = _check_queue(queue)
-        self.max_attempts = _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS)
-        self.priority = _check_int(priority, "priority", 0, MAX_PRIORITY)
-        self.tags = _check_tags(tags)
+        self.queue = check_queue(queue)
+        self.max_attempts = check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS)
+        self.priority = check_int(priority, "priority", 0, MAX_PRIORITY)
+        self.tags = check_tags(tags)
         if not callable(backoff):
             raise TypeError(
                 f"expected backoff to be a callable attempt -> seconds, got {backoff!r}"
             )
         self.backoff = backoff
-        self.timeout = None if timeout is None else _check_seconds(timeout, "timeout")
+        self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
         self.args_type = _structured.check_class(args, "args")
         self.result_type = _structured.check_class(result, "result")
         if not isinstance(strict_args, bool):
@@ -294,7 +172,7 @@ class Worker:
         """
         job_args, args_json = check_json_object(self._args_data(args), "args")
         job_meta = _EMPTY if meta is None else check_json_object(meta, "meta")[0]
-        queue = self.queue if queue is None else _check_queue(queue)
+        queue = self.queue if queue is None else check_queue(queue)
         if unique is True or unique is None:
             constraint = self.unique
         else:
@@ -314,11 +192,11 @@ class Worker:
             queue=queue,
             priority=self.priority
             if priority is None
-            else _check_int(priority, "priority", 0, MAX_PRIORITY),
+            else check_int(priority, "priority", 0, MAX_PRIORITY),
             max_attempts=self.max_attempts
             if max_attempts is None
-            else _check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS),
-            tags=self.tags if tags is None else _check_tags(tags),
+            else check_int(max_attempts, "max_attempts", 1, MAX_ATTEMPTS),
+            tags=self.tags if tags is None else check_tags(tags),
             meta=job_meta,
             scheduled_at=when,
             state=JobState.AVAILABLE if when is None else JobState.SCHEDULED,

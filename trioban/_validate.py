@@ -1,0 +1,145 @@
+"""Checks of the values a job is built from: names, numbers, text and JSON objects, each
+refused with an error naming the field (before anything reaches PostgreSQL)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Final
+
+from . import _codec
+from ._job import as_str_tuple
+
+MAX_PRIORITY: Final = 9
+MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
+
+# A NUL character as JSON escapes it: \u0000 after an even run of backslashes.
+_NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def check_queue(queue: object, field: str = "queue") -> str:
+    if not isinstance(queue, str) or not queue or len(queue) > MAX_NAME or "\x00" in queue:
+        raise ValueError(
+            f"expected {field} to be a non-empty str of at most {MAX_NAME} chars, got {queue!r}"
+        )
+    check_utf8(queue, field)
+    return queue
+
+
+def check_utf8(text: str, field: str) -> None:
+    """Reject a lone surrogate (left by decoding bytes with ``errors="surrogateescape"``, say):
+    PostgreSQL is sent UTF-8, which can't encode one."""
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"expected {field} to be text UTF-8 can encode, but it holds the lone surrogate "
+            f"{text[exc.start]!r}, which PostgreSQL can't store"
+        ) from None
+
+
+def check_tags(tags: Sequence[str], field: str = "tags") -> tuple[str, ...]:
+    checked = as_str_tuple(tags, field)
+    for tag in checked:
+        check_utf8(tag, field)
+    return checked
+
+
+def check_name(name: str) -> str:
+    if not 0 < len(name) <= MAX_NAME:
+        raise ValueError(
+            f"a worker's name (its module and qualified name, stored in each job) must be 1 to "
+            f"{MAX_NAME} characters; {name!r} has {len(name)}: use a shorter name or module path"
+        )
+    return name
+
+
+MAX_ATTEMPTS: Final = 2**31 - 1
+"""The largest max_attempts the column (a PostgreSQL integer) holds."""
+
+
+def check_int(value: object, field: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected {field} to be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"expected {field} to be {bound}, got {value}")
+    return value
+
+
+def check_seconds(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected {field} to be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected {field} to be a finite number of seconds > 0, got {value}")
+    return float(value)
+
+
+def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str]:
+    """Validate a JSON object; return a read-only copy and its encoding (reused at insert)."""
+    if type(value) is not dict and not isinstance(value, Mapping):
+        raise TypeError(
+            f"expected {field} to be a dict (a JSON object), got {type(value).__name__}"
+        )
+    copy = dict(value)
+    for key in copy:
+        if type(key) is not str:
+            raise TypeError(f"expected the keys of {field} to be str, got {key!r}")
+    try:
+        encoded = _codec.dumps(copy)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, TypeError):
+            _check_nested_keys(copy, field)  # name the place of a bad key, if that is it
+        raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
+    if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
+        raise ValueError(
+            f"{field} contains the NUL character (\\u0000), which PostgreSQL's jsonb can't "
+            "store; remove it or encode the value (e.g. base64)"
+        )
+    if not encoded.isascii():
+        check_utf8(encoded, field)
+    if encoded.find("{", 1) >= 0:  # a nested object (or a "{" in a string): check its keys
+        _check_nested_keys(copy, field)
+    # Read-only, so the encoding cached for insert can't go stale.
+    return MappingProxyType(copy), encoded
+
+
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _check_nested_keys(value: Mapping[str, Any], field: str) -> None:
+    """Every key of the objects nested in ``value`` is a str: the encoder would silently turn
+    others into text (``{1: 2, "1": 3}`` into duplicate keys), and unique keys couldn't sort
+    them."""
+    try:
+        found = _non_str_key(value)
+    except RecursionError:  # nested about as deep as the encoder allows
+        raise ValueError(f"expected {field} to be nested less deeply") from None
+    if found is not None:
+        path, key = found
+        where = field + "".join(f"[{step!r}]" for step in path)
+        raise TypeError(f"expected the keys of {where} to be str, got {key!r}")
+
+
+def _non_str_key(value: Any) -> tuple[list[Any], Any] | None:
+    """The path to the first object in ``value`` (an encodable container) with a key that
+    isn't a str, and that key."""
+    children: Iterable[tuple[Any, Any]]
+    if isinstance(value, Mapping):
+        for key in value:
+            if not isinstance(key, str):
+                return [], key
+        children = value.items()
+    else:
+        children = enumerate(value)
+    for step, item in children:
+        if type(item) not in _SCALARS and isinstance(item, Mapping | list | tuple):
+            found = _non_str_key(item)
+            if found is not None:
+                found[0].insert(0, step)
+                return found
+    return None

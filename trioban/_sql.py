@@ -57,11 +57,17 @@ def quoted_prefix(prefix: str) -> str:
     return sql.Identifier(validate_identifier("prefix", prefix)).as_string()
 
 
+_FRAGMENTS: Final = ("insert_job_row", "claim_candidates")
+"""Named blocks that statements include as ``{name}``."""
+
+
 @functools.cache
 def query(name: str, prefix: str) -> LiteralString:
     """The named statement rendered for ``prefix``."""
     # Built only from this package's own SQL and a validated, quoted identifier.
-    text = QUERIES[name].replace("{insert_job_row}", QUERIES["insert_job_row"])
+    text = QUERIES[name]
+    for fragment in _FRAGMENTS:
+        text = text.replace(f"{{{fragment}}}", QUERIES[fragment])
     return text.replace("{job}", _JOB_SELECT).replace("{prefix}", quoted_prefix(prefix))
 
 

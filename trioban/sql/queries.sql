@@ -125,15 +125,8 @@ FROM jsonb_to_record(%(changes)s::jsonb) AS r(
 WHERE j.id = %(id)s
 RETURNING {job}
 
--- name: fetch_jobs
--- Claim up to %(demand)s available jobs of one queue for this producer.
-WITH candidates AS (
-  SELECT id FROM {prefix}.oban_jobs
-  WHERE state = 'available' AND queue = %(queue)s AND attempt < max_attempts
-  ORDER BY priority, scheduled_at, id
-  LIMIT %(demand)s
-  FOR UPDATE SKIP LOCKED
-)
+-- name: claim_candidates
+-- A fragment, "{claim_candidates}": claim the jobs of the "candidates" CTE for this producer.
 UPDATE {prefix}.oban_jobs AS j
 SET state = 'executing',
     attempt = j.attempt + 1,
@@ -143,23 +136,28 @@ SET state = 'executing',
 WHERE j.id = ANY(ARRAY(SELECT id FROM candidates))
 RETURNING {job}
 
+-- name: fetch_jobs
+-- Claim up to %(demand)s available jobs of one queue for this producer.
+WITH candidates AS (
+  SELECT id FROM {prefix}.oban_jobs
+  WHERE state = 'available' AND queue = %(queue)s AND attempt < max_attempts
+  ORDER BY priority, scheduled_at, id
+  LIMIT %(demand)s
+  FOR UPDATE SKIP LOCKED
+)
+{claim_candidates}
+
 -- name: claim_one_of
 -- Claim the next of the jobs %(ids)s that is still available (testing's drain_queue: one job
 -- at a time, of those available when its round began).
-WITH candidate AS (
+WITH candidates AS (
   SELECT id FROM {prefix}.oban_jobs
   WHERE id = ANY(%(ids)s::bigint[]) AND state = 'available' AND attempt < max_attempts
   ORDER BY priority, scheduled_at, id
   LIMIT 1
   FOR UPDATE SKIP LOCKED
 )
-UPDATE {prefix}.oban_jobs AS j
-SET state = 'executing',
-    attempt = j.attempt + 1,
-    attempted_at = timezone('UTC', now()),
-    attempted_by = ARRAY[%(node)s::text, %(producer)s::text]
-WHERE j.id = (SELECT id FROM candidate)
-RETURNING {job}
+{claim_candidates}
 
 -- name: ack_jobs
 -- Record the outcomes of finished jobs in one statement. The fence (still executing, same

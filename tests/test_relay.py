@@ -20,7 +20,7 @@ from trioban._codec import decode_payload
 from trioban._relay import Notice, _Waiter
 
 from . import workers
-from .helpers import eventually
+from .helpers import eventually, reaches
 from .nodes import node_processes
 from .workers import (
     big_result,
@@ -412,6 +412,34 @@ async def test_relays_that_joined_a_unique_job_get_its_notice_without_a_poll(
                 outcomes = await oban.await_many([first, joined], timeout=3)
                 assert [o.unwrap() for o in outcomes] == ["opened"] * 2
             assert len(caller._relays._joiners) == 0  # nothing left behind
+
+
+async def test_a_relay_whose_instance_closed_says_so_at_once(dsn: str) -> None:
+    """Relays awaited while or after their instance closes raise RelayError at once instead
+    of waiting out their timeout; an outcome that arrived before the close is kept."""
+    errors: list[str] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as outer, running(dsn) as oban:
+            done = await oban.dispatch(echo.new({"value": "kept"}))
+            await reaches(oban, done.job.id, trioban.JobState.COMPLETED)  # not awaited
+            stuck = await oban.dispatch(echo.new({}, queue="nobody"))
+
+            async def await_stuck(task_status: trio.TaskStatus[None]) -> None:
+                task_status.started()
+                with pytest.raises(trioban.RelayError, match="has closed") as raised:
+                    await stuck.result(timeout=60)
+                errors.append(str(raised.value))
+
+            await outer.start(await_stuck)
+        assert len(errors) == 1
+        with pytest.raises(trioban.RelayError, match="has closed"):
+            await stuck.result(timeout=60)
+        assert await done.result(timeout=60) == "kept"
+        [late] = await oban.await_many([stuck], timeout=60)
+        with pytest.raises(trioban.RelayError, match="has closed"):
+            late.unwrap()
+        with pytest.raises(trioban.TriobanError, match="instance has closed"):
+            await oban.get_job(done.job.id or 0)
 
 
 async def test_a_relay_awaited_by_several_tasks_at_once(dsn: str) -> None:

@@ -43,6 +43,8 @@ POLL_INTERVAL: Final = 1.0
 """Seconds between polls of pending relays' rows (the fallback for missed notices)."""
 
 _FINAL: Final = frozenset({"completed", "cancelled", "discarded"})
+_CLOSED: Final = "closed"
+"""The state of the notice every waiter gets when the instance closes: no outcome can come."""
 
 
 @attrs.frozen
@@ -145,6 +147,7 @@ class Registry:
         # the ref of the relay that inserted it.
         self._joiners: dict[int, set[str]] = {}
         self._poll_now = trio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -153,6 +156,8 @@ class Registry:
         waiter = self._waiters.get(ref)
         if waiter is None:
             waiter = self._waiters[ref] = _Waiter()
+            if self._closed:
+                waiter.offer(Notice(_CLOSED))
         return waiter
 
     def discard(self, ref: str) -> None:
@@ -212,14 +217,24 @@ class Registry:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Poll the rows of pending relays until cancelled."""
         task_status.started()
-        while True:
-            with trio.move_on_after(POLL_INTERVAL):
-                await self._poll_now.wait()
-            self._poll_now = trio.Event()
-            try:
-                await self._poll()
-            except Exception:
-                log.warning("relay poll failed; retrying", exc_info=True)
+        try:
+            while True:
+                with trio.move_on_after(POLL_INTERVAL):
+                    await self._poll_now.wait()
+                self._poll_now = trio.Event()
+                try:
+                    await self._poll()
+                except Exception:
+                    log.warning("relay poll failed; retrying", exc_info=True)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """The instance is closing: relays still waiting, or awaited from now on, can get no
+        outcome (a final one already received is kept)."""
+        self._closed = True
+        for waiter in self._waiters.values():
+            waiter.offer(Notice(_CLOSED))
 
     async def _poll(self) -> None:
         # Relays share a job id when they joined one unique job: each gets the outcome.
@@ -245,6 +260,12 @@ class Registry:
         seen = 0
         while True:
             notice, seen = await waiter.take(seen)
+            if notice.state == _CLOSED or (notice.stored and self._closed):
+                raise RelayError(
+                    f"the trioban instance that dispatched job {job_id} has closed, so its "
+                    "outcome can't reach this relay; await relays inside the `async with "
+                    "trioban.open(conf)` block (the job itself goes on)"
+                )
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it
                 continue
@@ -293,7 +314,8 @@ class Relay:
         ``RelayDiscard`` when the job ends so. A timeout, or the caller's own cancel scope,
         stops only the waiting: the job goes on, and ``result()`` may be called again.
         A relay of a unique job that joined an existing job follows that job; if that job
-        completes without storing its result, ``RelayError`` says so.
+        completes without storing its result, ``RelayError`` says so. So it does, at once,
+        when the instance that dispatched the relay closes before its outcome arrives.
         """
         with trio.move_on_after(check_timeout(timeout)):
             return await self._wait(with_retries)

@@ -66,7 +66,10 @@ class Pool:
 
     async def _acquire(self) -> Connection:
         if self._closed:
-            raise TriobanError("the connection pool is closed")
+            raise TriobanError(
+                "the connection pool is closed: its trioban instance has closed; use the "
+                "instance inside `async with trioban.open(conf) as oban:`"
+            )
         task = trio.lowlevel.current_task()
         try:
             # A free slot is taken without a trip through the scheduler; the query checkpoints.

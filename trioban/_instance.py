@@ -1,4 +1,8 @@
-"""``Oban``: a running instance's public methods (``trioban.open()`` hands it out)."""
+"""``Oban``: a running instance's public methods (``trioban.open()`` hands it out).
+
+Jobs, relays and the notifier are here; the workflow and batch methods come from
+``_workflow_methods``, the queue-control ones from ``_queue_methods``.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +21,7 @@ import trio
 from . import _pg, _schema, _settle, _store
 from ._acker import Acker
 from ._batch import Batch
-from ._checks import (
-    check_conn,
-    check_id,
-    check_jobs,
-    check_key,
-    check_limit,
-    check_queue,
-    check_timeout,
-    check_type,
-    encode_message,
-)
+from ._checks import check_conn, check_id, check_jobs, check_timeout, encode_message
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
@@ -36,13 +30,13 @@ from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
 from ._notifier import Notifier, check_channel
-from ._producer import QueueInfo
+from ._queue_methods import QueueMethods
 from ._queues import SIGNAL, Queues, settle_claims
 from ._relay import META_REF, META_RESULT, Notice, Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
-from ._sql import query
 from ._worker import CURRENT, lookup, scheduled
-from ._workflow import NAME, WORKFLOW_ID, Workflow
+from ._workflow import Workflow
+from ._workflow_methods import WorkflowMethods
 
 log = logging.getLogger("trioban")
 
@@ -51,7 +45,7 @@ PKILL_CHUNK: Final = 200
 
 
 @final
-class Oban:
+class Oban(WorkflowMethods, QueueMethods):
     """A running trioban instance, handed out by ``trioban.open()``."""
 
     def __init__(self, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> None:
@@ -132,28 +126,6 @@ class Oban:
             saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
         self._queues.wake_for(saved)
         return saved
-
-    async def _insert_new_workflow(
-        self, workflow_id: str, jobs: list[Job], *, conn: _pg.Connection | None = None
-    ) -> list[Job]:
-        """Insert a new workflow's jobs, refusing an id already in use: the runs' steps and
-        deps would mix. The id is locked until the insert commits, then checked."""
-        if self.config.testing == "inline":
-            return await self.insert_all(jobs)
-        if conn is None:
-            async with self.transaction() as tx:
-                return await self._insert_new_workflow(workflow_id, jobs, conn=tx)
-        prefix = self.config.prefix
-        params = {"workflow_id": workflow_id, "prefix": prefix}
-        await conn.execute(query("lock_workflow_id", prefix), params)
-        cur = await conn.execute(query("workflow_exists", prefix), params)
-        row = await cur.fetchone()
-        if row is not None and row[0]:
-            raise ValueError(
-                f"workflow {workflow_id!r} already exists: give each run its own id (the "
-                "default), or add steps to it with append_workflow()"
-            )
-        return await self.insert_all(jobs, conn=conn)
 
     async def _run_inline(self, job: Job) -> Job:
         """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""
@@ -260,97 +232,6 @@ class Oban:
             # notification comes back, so a job inserted next can't be claimed ahead of them.
             self._queues.wake_for(inserted)
 
-    # -- workflows and batches --------------------------------------------------------------
-
-    async def insert_workflow(
-        self, workflow: Workflow, *, conn: _pg.Connection | None = None
-    ) -> list[Job]:
-        """Insert a workflow's jobs (checked: known deps, no cycles) in one transaction.
-
-        Raises ``ValueError`` if a workflow with its id is already in the database.
-        """
-        check_type(workflow, Workflow, "a trioban.Workflow")
-        return await self.insert_all(workflow, conn=conn)
-
-    async def append_workflow(
-        self, workflow_id: str, extend: Callable[[Workflow], object]
-    ) -> list[Job]:
-        """Add steps to a workflow already inserted: ``extend(wf)`` calls ``wf.add(...)``.
-
-        New steps may depend on existing ones; one whose deps already finished is released
-        at once. They inherit the workflow's ``ignore_cancelled``/``ignore_discarded``.
-        """
-        steps = await self.workflow_status(workflow_id)
-        if not steps:
-            raise ValueError(f"there is no workflow {workflow_id!r} to append to")
-        async with self._pool.connection() as conn:
-            params = {"workflow_id": workflow_id}
-            cur = await conn.execute(query("workflow_options", self.config.prefix), params)
-            row = await cur.fetchone()
-        appended = Workflow._appending(workflow_id, steps, row[0] if row else None)
-        extend(appended)
-        saved = await self.insert_all(appended)
-        await _settle.release(self._pool, self.config.prefix, [workflow_id])
-        return saved
-
-    async def workflow_status(self, workflow_id: str) -> dict[str, JobState]:
-        """Each step of a workflow and its state, in insertion order ({} if unknown)."""
-        check_key(workflow_id, "a workflow id")
-        rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, None)
-        return {name: JobState(state) for name, state, _, _ in rows}
-
-    async def workflow_results(self, job: Job) -> dict[str, Any]:
-        """The results of ``job``'s deps by step name (from inside a workflow step).
-
-        Structured with each dep worker's ``result`` class; a dep that didn't complete (it was
-        cancelled or discarded and ignored) maps to None.
-        """
-        check_type(job, Job, "a Job")
-        workflow_id, deps = job.meta.get(WORKFLOW_ID), job.meta.get("deps")
-        if workflow_id is None or not isinstance(deps, list):
-            raise ValueError(f"job {job.id} is not a step of a workflow")
-        results: dict[str, Any] = dict.fromkeys(deps)
-        check_key(workflow_id, "a workflow id")
-        rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, deps)
-        for name, state, worker_name, result in rows:
-            worker = lookup(worker_name)
-            if state == "completed" and result is not None:
-                results[name] = result if worker is None else worker.load_result(result)
-        return results
-
-    async def relay_workflow(
-        self,
-        workflow: Workflow,
-        *,
-        timeout: float = 30.0,  # noqa: ASYNC109 (mirrors relay())
-    ) -> Any:
-        """Insert a workflow and await its final step's result.
-
-        With several final steps (nothing depends on them), returns a dict of their results by
-        name. Raises like ``relay``: ``RelayTimeout``, or the first failure of a final step.
-        """
-        check_type(workflow, Workflow, "a trioban.Workflow")
-        deadline = trio.current_time() + check_timeout(timeout)
-        jobs, sinks = workflow.build(), set(workflow.sinks())
-        insert = partial(self._insert_new_workflow, workflow.workflow_id)
-        flags = [job.meta[NAME] in sinks for job in jobs]
-        _, relays = await insert_relayed(self._relays, insert, jobs, flags)
-        waiting = [relay for relay in relays if relay is not None]
-        remaining = max(0.0, deadline - trio.current_time())
-        outcomes = await _await_many(waiting, remaining)
-        results = {
-            relay.job.meta[NAME]: result.unwrap()
-            for relay, result in zip(waiting, outcomes, strict=True)
-        }
-        return next(iter(results.values())) if len(results) == 1 else results
-
-    async def batch_status(self, batch_id: str) -> dict[str, int]:
-        """How many of a batch's jobs are in each state, and ``total`` (callbacks excluded)."""
-        check_key(batch_id, "a batch id")
-        counts = {state.value: 0 for state in JobState}
-        counts.update(await _store.batch_counts(self._pool, self.config.prefix, batch_id))
-        return {**counts, "total": sum(counts.values())}
-
     # -- relay ------------------------------------------------------------------------------
 
     async def dispatch(self, job: Job) -> Relay:
@@ -448,94 +329,12 @@ class Oban:
         """``"connected"`` or ``"disconnected"`` (reconnecting in the background)."""
         return "connected" if self._notifier.connected else "disconnected"
 
-    # -- queues -----------------------------------------------------------------------------
-
-    def check_queue(self, queue: str) -> QueueInfo:
-        """This node's view of ``queue``: limit, paused, running job ids."""
-        return self._queues.get(queue).info()
-
-    async def check_all_queues(self) -> list[QueueInfo]:
-        """Every queue on every live node, as of each node's last heartbeat.
-
-        Ordered by queue, then node; up to ``heartbeat_interval`` seconds old.
-        """
-        params = {"after": self.config.rescue_after}
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(query("live_producers", self.config.prefix), params)
-            rows = await cur.fetchall()
-        return [
-            QueueInfo(
-                queue=queue,
-                node=node,
-                limit=int(meta.get("limit", 0)),
-                paused=bool(meta.get("paused", False)),
-                running=tuple(meta.get("running", ())),
-            )
-            for node, queue, meta in rows
-        ]
-
-    @property
-    def is_leader(self) -> bool:
-        """Whether this instance leads its cluster now (it runs the lifeline and pruner)."""
-        return self._leadership.is_leader
-
-    async def pause_queue(
-        self, queue: str, *, local_only: bool = False, node: str | None = None
-    ) -> None:
-        """Stop fetching new jobs of ``queue`` (running jobs finish) on every node, or one."""
-        await self._queue_action("pause", queue, local_only, node)
-
-    async def resume_queue(
-        self, queue: str, *, local_only: bool = False, node: str | None = None
-    ) -> None:
-        """Resume fetching jobs of ``queue`` on every node, or one."""
-        await self._queue_action("resume", queue, local_only, node)
-
-    async def scale_queue(
-        self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
-    ) -> None:
-        """Change the concurrency limit of ``queue`` on every node running it, or one."""
-        await self._queue_action("scale", queue, local_only, node, limit=check_limit(limit))
-
-    async def start_queue(
-        self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
-    ) -> None:
-        """Start running ``queue`` with ``limit`` on every node (or one) not running it yet."""
-        message = _queue_message("start", queue, local_only, node, limit=check_limit(limit))
-        if queue not in self._queues.producers and node in (None, self.config.node):
-            await self._queues.start(queue, limit)
-        await self._send(message, local_only)
-
-    async def stop_queue(
-        self, queue: str, *, local_only: bool = False, node: str | None = None
-    ) -> None:
-        """Stop running ``queue`` on every node (or one): running jobs get the shutdown grace."""
-        await self._queue_action("stop", queue, local_only, node)
+    # -- schema -----------------------------------------------------------------------------
 
     async def install(self) -> None:
         """Create or upgrade the schema under this instance's prefix (idempotent)."""
         async with self._pool.connection() as conn:
             await _schema.install(conn, self.config.prefix)
-
-    async def _queue_action(
-        self, action: str, queue: str, local_only: bool, node: str | None, **extra: Any
-    ) -> None:
-        await self._send(_queue_message(action, queue, local_only, node, **extra), local_only)
-
-    async def _send(self, message: dict[str, Any], local_only: bool) -> None:
-        """Apply a queue signal here, then send it to the other nodes unless ``local_only``."""
-        self._queues.apply(message)
-        if not local_only:
-            await self._signal(message)
-        else:
-            await trio.lowlevel.checkpoint()
-
-    async def _signal(self, message: dict[str, Any]) -> None:
-        await self.notify(SIGNAL, {**message, "origin": self._origin})
-
-    def _on_signal(self, message: Any) -> None:
-        if isinstance(message, dict) and message.get("origin") != self._origin:
-            self._queues.apply(message)
 
     @classmethod
     def _create(cls, conf: Config, pool: _pg.Pool, work_pool: _pg.Pool) -> Oban:
@@ -565,17 +364,6 @@ def _inline_notice(ack: Ack) -> Notice:
         return notice if ack.final else Notice("discarded", None, notice.reason)
     # Only a snooze leaves a relayed job without a notice.
     return Notice("discarded", None, "the job snoozed; the inline testing mode runs each job once")
-
-
-def _queue_message(
-    action: str, queue: object, local_only: object, node: object, **extra: Any
-) -> dict[str, Any]:
-    """A queue signal, its arguments checked first: nothing is done with bad ones."""
-    check_queue(queue)
-    check_type(local_only, bool, "local_only to be True or False")
-    if node is not None and (not isinstance(node, str) or not node):
-        raise ValueError(f"expected node to be a node name or None, got {node!r}")
-    return {"action": action, "queue": queue, "node": node, **extra}
 
 
 def cron_entries(conf: Config) -> list[CronEntry]:

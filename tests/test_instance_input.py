@@ -37,7 +37,7 @@ async def _count_jobs(oban: trioban.Oban) -> int:
     [
         ({"queue": 123, "limit": 1}, ValueError, "expected queue"),
         ({"queue": "", "limit": 1}, ValueError, "expected queue"),
-        ({"queue": "x y", "limit": 1}, ValueError, "no spaces"),  # as Config(queues=...)
+        ({"queue": "x y", "limit": 1}, ValueError, "without spaces"),  # as Config(queues=...)
         ({"queue": "default", "limit": 0}, ValueError, "expected limit"),  # already runs here
         ({"queue": "zz", "limit": "abc", "node": "B"}, ValueError, "expected limit"),
         ({"queue": "zz", "limit": 1, "node": ""}, ValueError, "expected node"),

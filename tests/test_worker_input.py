@@ -220,6 +220,13 @@ def test_a_worker_name_longer_than_the_column_allows_is_rejected_at_declaration(
         worker(f)
 
 
+@pytest.mark.parametrize("queue", ["x y", "", "q\n", "q" * 128])
+def test_a_worker_queue_no_node_could_run_is_rejected_at_declaration(queue: str) -> None:
+    # Config.queues refuses these names, so jobs enqueued there would wait forever.
+    with pytest.raises(ValueError, match="queue to be a name of 1 to 127 printable chars"):
+        worker(queue=queue)(_noop)
+
+
 @pytest.mark.usefixtures("registry")
 async def test_the_longest_names_and_periods_accepted_are_stored(dsn: str) -> None:
     async def f(job: Job) -> None: ...
@@ -253,7 +260,9 @@ class _Color(enum.StrEnum):
         ({"args": {"a": [{"s": "é\udcff"}]}}, ValueError, "args .* lone surrogate"),
         ({"meta": {"s": "\ud800"}}, ValueError, "meta .* lone surrogate"),
         ({"tags": ["ok", "\ud800"]}, ValueError, "tags .* lone surrogate"),
-        ({"queue": "q\ud800"}, ValueError, "queue .* lone surrogate"),
+        ({"queue": "q\ud800"}, ValueError, "queue .* printable chars"),
+        ({"queue": "x y"}, ValueError, "queue to be a name .* without spaces, got 'x y'"),
+        ({"queue": "tab\there"}, ValueError, "queue .* without spaces"),
         ({"args": {"a": {1: 2}}}, TypeError, r"keys of args\['a'\] to be str, got 1"),
         ({"args": {"a": {1: 2, "1": 3}}}, TypeError, r"keys of args\['a'\] to be str"),
         ({"args": {"a": [0, {None: 2}]}}, TypeError, r"keys of args\['a'\]\[1\] .* got None"),

@@ -7,9 +7,9 @@ from typing import Any, Final
 
 from . import _codec, _pg
 from ._batch import Batch
-from ._config import valid_queue_name
 from ._job import Job
 from ._relay import check_timeout as check_timeout  # relays check theirs too
+from ._validate import check_queue as check_queue  # the queue methods check theirs too
 from ._workflow import Workflow
 
 
@@ -61,14 +61,6 @@ def check_id(job_id: int) -> int:
         # Never a job's id: a caller's bug, not a missing job (the same for every method).
         raise ValueError(f"expected a job id between 1 and 2**63 - 1, got {job_id!r}")
     return job_id
-
-
-def check_queue(queue: object) -> str:
-    if not valid_queue_name(queue):
-        raise ValueError(
-            f"expected queue to be a name of 1 to 127 printable chars, no spaces, got {queue!r}"
-        )
-    return queue
 
 
 def encode_message(item: Mapping[str, Any]) -> str:

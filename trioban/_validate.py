@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from . import _codec
+from ._config import valid_queue_name
 from ._job import as_str_tuple
 
 MAX_PRIORITY: Final = 9
@@ -20,11 +21,12 @@ _NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def check_queue(queue: object, field: str = "queue") -> str:
-    if not isinstance(queue, str) or not queue or len(queue) > MAX_NAME or "\x00" in queue:
+    """A queue name as ``Config.queues`` takes it, so no job goes to a queue no node can run."""
+    if not valid_queue_name(queue):
         raise ValueError(
-            f"expected {field} to be a non-empty str of at most {MAX_NAME} chars, got {queue!r}"
+            f"expected {field} to be a name of 1 to {MAX_NAME} printable chars without spaces, "
+            f"got {queue!r}"
         )
-    check_utf8(queue, field)
     return queue
 
 

@@ -91,6 +91,33 @@ async def test_start_and_stop_queues(dsn: str) -> None:
             await eventually(stopped)
 
 
+async def test_queue_signals_with_a_bad_queue_or_limit_are_ignored(dsn: str) -> None:
+    """Signals come from any process that can notify: a node checks them as its own queue
+    methods would, so none starts a queue named 'None' or scales past the limit."""
+    bad = [
+        {"action": "start", "limit": 5},  # no queue
+        {"action": "start", "queue": "x y", "limit": 2},
+        {"action": "start", "queue": "big", "limit": 10**9},
+        {"action": "start", "queue": "flag", "limit": True},
+        {"action": "scale", "queue": "default", "limit": 10**6},
+    ]
+    with trio.fail_after(20):
+        async with (
+            trioban.open(_conf(dsn, queues={"default": 1}, node="worker")) as worker,
+            trioban.open(_conf(dsn, queues={}, node="control")) as control,
+        ):
+            # One notification, handled in order: the last signal shows the others were seen.
+            ok = {"action": "start", "queue": "ok", "limit": 2}
+            await control.notify("signal", [*bad, ok])
+
+            async def started() -> bool:
+                return "ok" in worker._queues.producers
+
+            await eventually(started)
+            assert set(worker._queues.producers) == {"default", "ok"}
+            assert worker.check_queue("default").limit == 1
+
+
 async def test_a_queue_started_at_run_time_fetches_the_jobs_waiting(dsn: str) -> None:
     """No stager runs and nothing is inserted after the start: ``start_queue`` returns once
     the new producer has fetched, so the job already waiting is running by then."""

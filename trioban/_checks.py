@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from . import _codec, _pg
 from ._batch import Batch
+from ._config import valid_queue_limit
 from ._job import Job
 from ._relay import check_timeout as check_timeout  # relays check theirs too
 from ._validate import check_queue as check_queue  # the queue methods check theirs too
@@ -14,7 +15,7 @@ from ._workflow import Workflow
 
 
 def check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+    if not valid_queue_limit(limit):
         raise ValueError(f"expected limit to be an int between 1 and 10000, got {limit!r}")
     return limit
 

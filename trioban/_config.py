@@ -101,6 +101,11 @@ def valid_queue_name(name: object) -> TypeGuard[str]:
     )
 
 
+def valid_queue_limit(limit: object) -> TypeGuard[int]:
+    """Whether ``limit`` may be a queue's concurrency limit: an int from 1 to 10,000."""
+    return isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= _MAX_QUEUE_LIMIT
+
+
 def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
     if not isinstance(value, Mapping):
         raise ConfigError("queues", f"expected a mapping of queue name to limit, got {value!r}")
@@ -108,11 +113,7 @@ def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
     for name, limit in value.items():
         if not valid_queue_name(name):
             raise ConfigError("queues", f"expected queue names without spaces, got {name!r}")
-        if (
-            isinstance(limit, bool)
-            or not isinstance(limit, int)
-            or not (1 <= limit <= _MAX_QUEUE_LIMIT)
-        ):
+        if not valid_queue_limit(limit):
             raise ConfigError(
                 "queues",
                 f"expected queues[{name!r}] to be an int between 1 and {_MAX_QUEUE_LIMIT}, "

@@ -7,6 +7,7 @@ jobs on insert for queues with free slots.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias, final
@@ -16,12 +17,15 @@ import trio
 
 from . import _codec, _pg
 from ._acker import Acker
+from ._config import valid_queue_limit, valid_queue_name
 from ._errors import TriobanError
 from ._inserter import Settle
 from ._job import Job, JobState, as_inserted, evolve
 from ._notifier import Notifier
 from ._producer import Producer, Producers
 from ._worker import Relayer, args_json
+
+log = logging.getLogger("trioban.queues")
 
 SIGNAL: Final = "signal"
 """The notifier channel of queue signals."""
@@ -140,15 +144,19 @@ class Queues:
                 for producer in self.producers.values():
                     producer.cancel_job(job_id, reason)
             return
-        self._steer(str(message.get("action")), str(message.get("queue")), message.get("limit"))
+        queue, limit = message.get("queue"), message.get("limit")
+        if not valid_queue_name(queue) or (limit is not None and not valid_queue_limit(limit)):
+            # From another node, of another version or a bug: nothing to act on here.
+            log.warning("ignored a queue signal with a bad queue or limit: %.200r", message)
+            return
+        self._steer(str(message.get("action")), queue, limit)
 
     def wake_all(self) -> None:
         """Make every producer fetch now (after the notifier missed notifications)."""
         for producer in self.producers.values():
             producer.wake()
 
-    def _steer(self, action: str, queue: str, raw: object) -> None:
-        limit = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else None
+    def _steer(self, action: str, queue: str, limit: int | None) -> None:
         target = self.producers.get(queue)
         if action == "start" and target is None and limit and self._nursery is not None:
             self._nursery.start_soon(self._run, self.add(queue, limit))

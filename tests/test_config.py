@@ -101,6 +101,10 @@ def test_from_env() -> None:
     assert Config.from_env(env, dsn=None).dsn == "postgresql:///app"
     assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "none"}).prune_max_age is None
     assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "60"}).prune_max_age == 60.0
+    # An override of None keeps jobs forever, as Config(prune_max_age=None) does.
+    forever = Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "60"}, prune_max_age=None)
+    assert forever.prune_max_age is None
+    assert Config.from_env({"TRIOBAN_NODE": "n1"}, node=None).node == "n1"  # None: not set
 
 
 @pytest.mark.parametrize(

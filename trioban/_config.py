@@ -287,7 +287,8 @@ class Config:
     ) -> Config:
         """Settings from ``TRIOBAN_*`` variables (``TRIOBAN_QUEUES="default:10,math:5"``).
 
-        Keyword ``overrides`` win over the environment, which wins over the defaults. The
+        Keyword ``overrides`` win over the environment, which wins over the defaults (an
+        override of None is not given, except ``prune_max_age=None``: keep jobs forever). The
         variables trioban reads elsewhere (``TRIOBAN_DATA_DIR``, ``TRIOBAN_PG_BIN``,
         ``TRIOBAN_TEST_DSN``, ``TRIOBAN_HEAVY``, ``TRIOBAN_BENCH_DSN``) are skipped; any other
         unknown ``TRIOBAN_*`` name raises ``ConfigError`` (a typo).
@@ -367,8 +368,9 @@ def _reject_unknown(settings: Mapping[str, Any]) -> None:
 
 
 def _explicit(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Overrides that were really given: None means "not set", so it doesn't erase a value."""
-    return {key: value for key, value in overrides.items() if value is not None}
+    """Overrides that were really given: None means "not set", so it doesn't erase a value,
+    but for a setting whose None has a meaning of its own (``prune_max_age=None``: forever)."""
+    return {k: v for k, v in overrides.items() if v is not None or k in _OPTIONAL}
 
 
 def parse_queues(text: str, field: str) -> dict[str, int]:

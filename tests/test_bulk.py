@@ -28,7 +28,7 @@ def _jobs(count: int, mark: str) -> list[trioban.Job]:
     jobs = []
     for i in range(count):
         options: dict[str, Any] = {
-            "queue": ("odd queue\t" if i % 3 == 0 else "default"),
+            "queue": ("odd\\queue\\N,'q'" if i % 3 == 0 else "default"),
             "priority": i % 10,
             "max_attempts": 1 + i % 7,
             "tags": [HOSTILE, "a,b", "NULL", f"t{i}"] if i % 2 else None,

@@ -75,7 +75,7 @@ def test_schedule_in_and_scheduled_at() -> None:
         ({"args": {}, "priority": True}, TypeError, "priority to be an int"),
         ({"args": {}, "max_attempts": 0}, ValueError, "max_attempts to be between 1 and"),
         ({"args": {}, "max_attempts": 2**31}, ValueError, "max_attempts to be between 1 and"),
-        ({"args": {}, "queue": ""}, ValueError, "queue to be a non-empty str"),
+        ({"args": {}, "queue": ""}, ValueError, "queue to be a name of 1 to 127"),
         ({"args": {}, "tags": "abc"}, TypeError, "tags to be a list"),
         ({"args": {}, "tags": [""]}, ValueError, "every item of tags"),
         ({"args": {}, "meta": {"x": {1, 2}}}, TypeError, "meta to be JSON-serialisable"),

@@ -360,6 +360,40 @@ async def test_replace_updates_the_existing_job(dsn: str) -> None:
         assert now.state is JobState.AVAILABLE
 
 
+async def test_a_key_given_twice_in_one_call_returns_the_row_as_it_ended(dsn: str) -> None:
+    rescheduling = Unique(period=None, replace={"scheduled": ["scheduled_at"]})
+    soon = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    later = soon + timedelta(hours=1)
+    async with trioban.open(config(dsn, queues={})) as oban:
+        first, again = await oban.insert_all(
+            [echo.new({"twice": 1}, scheduled_at=t, unique=rescheduling) for t in (soon, later)]
+        )
+        stored = await oban.get_job(first.id or 0)
+    assert (first.conflict, again.conflict, first.id) == (False, True, again.id)
+    assert stored is not None
+    assert first.scheduled_at == again.scheduled_at == stored.scheduled_at == later
+
+
+async def test_overlapping_unique_batches_inserted_at_once_both_succeed(dsn: str) -> None:
+    """Keys are taken in one order by every call: no deadlock between two batches."""
+    once = Unique(period=None)
+    saved: dict[str, list[trioban.Job]] = {}
+    async with trioban.open(config(dsn, queues={})) as oban:
+
+        async def insert(name: str, order: list[dict[str, str]]) -> None:
+            saved[name] = await oban.insert_all([echo.new(a, unique=once) for a in order])
+
+        for round_ in range(3):
+            args = [{"overlap": f"{round_}-{i}"} for i in range(20)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(insert, "forward", args)
+                nursery.start_soon(insert, "backward", args[::-1])
+            forward, backward = saved["forward"], saved["backward"][::-1]
+            assert [job.id for job in forward] == [job.id for job in backward]
+            assert [job.args for job in forward] == args  # in each caller's own order
+            assert all(a.conflict != b.conflict for a, b in zip(forward, backward, strict=True))
+
+
 def test_bad_unique_options_say_what_to_do() -> None:
     with pytest.raises(ValueError, match="unknown name 'args_' in Unique"):
         Unique(fields=["args_"])

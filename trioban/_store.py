@@ -108,18 +108,20 @@ async def insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job])
     applied).
     """
     async with conn.transaction():
-        plain = [job for job in jobs if job._unique is None]
-        saved = iter(await insert(conn, prefix, plain))
-        uniques = []
-        results = []
-        for job in jobs:
-            if job._unique is None:
-                results.append(next(saved))
-                continue
-            unique = await _insert_unique(conn, prefix, job)
-            uniques.append(unique)
-            results.append(unique)
-        await _notify_inserted(conn, prefix, uniques)
+        plain = iter(await insert(conn, prefix, [job for job in jobs if job._unique is None]))
+        results = [next(plain) if job._unique is None else job for job in jobs]
+        # In key order: every transaction then waits on the keys in the same order, so two
+        # calls sharing keys queue up instead of deadlocking.
+        keyed = [i for i, job in enumerate(jobs) if job._unique is not None]
+        keyed.sort(key=lambda i: jobs[i]._unique.key)  # type: ignore[union-attr]
+        latest: dict[int | None, Job] = {}
+        for i in keyed:
+            unique = await _insert_unique(conn, prefix, jobs[i])
+            results[i] = latest[unique.id] = unique
+        # A key given twice: each copy comes back as the row ended (with the later replace).
+        for i in keyed:
+            results[i] = attrs.evolve(latest[results[i].id], conflict=results[i].conflict)
+        await _notify_inserted(conn, prefix, list(latest.values()))
         return results
 
 

@@ -252,6 +252,38 @@ async def test_append_to_a_running_workflow(oban: trioban.Oban) -> None:
         await oban.append_workflow("missing", lambda more: more.add("x", step()))
 
 
+async def _append_extra(oban: trioban.Oban, workflow_id: str, outcomes: list[str]) -> None:
+    try:
+        await oban.append_workflow(workflow_id, lambda wf: wf.add("extra", later(), deps=["a"]))
+        outcomes.append("added")
+    except ValueError as exc:
+        outcomes.append(str(exc))
+
+
+async def test_concurrent_appends_of_one_step_name_add_it_once(
+    quiet: trioban.Oban, dsn: str
+) -> None:
+    """Appends hold the workflow's id while they read its names and insert: of four racing
+    appends of "extra" from two instances, one adds it and three are told it exists."""
+    refused = "workflow {} already has a step named 'extra'"
+    async with trioban.open(config(dsn, queues={})) as other:
+        for _ in range(3):
+            wf = Workflow().add("a", later())
+            await quiet.insert_workflow(wf)
+            outcomes: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for oban in (quiet, other, quiet, other):
+                    nursery.start_soon(_append_extra, oban, wf.workflow_id, outcomes)
+            assert sorted(outcomes) == ["added", *[refused.format(repr(wf.workflow_id))] * 3]
+            rows = await _rows(
+                quiet,
+                "SELECT count(*) FROM oban_jobs WHERE meta->>'workflow_id' = %s"
+                " AND meta->>'name' = 'extra'",
+                wf.workflow_id,
+            )
+            assert rows == [(1,)]
+
+
 async def test_appended_steps_inherit_the_workflow_options(quiet: trioban.Oban) -> None:
     wf = Workflow(ignore_cancelled=True).add("a", later()).add("b", step(), deps=["a"])
     await quiet.insert_workflow(wf)

@@ -91,7 +91,7 @@ class Workflow:
         if not isinstance(name, str) or not name:
             raise TypeError(f"expected a step name (a non-empty str), got {name!r}")
         if name in self._steps or name in self._existing:
-            raise ValueError(f"workflow {self.workflow_id} already has a step named {name!r}")
+            raise ValueError(f"workflow {self.workflow_id!r} already has a step named {name!r}")
         if not isinstance(job, Job) or job.saved:
             raise TypeError(f"expected an unsaved Job (from Worker.new) for step {name!r}")
         if job._unique is not None:

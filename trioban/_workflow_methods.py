@@ -76,17 +76,22 @@ class WorkflowMethods:
         New steps may depend on existing ones; one whose deps already finished is released
         at once. They inherit the workflow's ``ignore_cancelled``/``ignore_discarded``.
         """
-        steps = await self.workflow_status(workflow_id)
-        if not steps:
-            raise ValueError(f"there is no workflow {workflow_id!r} to append to")
-        async with self._pool.connection() as conn:
-            params = {"workflow_id": workflow_id}
-            cur = await conn.execute(query("workflow_options", self.config.prefix), params)
+        check_key(workflow_id, "a workflow id")
+        prefix = self.config.prefix
+        params = {"workflow_id": workflow_id, "prefix": prefix, "names": None}
+        async with self.transaction() as conn:
+            # Held until the steps are in: concurrent appends see each other's names.
+            await conn.execute(query("lock_workflow_id", prefix), params)
+            cur = await conn.execute(query("workflow_jobs", prefix), params)
+            steps = {name: JobState(state) for name, state, _, _ in await cur.fetchall()}
+            if not steps:
+                raise ValueError(f"there is no workflow {workflow_id!r} to append to")
+            cur = await conn.execute(query("workflow_options", prefix), params)
             row = await cur.fetchone()
-        appended = Workflow._appending(workflow_id, steps, row[0] if row else None)
-        extend(appended)
-        saved = await self.insert_all(appended)
-        await _settle.release(self._pool, self.config.prefix, [workflow_id])
+            appended = Workflow._appending(workflow_id, steps, row[0] if row else None)
+            extend(appended)
+            saved = await self.insert_all(appended, conn=conn)
+        await _settle.release(self._pool, prefix, [workflow_id])
         return saved
 
     async def workflow_status(self, workflow_id: str) -> dict[str, JobState]:

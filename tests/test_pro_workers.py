@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ import pytest
 import trio
 
 import trioban
-from trioban import JobState, Unique
+from trioban import JobState, Unique, Workflow
+from trioban._worker import _registry
 
 from . import workers
 from .helpers import eventually
@@ -162,6 +164,27 @@ async def test_bad_args_from_another_process_discard_the_job(dsn: str) -> None:
 
 
 # -- recorded results -------------------------------------------------------------------------
+
+
+async def test_results_are_structured_where_the_worker_module_isnt_imported_yet(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fetch_recorded and workflow_results import a result's worker module, as the executor
+    does: a service that only reads results never imported it."""
+    late = importlib.import_module("tests.late_workers")
+    wf = Workflow().add("total", late.total.new({"n": 3}))
+    wf.add("after", echo.new({"value": 1}), deps=["total"])
+    async with trioban.open(config(dsn, queues={"default": 2, "late": 2})) as oban:
+        total_step, after_step = await oban.insert_workflow(wf)
+        await _final(oban, after_step.id)
+        # This process forgets the worker, as one that never imported its module.
+        monkeypatch.delitem(sys.modules, "tests.late_workers")
+        monkeypatch.delitem(_registry, late.total.name)
+        recorded = await oban.fetch_recorded(total_step)
+        results = await oban.workflow_results(after_step)
+    assert (type(recorded).__name__, recorded.value) == ("Total", 3)
+    assert results["total"] == recorded
+    assert sys.modules["tests.late_workers"] is not late  # imported again, by the reads
 
 
 async def test_recorded_results_and_their_errors(dsn: str) -> None:

@@ -25,7 +25,7 @@ from ._checks import check_conn, check_id, check_jobs, check_timeout, encode_mes
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
-from ._executor import Ack, run_here
+from ._executor import Ack, resolve, run_here
 from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
@@ -164,7 +164,7 @@ class Oban(WorkflowMethods, QueueMethods):
                 f"job {job_id} has no recorded result: it is {found.state.value}"
                 + ("" if found.state is not JobState.COMPLETED else " but recorded nothing")
             )
-        worker = lookup(found.worker)
+        worker = await resolve(found.worker)  # its module may not be imported here yet
         data = found.meta[META_RESULT]
         return data if worker is None else worker.load_result(data)
 

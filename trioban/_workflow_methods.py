@@ -13,11 +13,11 @@ from . import _pg, _settle, _store
 from ._batch import Batch
 from ._checks import check_key, check_timeout, check_type
 from ._config import Config
+from ._executor import resolve
 from ._job import Job, JobState
 from ._relay import Registry, insert_relayed
 from ._relay import await_many as _await_many
 from ._sql import query
-from ._worker import lookup
 from ._workflow import NAME, WORKFLOW_ID, Workflow
 
 
@@ -114,7 +114,7 @@ class WorkflowMethods:
         check_key(workflow_id, "a workflow id")
         rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, deps)
         for name, state, worker_name, result in rows:
-            worker = lookup(worker_name)
+            worker = await resolve(worker_name)  # its module may not be imported here yet
             if state == "completed" and result is not None:
                 results[name] = result if worker is None else worker.load_result(result)
         return results

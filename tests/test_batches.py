@@ -9,6 +9,7 @@ import trio
 
 import trioban
 from trioban import Batch
+from trioban import _settle as settle
 from trioban._pruner import prune
 from trioban._settle import run_callbacks
 
@@ -123,6 +124,20 @@ async def test_a_discarded_job_is_kept_until_its_batch_is_done(oban: trioban.Oba
         "handle_discarded",
         "handle_exhausted",
     ]
+
+
+async def test_the_sweep_pages_through_every_recently_finished_batch(
+    oban: trioban.Oban, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches whose acking node died before checking them: the leader's sweep reaches each
+    one, a page per tick, however many finished in its window."""
+    monkeypatch.setattr(settle, "SWEEP_BATCHES", 20)
+    batches = [Batch([echo.new({})], callback=MailBatch, batch_id=f"b{i:02d}") for i in range(45)]
+    saved = await oban.insert_all([job for batch in batches for job in batch.build()])
+    await _finish(oban, "completed", [job.id or 0 for job in saved], ago=0)
+    sweep = settle.Sweep(oban._pool, "public")
+    # Three callbacks a batch (attempted, exhausted, completed); then a new cycle finds none.
+    assert [await sweep() for _ in range(4)] == [60, 60, 15, 0]
 
 
 async def test_callback_jobs_have_the_callback_workers_options(oban: trioban.Oban) -> None:

@@ -37,8 +37,8 @@ log = logging.getLogger("trioban.settle")
 
 MAX_DEPTH: Final = 1_000
 """Rounds of cascading cancellation followed before giving up (a DAG is never deeper)."""
-SWEEP_LIMIT: Final = 100
-"""Recently finished batches the leader's sweep checks per tick."""
+SWEEP_BATCHES: Final = 100
+"""Recently finished batches the leader's sweep checks per tick: a page, the next tick the next."""
 SWEEP_WORKFLOWS: Final = 500
 """Workflows with held jobs the leader's sweep settles per tick: a page, the next tick the next."""
 SWEEP_WINDOW: Final = 600.0
@@ -93,31 +93,31 @@ async def release(pool: Pool, prefix: str, workflows: Collection[str]) -> int:
 
 class Sweep:
     """The leader's safety net, a tick per call: settle workflows and batches left unsettled
-    (the acking node died or failed to settle). Workflows with held jobs are taken a page per
-    tick, in id order, so every cycle of pages reaches each of them however many wait."""
+    (the acking node died or failed to settle). Workflows with held jobs, and recently
+    finished batches, are taken a page per tick, in id order, so every cycle of pages reaches
+    each of them however many there are."""
 
     def __init__(self, pool: Pool, prefix: str) -> None:
         self._pool = pool
         self._prefix = prefix
-        self.after = ""  # the last workflow id the previous page reached ("" starts over)
+        # Where each paging query's previous page ended ("" starts over).
+        self.after = {"held_workflows": "", "recent_batches": ""}
 
     async def __call__(self) -> int:
         """One tick; returns how many jobs it released, cancelled or enqueued."""
         async with self._pool.connection() as conn:
-            workflows = await self._held_page(conn)
-            params = {"window": SWEEP_WINDOW, "limit": SWEEP_LIMIT}
-            cur = await conn.execute(query("recent_batches", self._prefix), params)
-            batches = [row[0] for row in await cur.fetchall()]
+            workflows = await self._page(conn, "held_workflows", SWEEP_WORKFLOWS)
+            batches = await self._page(conn, "recent_batches", SWEEP_BATCHES)
         settled = await release(self._pool, self._prefix, workflows) if workflows else 0
         return settled + (await run_callbacks(self._pool, self._prefix, batches) if batches else 0)
 
-    async def _held_page(self, conn: Connection) -> list[str]:
-        params = {"after": self.after, "limit": SWEEP_WORKFLOWS}
-        cur = await conn.execute(query("held_workflows", self._prefix), params)
-        workflows = [row[0] for row in await cur.fetchall()]
-        # A short page ends the cycle: the next tick starts again from the first workflow.
-        self.after = workflows[-1] if len(workflows) == SWEEP_WORKFLOWS else ""
-        return workflows
+    async def _page(self, conn: Connection, name: str, limit: int) -> list[str]:
+        params = {"after": self.after[name], "limit": limit, "window": SWEEP_WINDOW}
+        cur = await conn.execute(query(name, self._prefix), params)
+        ids = [row[0] for row in await cur.fetchall()]
+        # A short page ends the cycle: the next tick starts again from the first id.
+        self.after[name] = ids[-1] if len(ids) == limit else ""
+        return ids
 
 
 async def run_callbacks(pool: Pool, prefix: str, batches: Collection[str]) -> int:

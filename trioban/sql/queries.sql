@@ -455,13 +455,15 @@ ORDER BY 1
 LIMIT %(limit)s
 
 -- name: recent_batches
--- Batches with a job finished in the last %(window)s seconds, for the leader's sweep (their
--- callbacks are unique jobs: checking a batch again enqueues nothing twice).
+-- The next page of batches with a job finished in the last %(window)s seconds, in id order
+-- after %(after)s, for the leader's sweep (their callbacks are unique jobs: checking a batch
+-- again enqueues nothing twice).
 SELECT DISTINCT meta->>'batch_id' FROM {prefix}.oban_jobs
-WHERE meta ? 'batch_id' AND NOT meta ? 'callback'
+WHERE meta ? 'batch_id' AND NOT meta ? 'callback' AND meta->>'batch_id' > %(after)s
   AND state IN ('completed', 'cancelled', 'discarded')
   AND coalesce(completed_at, cancelled_at, discarded_at)
       > timezone('UTC', now()) - make_interval(secs => %(window)s)
+ORDER BY 1
 LIMIT %(limit)s
 
 -- name: workflow_jobs

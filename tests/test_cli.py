@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
+import psycopg
 import trio
 
 import trioban
 from trioban import JobState
+from trioban._demo import ORDERS
 
 from .helpers import eventually, reaches
 from .nodes import ROOT
 from .workers import echo, sleeper, steer
 
 
-async def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+async def cli(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     result = await trio.run_process(
         [sys.executable, "-m", "trioban._commands", *args],
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -39,12 +45,14 @@ async def cli_json(*args: str) -> Any:
 
 
 @asynccontextmanager
-async def _command(argv: list[str]) -> AsyncIterator[trio.Process]:
-    """``python -m trioban._commands *argv`` with piped output; killed if still running
-    when the block exits (a failed or timed-out test leaves nothing behind)."""
+async def _command(
+    argv: list[str], *, cwd: Path = ROOT, python: tuple[str, ...] = ()
+) -> AsyncIterator[trio.Process]:
+    """``python *python -m trioban._commands *argv`` with piped output; killed if still
+    running when the block exits (a failed or timed-out test leaves nothing behind)."""
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "trioban._commands", *argv],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, *python, "-m", "trioban._commands", *argv],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         yield proc
@@ -53,6 +61,16 @@ async def _command(argv: list[str]) -> AsyncIterator[trio.Process]:
             proc.kill()
             with trio.CancelScope(shield=True):
                 await proc.wait()
+
+
+async def _rows(dsn: str, statement: LiteralString) -> list[tuple[Any, ...]]:
+    """A statement's rows, read on a plain connection in a thread."""
+
+    def read() -> list[tuple[Any, ...]]:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute(statement).fetchall()
+
+    return await trio.to_thread.run_sync(read)
 
 
 async def _read_until(proc: trio.Process, marker: bytes, count: int = 1) -> bytes:
@@ -199,3 +217,116 @@ async def test_start_and_watch_errors_are_one_line() -> None:
             watch = await cli("status", "--watch", every, check=False)
             assert watch.returncode == 2
             assert "expected a number of seconds > 0" in watch.stderr.decode()
+
+
+async def test_retry_and_cancel_take_every_filter_of_list(dsn: str) -> None:
+    async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+        echoes = await oban.insert_all([echo.new({"i": i}) for i in range(3)])
+        sleepers = await oban.insert_all([sleeper.new({"seconds": 1}) for _ in range(2)])
+        other = await oban.insert(sleeper.new({"seconds": 1}, queue="other"))
+    echo_ids = [j.id or 0 for j in echoes]
+    sleeper_ids = [j.id or 0 for j in sleepers]
+
+    async def states() -> dict[int, str]:
+        listed = await cli_json("jobs", "list", "--dsn", dsn)
+        return {job["id"]: job["state"] for job in listed}
+
+    with trio.fail_after(60):
+        only = ["--state", "available", "--worker", sleeper.name, "--queue", "default"]
+        cancelled = await cli_json("jobs", "cancel", *only, "--dsn", dsn)
+        assert cancelled == {"cancel": 2, "of": 2}
+        assert {i for i, s in (await states()).items() if s == "cancelled"} == set(sleeper_ids)
+        # --limit takes the newest jobs, those `jobs list` shows with the same flags.
+        newest = await cli_json("jobs", "list", "--state", "available", "--limit", "2",
+                                "--dsn", dsn)  # fmt: skip
+        assert [job["id"] for job in newest] == [other.id, echo_ids[2]]
+        cancelled = await cli_json("jobs", "cancel", "--state", "available", "--limit", "2",
+                                   "--dsn", dsn)  # fmt: skip
+        assert cancelled == {"cancel": 2, "of": 2}
+        # Ids are a filter too: an echo job is not the sleeper asked for.
+        retried = await cli_json("jobs", "retry", str(echo_ids[2]), str(sleeper_ids[0]),
+                                 "--worker", sleeper.name, "--dsn", dsn)  # fmt: skip
+        assert retried == {"retry": 1, "of": 1}
+        assert await states() == {
+            other.id: "cancelled", sleeper_ids[1]: "cancelled", sleeper_ids[0]: "available",
+            echo_ids[2]: "cancelled", echo_ids[1]: "available", echo_ids[0]: "available",
+        }  # fmt: skip
+        shown = await cli_json("jobs", "list", str(echo_ids[0]), "--dsn", dsn)
+        assert [job["id"] for job in shown] == [echo_ids[0]]
+        bad = await cli("jobs", "cancel", "--state", "available", "--limit", "0", check=False)
+        assert bad.returncode == 2
+        assert "expected an int from 1 to 2**63 - 1, got '0'" in bad.stderr.decode()
+
+
+async def test_start_imports_modules_from_the_current_directory(dsn: str, tmp_path: Path) -> None:
+    # What the console script does: its sys.path has its bin directory, not the current one.
+    (tmp_path / "cli_app_workers.py").write_text('print("app workers imported", flush=True)\n')
+    with trio.fail_after(60):
+        argv = ["start", "--dsn", dsn, "--queues", "default:1", "--import", "cli_app_workers"]
+        async with _command(argv, cwd=tmp_path, python=("-P",)) as proc:
+            output = await _read_until(proc, b"running default:1")
+            assert output.startswith(b"app workers imported\n"), output
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        missing = await cli("start", "--dsn", dsn, "--import", "no_such_app.workers", check=False)
+        assert missing.returncode == 1
+        assert missing.stderr.decode().splitlines() == [
+            "trioban: error: --import: cannot import 'no_such_app.workers': "
+            "No module named 'no_such_app'"
+        ]
+
+
+async def test_uninstall_creates_nothing_and_says_when_there_is_nothing(empty_dsn: str) -> None:
+    schemas = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'app%'"
+    with trio.fail_after(60):
+        await cli("install", "--dsn", empty_dsn, "--prefix", "app_jobs")
+        typo = await cli("uninstall", "--yes", "--dsn", empty_dsn, "--prefix", "app_jbos",
+                         check=False)  # fmt: skip
+        assert typo.returncode == 1
+        assert typo.stderr.decode().splitlines() == [
+            "trioban: error: nothing to uninstall: prefix 'app_jbos' holds no trioban tables; "
+            "check --prefix and --dsn"
+        ]
+        assert await _rows(empty_dsn, schemas) == [("app_jobs",)]
+        done = await cli_json("uninstall", "--yes", "--drop-schema", "--dsn", empty_dsn,
+                              "--prefix", "app_jobs")  # fmt: skip
+        assert done == {"uninstalled": True, "prefix": "app_jobs"}
+        assert await _rows(empty_dsn, schemas) == []
+
+
+async def test_demo_runs_in_the_prefix_and_database_of_its_settings(
+    empty_dsn: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "app.toml"
+    config.write_text(f'[trioban]\ndsn = "{empty_dsn}"\nprefix = "demo_file"\n')
+    with trio.fail_after(60):
+        figures = await cli_json("demo", "--config", str(config), "--prefix", "demo_flag")
+        assert figures["workflow"] == {"loaded": 1000, "shards": 4}
+        holders = (
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'oban_jobs'"
+        )
+        assert await _rows(empty_dsn, holders) == [("demo_flag",)]
+        [(count,)] = await _rows(empty_dsn, "SELECT count(*) FROM demo_flag.oban_jobs")
+        assert count > ORDERS * 3
+        missing = await cli("demo", "--config", str(tmp_path / "nope.toml"), check=False)
+        assert missing.returncode == 1
+        assert len(missing.stderr.decode().splitlines()) == 1
+
+
+async def test_the_dsn_is_the_flag_else_the_environment_else_the_config_file(
+    dsn: str, tmp_path: Path
+) -> None:
+    nowhere = "postgresql://nobody@127.0.0.1:1/x"
+    config = tmp_path / "app.toml"
+    config.write_text(f'[trioban]\ndsn = "{nowhere}"\n')
+    with trio.fail_after(60):
+        for argv, env in [
+            (["--dsn", dsn, "--config", str(config)], {"TRIOBAN_DSN": nowhere}),
+            (["--config", str(config)], {"TRIOBAN_DSN": dsn}),
+        ]:
+            status = await cli("status", "--json", *argv, env=env)
+            assert json.loads(status.stdout) == {"queues": {}, "nodes": []}
+        # An empty TRIOBAN_DSN is no DSN: the config file's is used.
+        config.write_text(f'[trioban]\ndsn = "{dsn}"\n')
+        status = await cli("status", "--json", "--config", str(config), env={"TRIOBAN_DSN": ""})
+        assert json.loads(status.stdout) == {"queues": {}, "nodes": []}

@@ -25,6 +25,21 @@ def test_payload_forms_round_trip() -> None:
     assert _codec.decode_payload(json.dumps(small)) == small
 
 
+def test_payload_size_is_weighed_in_utf8_bytes() -> None:
+    """NOTIFY's limit counts bytes: non-ASCII text is compressed when that is fewer bytes
+    (before, characters were compared and 3-byte CJK text was sent plain, or refused)."""
+    rng = random.Random(1)
+    cjk = "".join(rng.choice([chr(0x4E00 + i) for i in range(128)]) for _ in range(2700))
+    for value in ({"text": "é" * 600}, {"text": cjk[:1000]}, {"text": cjk}):
+        plain = _codec.dumps(value).encode()
+        packed = _codec.encode_payload(value)
+        assert packed.startswith("Z:")
+        assert len(packed) < len(plain)
+        assert _codec.decode_payload(packed) == value
+    assert len(_codec.encode_payload({"text": cjk})) < _codec.NOTIFY_LIMIT  # 8,111 bytes plain
+    assert not _codec.encode_payload({"text": "é" * 100}).startswith("Z:")  # small: plain
+
+
 @pytest.mark.parametrize("bad", ["", "Z:!!!", "not json", "{broken", "Z:" + "A" * 8])
 def test_malformed_payloads_raise_payload_error(bad: str) -> None:
     with pytest.raises(_codec.PayloadError):

@@ -61,7 +61,7 @@ def test_unknown_settings_suggest_the_closest() -> None:
 
 
 @pytest.mark.parametrize(
-    "prefix", ["public; drop table x", 'a"b', "UPPER", "x" * 64, "", "1a", "a-b"]
+    "prefix", ["public; drop table x", 'a"b', "UPPER", "x" * 64, "", "1a", "a-b", "app\n"]
 )
 def test_hostile_prefixes_are_rejected(prefix: str) -> None:
     with pytest.raises(ConfigError) as raised:
@@ -115,6 +115,11 @@ def test_from_env() -> None:
         ({"TRIOBAN_QUEUES": "a:x"}, "TRIOBAN_QUEUES", "'a:x'"),
         ({"TRIOBAN_INSTALL": "maybe"}, "TRIOBAN_INSTALL", "yes/no"),
         ({"TRIOBAN_POOL_SIZE": "ten"}, "TRIOBAN_POOL_SIZE", "a number"),
+        # Digits str.isdigit() accepts but int() refuses: a ConfigError, not a bare ValueError.
+        ({"TRIOBAN_QUEUES": "default:²"}, "TRIOBAN_QUEUES", "'default:²'"),
+        ({"TRIOBAN_QUEUES": "a:" + "1" * 5000}, "TRIOBAN_QUEUES", "'name:limit'"),
+        ({"TRIOBAN_POOL_SIZE": "²"}, "TRIOBAN_POOL_SIZE", "a number"),
+        ({"TRIOBAN_CRONTAB": "[" * 100_000}, "TRIOBAN_CRONTAB", "JSON list"),  # too deep
     ],
 )
 def test_from_env_errors(env: dict[str, str], field: str, words: str) -> None:
@@ -141,6 +146,7 @@ def test_from_toml(tmp_path: Path) -> None:
         ("[trioban\n", "not valid TOML"),
         ("[other]\n", "no [trioban]"),
         ("[trioban]\npool_size = 0\n", "between 1 and 1000"),
+        ("[trioban]\ncrontab = " + "[" * 100_000, "too deeply"),
     ],
 )
 def test_from_toml_errors(tmp_path: Path, text: str, words: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -20,6 +21,7 @@ from trioban import ConfigError, _pg
 from trioban._cron import CronEntry, Scheduler, minute_of
 from trioban._instance import _builder, cron_entries
 from trioban._leader import Leadership
+from trioban._pruner import prune
 
 from .workers import echo, hourly
 
@@ -43,9 +45,20 @@ def test_crontab_entries_are_parsed_and_checked() -> None:
     ("crontab", "words"),
     [
         ([("61 * * * *", echo)], "cron expression like"),
+        # croniter's seconds and year fields: a slot is a minute ("* * * * * 30" never ran).
+        ([("* * * * * 30", echo)], "five fields (minute hour day month weekday)"),
+        ([("0 3 * * * * 2027", echo)], "five fields"),
+        ([("0 3 * *", echo)], "five fields"),
+        # croniter's random fields: each node would draw its own minute.
+        ([("R * * * *", echo)], "random fields (R)"),
+        ([("0 r(1-5) * * *", echo)], "random fields (R)"),
+        ([("@reboot", echo)], "nicknames are @annually, @daily"),
         ([("* * * * *", "echo")], "dotted name"),
         ([("* * * * *", echo, {"when": 1})], "unknown options ['when']"),
         ([("* * * * *", echo, {"timezone": "Mars/Base"})], "unknown time zone 'Mars/Base'"),
+        # Found when the Config is built, not logged and skipped every minute.
+        ([("* * * * *", echo, {"meta": {"result": 1}})], "meta key 'result' is reserved"),
+        ([("* * * * *", echo, {"meta": [1]})], "meta to be a dict"),
         ([("* * * * *",)], "expected (expression, worker[, options])"),
         ("* * * * *", "list of (expression, worker)"),
     ],
@@ -92,6 +105,15 @@ def test_worker_cron_is_scheduled_by_nodes_running_its_queue() -> None:
     assert cron_entries(trioban.Config(queues={"default": 1})) == []
     with pytest.raises(ConfigError, match="cron expression"):
         trioban.worker(cron="every minute")(_noop)
+    with pytest.raises(ConfigError, match="five fields"):
+        trioban.worker(cron="*/5 * * * * 0")(_noop)
+
+
+def test_month_and_day_names_and_nicknames_are_accepted() -> None:
+    conf = trioban.Config(
+        crontab=[("0 9 * mar-oct mon-fri", echo), ("@Daily", echo), ("@midnight", echo)]
+    )
+    assert len(conf.crontab) == 3
 
 
 async def _noop(job: trioban.Job) -> None:
@@ -237,3 +259,60 @@ async def _run_leading(
         await nursery.start(scheduler.run)
         await trio.sleep(seconds)
         nursery.cancel_scope.cancel()
+
+
+async def test_entries_that_differ_only_in_args_or_options_each_get_their_slot(dsn: str) -> None:
+    """Two reports of one worker, one schedule, other args: each slot enqueues both."""
+    entries = [
+        CronEntry("0 * * * *", echo.name, args={"kind": "sales"}),
+        CronEntry("0 * * * *", echo.name, args={"kind": "stock"}),
+        CronEntry("0 * * * *", echo.name, args={"kind": "stock"}, options={"queue": "other"}),
+    ]
+    slot = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+        scheduler = Scheduler(
+            entries, oban._leadership, oban.insert_all, _builder, transient=_pg.transient
+        )
+        assert await scheduler.enqueue(slot) == 3
+        assert await scheduler.enqueue(slot, guard=False) == 0  # still once per slot
+    # The key doesn't depend on the order args are given in.
+    same = CronEntry("0 * * * *", echo.name, args={"b": 2, "a": 1})
+    assert same.key(slot) == CronEntry("0 * * * *", echo.name, args={"a": 1, "b": 2}).key(slot)
+
+
+def test_an_entry_without_args_or_options_keeps_its_key_across_upgrades() -> None:
+    """Nodes of the previous release keyed slots on expression, worker and minute only: an
+    entry without args or options keeps that key, so a rolling upgrade runs its slot once."""
+    slot = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+    text = f"cron\0{'0 * * * *'}\0{echo.name}\0{'2026-11-25T10:00:00'}"
+    assert CronEntry("0 * * * *", echo.name).key(slot) == hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_a_short_prune_max_age_does_not_let_a_slot_run_twice(dsn: str) -> None:
+    """Paris repeats 02:00-03:00 in autumn: "30 2 * * *" runs on the first pass only. Its job
+    finished 40 minutes before the second pass; a 30-minute prune_max_age keeps its row (and
+    key) anyway, for as long as a slot can come round again."""
+    entry = CronEntry("30 2 * * *", echo.name, timezone="Europe/Paris")
+    first_pass = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # 02:30 +02:00
+    async with trioban.open(trioban.Config(dsn=dsn, queues={}, prune_max_age=None)) as oban:
+        scheduler = Scheduler(
+            [entry], oban._leadership, oban.insert_all, _builder, transient=_pg.transient
+        )
+        assert await scheduler.enqueue(first_pass) == 1
+        loose = await oban.insert(echo.new({}))
+        await _completed(oban, minutes_ago=40)
+        assert await prune(oban._work_pool, "public", 1800, 100) == 1  # the other job only
+        assert await oban.get_job(loose.id or 0) is None
+        assert await scheduler.enqueue(first_pass + timedelta(hours=1)) == 0  # 02:30 +01:00
+        await _completed(oban, minutes_ago=4 * 60)
+        assert await prune(oban._work_pool, "public", 1800, 100) == 1  # no longer than that
+
+
+async def _completed(oban: trioban.Oban, *, minutes_ago: int) -> None:
+    """Complete every job, as if ``minutes_ago``."""
+    async with oban.transaction() as conn:
+        await conn.execute(
+            "UPDATE oban_jobs SET state = 'completed', attempt = 1, "
+            "completed_at = timezone('UTC', now()) - make_interval(mins => %s)",
+            (minutes_ago,),
+        )

@@ -51,11 +51,26 @@ async def test_final_outcomes_are_relayed_as_they_are(inline: trioban.Oban) -> N
             await inline.relay(steer.new({"kind": "discard"}))
 
 
-async def test_relay_workflow_inline(inline: trioban.Oban) -> None:
+async def test_an_inline_relay_can_be_awaited_again(inline: trioban.Oban) -> None:
+    """Nothing is stored to read the outcome back from: the relay keeps it for later awaits."""
+    with trio.fail_after(2):  # the relay's own timeout is 30 s
+        ok = await inline.dispatch(steer.new({"kind": "ok"}))
+        failed = await inline.dispatch(steer.new({"kind": "discard"}))
+        for _ in range(2):
+            assert await ok.result(timeout=1) == {"kind": "ok", "attempt": 1}
+            with pytest.raises(RelayDiscard, match="told to discard"):
+                await failed.result(timeout=1)
+        [again, discarded] = await inline.await_many([ok, failed], timeout=1)
+        assert again.unwrap() == {"kind": "ok", "attempt": 1}
+        with pytest.raises(RelayDiscard, match="told to discard"):
+            discarded.unwrap()
+    assert len(inline._relays) == 0
+
+
+async def test_relay_workflow_inline_is_refused(inline: trioban.Oban) -> None:
+    """Inline runs each job once, at insert: it can't wait on a step's deps, so it refuses."""
     wf = Workflow("inline-run").add("a", flow_step.new({"value": 1}))
-    with trio.fail_after(2):
-        result = await inline.relay_workflow(wf)
-        assert result == {"step": "a", "total": 1, "inputs": []}
-        # Nothing is stored, so the same id may run again.
-        again = Workflow("inline-run").add("a", flow_step.new({"value": 2}))
-        assert (await inline.relay_workflow(again))["total"] == 2
+    with pytest.raises(trioban.TriobanError, match="testing='manual'"):
+        await inline.relay_workflow(wf)
+    with pytest.raises(trioban.TriobanError, match="testing='manual'"):
+        await inline.append_workflow("inline-run", lambda more: more.add("b", flow_step.new({})))

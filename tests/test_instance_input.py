@@ -120,6 +120,18 @@ async def test_notify_takes_a_json_object_or_a_list_of_them(oban: trioban.Oban) 
             ]
 
 
+async def test_identical_payloads_in_one_notify_are_delivered_once(oban: trioban.Oban) -> None:
+    """As notify()'s docstring says: PostgreSQL merges duplicate notifications of one
+    transaction; separate calls deliver each."""
+    with trio.fail_after(5):
+        async with oban.listen(["gossip"]) as messages:
+            await oban.notify("gossip", [{"n": 1}, {"n": 1}, {"n": 2}])
+            await oban.notify("gossip", {"n": 2})
+            await oban.notify("gossip", {"n": "end"})  # delivered in commit order, after
+            received = [await messages.receive() for _ in range(4)]
+    assert [payload for _, payload in received] == [{"n": 1}, {"n": 2}, {"n": 2}, {"n": "end"}]
+
+
 async def test_job_ids_outside_bigint_are_refused_alike(oban: trioban.Oban) -> None:
     """No method reaches PostgreSQL with an id its bigint column can't hold."""
     for job_id in (MAX_ID + 1, 2**70, 0, -1):
@@ -160,3 +172,21 @@ async def test_a_cancelled_transaction_rolls_back_and_keeps_its_connection(
         assert await _count_jobs(oban) == 1
     assert all(conn is connections[0] for conn in connections)
     assert "rollback" not in caplog.text
+
+
+async def test_cancel_reasons_postgresql_cant_store_are_refused(oban: trioban.Oban) -> None:
+    """A NUL or a lone surrogate in the reason raised psycopg's DataError (or a
+    UnicodeEncodeError) from the query, not a ValueError naming the reason."""
+    job = await oban.insert(echo.new({}, schedule_in=3600))
+    assert job.id is not None
+    for reason, words in (("a\x00b", "NUL character"), ("\ud800", "lone surrogate")):
+        with pytest.raises(ValueError, match=f"cancel reason .*{words}"):
+            await oban.cancel_job(job.id, reason=reason)
+        with pytest.raises(ValueError, match=f"cancel reason .*{words}"):
+            await oban.cancel_all_jobs([job.id], reason=reason)
+    with pytest.raises(TypeError, match="cancel reason to be a str, got 7"):
+        await oban.cancel_job(job.id, reason=7)  # type: ignore[arg-type]
+    found = await oban.get_job(job.id)
+    assert found is not None
+    assert found.state is trioban.JobState.SCHEDULED
+    assert await oban.cancel_job(job.id, reason="é, then \\x00 as text")

@@ -218,7 +218,7 @@ async def test_a_call_needing_a_second_connection_inside_a_transaction_fails_at_
     with trio.fail_after(10):
         async with running(dsn, queues={}, pool_size=1) as oban:
             kept: list[trioban.Job] = []
-            with pytest.raises(trioban.TriobanError, match="pass `conn=`"):
+            with pytest.raises(trioban.TriobanError, match="as `conn=` to the calls that take"):
                 async with oban.transaction() as conn:
                     kept.append(await oban.insert(echo.new({"value": 1}), conn=conn))
                     await oban.insert(echo.new({"value": 2}))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+
 import pytest
 import trio
+import trio.testing
 from psycopg import sql
 
 import trioban
-from trioban import JobState
+from trioban import JobState, Workflow, _lifeline, _pg
+from trioban._leader import Leadership, while_leading
+from trioban._pruner import Pruner, prune
 
 from . import workers
 from .helpers import eventually
@@ -213,3 +219,202 @@ async def test_a_job_whose_ack_was_lost_on_a_live_node_is_rescued(dsn: str) -> N
                 return job is not None and job.state is JobState.COMPLETED and job.attempt == 2
 
             await eventually(ran_again)
+
+
+# -- after an outage, with nodes of other settings --------------------------------------------
+
+
+async def _rows(pool: _pg.Pool, statement: str, *params: object) -> list[tuple[object, ...]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql.SQL(statement), params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def _running_job(
+    pool: _pg.Pool,
+    *,
+    beat_ago: float | None,
+    own_rescue_after: float | None = None,
+    started_ago: float = 3600,
+    listed: bool = True,
+) -> tuple[int, str]:
+    """An executing job and the producer running it, which last heartbeated ``beat_ago``
+    seconds ago (None: not yet), listing the job if ``listed``; returns both ids."""
+    producer = str(uuid.uuid4())
+    [(job_id,)] = await _rows(
+        pool,
+        "INSERT INTO oban_jobs (state, worker, attempt, attempted_at, attempted_by) "
+        "VALUES ('executing', 'tests.workers.echo', 1, "
+        "timezone('UTC', now()) - make_interval(secs => %s), ARRAY['live', %s]) RETURNING id",
+        started_ago,
+        producer,
+    )
+    meta: dict[str, object] = {"running": [job_id] if listed else []}
+    if own_rescue_after is not None:
+        meta["rescue_after"] = own_rescue_after
+    if beat_ago is not None:
+        await _beat(pool, producer, meta, ago=beat_ago)
+    return int(str(job_id)), producer
+
+
+async def _beat(pool: _pg.Pool, producer: str, meta: object, *, ago: float = 0) -> None:
+    """A heartbeat of ``producer`` ``ago`` seconds ago."""
+    await _rows(
+        pool,
+        "INSERT INTO trioban_producers AS p (uuid, node, queue, updated_at, meta) VALUES "
+        "(%s, 'live', 'default', timezone('UTC', now()) - make_interval(secs => %s), %s) "
+        "ON CONFLICT (uuid) DO UPDATE SET updated_at = excluded.updated_at, meta = excluded.meta",
+        producer,
+        ago,
+        json.dumps(meta),
+    )
+
+
+async def _executing(pool: _pg.Pool) -> set[int]:
+    rows = await _rows(pool, "SELECT id FROM oban_jobs WHERE state = 'executing'")
+    return {int(str(job_id)) for (job_id,) in rows}
+
+
+async def test_after_an_outage_the_lifeline_gives_live_nodes_time_to_heartbeat(
+    dsn: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """No node could heartbeat through an outage, so once PostgreSQL is back every producer
+    row looks stale, or is missing (a queue started just before): the lifeline judges only
+    after this peer has reached the database for ``rescue_after``, time for live nodes to
+    beat again. (Trio's clock moves on jump() only.)"""
+    async with _pg.open_pool(dsn, size=2) as pool:
+        long_job, producer = await _running_job(pool, beat_ago=60)  # a long job, a long outage
+        new_job, new_producer = await _running_job(pool, beat_ago=None)
+        leadership = Leadership(pool, "public", "oban", "leader/1", 60.0)
+        lifeline = _lifeline.Lifeline(pool, "public", RESCUE_AFTER, leadership.steady_for)
+        await leadership._elect()  # the first call to succeed since PostgreSQL came back
+        assert leadership.is_leader
+        assert await lifeline() == 0
+        mock_clock.jump(RESCUE_AFTER / 2)
+        assert await lifeline() == 0
+        # The node is alive: it beats again meanwhile.
+        await _beat(pool, producer, {"running": [long_job]})
+        await _beat(pool, new_producer, {"running": [new_job]})
+        mock_clock.jump(RESCUE_AFTER / 2)
+        assert await lifeline() == 0
+        assert await _executing(pool) == {long_job, new_job}
+
+        # A tick failing on the database starts the wait over (a blip the lease outlived);
+        # a tick failing for another reason doesn't.
+        async def fails(error: Exception) -> None:
+            await trio.lowlevel.checkpoint()
+            raise error
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(while_leading, leadership, 60.0, "a", lambda: fails(ValueError()))
+            await trio.testing.wait_all_tasks_blocked()
+            assert leadership.steady_for() >= RESCUE_AFTER
+            down = _pg.DatabaseUnavailable("cannot connect")
+            await nursery.start(while_leading, leadership, 60.0, "b", lambda: fails(down))
+            await trio.testing.wait_all_tasks_blocked()
+            assert leadership.steady_for() == 0
+            nursery.cancel_scope.cancel()
+        await _beat(pool, producer, {"running": [long_job]}, ago=60)  # the node died
+        await _rows(pool, "DELETE FROM trioban_producers WHERE uuid = %s", new_producer)
+        await leadership._elect()
+        assert await lifeline() == 0
+        mock_clock.jump(RESCUE_AFTER)
+        assert await lifeline() == 2  # a dead node's jobs are rescued once the wait is over
+        assert await _executing(pool) == set()
+
+
+async def test_a_node_is_judged_by_its_own_longer_rescue_after(dsn: str) -> None:
+    """A node heartbeating less often than the leader says so in its rows: the leader gives
+    its jobs the node's own ``rescue_after``, also to list a job it just claimed, and also to
+    heartbeat again after an outage."""
+    conf = fast(dsn, queues={"default": 1}, heartbeat_interval=0.5, rescue_after=30.0)
+    with trio.fail_after(10):
+        async with trioban.open(conf) as oban:
+            meta = await _rows(oban._pool, "SELECT meta->'rescue_after' FROM trioban_producers")
+            assert meta == [(30.0,)]
+        async with _pg.open_pool(dsn, size=2) as pool:
+            live, _ = await _running_job(pool, beat_ago=5, own_rescue_after=30)
+            claimed, _ = await _running_job(
+                pool, beat_ago=1, own_rescue_after=30, started_ago=5, listed=False
+            )
+            dead, _ = await _running_job(pool, beat_ago=60, own_rescue_after=30)
+            # Reaching the database for 10 s is too short for that node to beat again.
+            assert await _lifeline.rescue(pool, "public", RESCUE_AFTER, steady=10) == 0
+            assert await _lifeline.rescue(pool, "public", RESCUE_AFTER) == 1
+            assert await _executing(pool) == {live, claimed}
+            assert dead not in await _executing(pool)
+
+
+@pytest.mark.parametrize("testing", ["manual", "inline"])
+async def test_a_testing_instance_never_takes_the_lease(dsn: str, testing: str) -> None:
+    """A test instance runs no lifeline, sweep or pruner: leading, it would starve the
+    cluster of them."""
+    with trio.fail_after(10):
+        async with (
+            trioban.open(fast(dsn, testing=testing)) as test_instance,
+            trioban.open(fast(dsn)) as node,
+        ):
+            assert not test_instance.is_leader
+            assert node.is_leader
+
+
+# -- pruning workflows -----------------------------------------------------------------------
+
+DAY = 86_400.0
+
+
+async def _finish(oban: trioban.Oban, ids: list[int | None], *, ago: float) -> None:
+    """Complete jobs ``ago`` seconds ago, as if they ran then."""
+    await _scalar(
+        oban,
+        "WITH done AS (UPDATE oban_jobs SET state = 'completed', attempt = 1, "
+        "completed_at = timezone('UTC', now()) - make_interval(secs => %s) "
+        "WHERE id = ANY(%s) RETURNING id) SELECT count(*) FROM done",
+        ago,
+        ids,
+    )
+
+
+async def test_a_workflow_is_pruned_whole_once_every_step_is_finished(dsn: str) -> None:
+    """A step still to run reads its deps' results: a workflow's finished steps stay until
+    every step is finished and old, then the workflow goes whole."""
+    with trio.fail_after(10):
+        async with trioban.open(trioban.Config(dsn=dsn, queues={}, prune_max_age=None)) as oban:
+            first, second = Workflow(), Workflow()
+            for wf in (first, second):
+                wf.add("a", echo.new({})).add("b", echo.new({}))
+                wf.add("c", echo.new({}), deps=["a", "b"])
+            a, b, c = [job.id for job in await oban.insert_workflow(first)]
+            others = [job.id for job in await oban.insert_workflow(second)]
+            loose = await oban.insert(echo.new({}))
+            await _finish(oban, [a, loose.id, *others], ago=2 * DAY)
+            assert await prune(oban._pool, "public", DAY, 100) == 1 + 3  # b is still to run
+            assert await oban.workflow_status(first.workflow_id) == {
+                "a": JobState.COMPLETED,
+                "b": JobState.AVAILABLE,
+                "c": JobState.SUSPENDED,
+            }
+            await _finish(oban, [b, c], ago=60)
+            assert await prune(oban._pool, "public", DAY, 100) == 0  # b and c are recent
+            await _finish(oban, [b, c], ago=2 * DAY)
+            assert await prune(oban._pool, "public", DAY, 1) == 3  # whole, past the limit
+            assert await _scalar(oban, "SELECT count(*) FROM oban_jobs") == 0
+
+
+async def test_the_pruner_pages_through_workflows(dsn: str) -> None:
+    """A run reads a page of workflow rows, not every workflow: the pages go round in id
+    order, so a workflow still running at the front holds none of the others back."""
+    with trio.fail_after(10):
+        async with trioban.open(trioban.Config(dsn=dsn, queues={}, prune_max_age=None)) as oban:
+            ids = []
+            for name in ("wf-1", "wf-2", "wf-3"):
+                wf = Workflow(workflow_id=name).add("a", echo.new({})).add("b", echo.new({}))
+                ids += [job.id for job in await oban.insert_workflow(wf)]
+            await _finish(oban, ids[1:], ago=2 * DAY)  # wf-1's first step is still to run
+            pruner = Pruner(oban._pool, "public", DAY, 2)
+            assert [await pruner() for _ in range(5)] == [0, 2, 2, 0, 0]
+            assert pruner.after == "wf-1"
+            assert await oban.workflow_status("wf-1") == {
+                "a": JobState.AVAILABLE,
+                "b": JobState.COMPLETED,
+            }

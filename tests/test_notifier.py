@@ -7,16 +7,19 @@ import contextlib
 import gzip
 import json
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
 import psycopg
 import pytest
 import trio
+import trio.testing
+from psycopg import sql
 
 import trioban
 from trioban import Config, _pg, telemetry
-from trioban._notifier import Notifier
+from trioban._notifier import Notifier, check_channel
 
 from .test_relay import _terminate_notifier
 
@@ -78,6 +81,14 @@ async def test_every_payload_form_is_read_and_bad_ones_skipped(
             assert caplog.text.count("skipping a message") == 2
 
 
+@pytest.mark.parametrize("name", ["gossip\n", "gossip\n\n", "\ngossip", "gossip x", ""])
+def test_channel_names_are_whole_identifiers(name: str) -> None:
+    """A trailing newline is refused too (``$`` matched before it)."""
+    with pytest.raises(ValueError, match="channel name"):
+        check_channel(name)
+    assert check_channel("gossip_2") == "gossip_2"
+
+
 async def test_bad_input_is_rejected_clearly(dsn: str) -> None:
     async with trioban.open(Config(dsn=dsn, queues={})) as oban:
         with pytest.raises(ValueError, match="8000"):
@@ -91,6 +102,20 @@ async def test_bad_input_is_rejected_clearly(dsn: str) -> None:
         with pytest.raises(ValueError, match="channel name"):
             async with oban.listen(["ok", "no;"]):
                 pass
+
+
+async def test_non_ascii_payloads_that_fit_compressed_are_sent(dsn: str) -> None:
+    """3-byte CJK text is 8,111 bytes as JSON and about 4,700 compressed: it is sent (before,
+    characters were compared, it went plain and notify() refused it)."""
+    rng = random.Random(1)
+    text = "".join(chr(0x4E00 + rng.randrange(128)) for _ in range(2700))
+    with trio.fail_after(10):
+        async with (
+            trioban.open(Config(dsn=dsn, queues={})) as oban,
+            oban.listen(["gossip"]) as messages,
+        ):
+            await oban.notify("gossip", {"text": text})
+            assert await messages.receive() == ("gossip", {"text": text})
 
 
 async def test_reconnects_and_keeps_its_listeners(dsn: str) -> None:
@@ -240,6 +265,19 @@ async def test_a_channel_named_twice_delivers_each_message_once(dsn: str) -> Non
             assert await messages.receive() == ("dup", {"n": 2})
 
 
+async def test_identical_payloads_in_one_transaction_merge(dsn: str) -> None:
+    """As documented: PostgreSQL delivers identical payloads on one channel in one transaction
+    once; separate ``notify`` calls are separate transactions, so each arrives."""
+    with trio.fail_after(10):
+        async with trioban.open(Config(dsn=dsn)) as oban, oban.listen(["dup"]) as messages:
+            await oban.notify("dup", [{"n": 1}, {"n": 1}, {"n": 2}])
+            await oban.notify("dup", {"n": 2})
+            await oban.notify("dup", {"end": True})
+            got = [(await messages.receive())[1] for _ in range(3)]
+            assert got == [{"n": 1}, {"n": 2}, {"n": 2}]
+            assert await messages.receive() == ("dup", {"end": True})
+
+
 async def test_a_consumer_that_closed_its_channel_is_dropped_quietly(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -255,3 +293,62 @@ async def test_a_consumer_that_closed_its_channel_is_dropped_quietly(
             assert await witness.receive() == ("cl", {"n": 1})
             assert await witness.receive() == ("cl", {"n": 2})
     assert not caplog.records
+
+
+async def test_listen_waits_for_the_listen_after_a_pending_unlisten(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``listen(["x"])`` entered while the reader is about to UNLISTEN x (a closed block left
+    x listened on; another channel started a round) waits for x's next LISTEN, so a message
+    sent in the block arrives (before, it entered at once and the message was lost)."""
+    notifier = Notifier(dsn, "public", "unlistening")
+    execute = _pg.Connection.execute
+    unlisten_pending, release, unlistened = trio.Event(), trio.Event(), trio.Event()
+    entered, notified = trio.Event(), trio.Event()
+
+    async def gated(conn: _pg.Connection, query: Any, *args: Any, **kwargs: Any) -> Any:
+        text = query.as_string(conn) if isinstance(query, sql.Composable) else ""
+        if text == 'UNLISTEN "public.oban_x"':
+            unlisten_pending.set()
+            await release.wait()
+            result = await execute(conn, query, *args, **kwargs)
+            unlistened.set()
+            return result
+        if text == 'LISTEN "public.oban_x"' and unlistened.is_set() and entered.is_set():
+            await notified.wait()  # the block was entered before this LISTEN: show the loss
+        return await execute(conn, query, *args, **kwargs)
+
+    async def notify_x() -> None:
+        sender = await _pg.connect(dsn)
+        try:
+            await execute(sender, "SELECT pg_notify('public.oban_x', '{\"n\": 1}')")
+        finally:
+            await sender.close()
+
+    got: list[Any] = []
+    done = trio.Event()
+
+    async def listen_x() -> None:
+        async with notifier.listen(["x"]) as messages:
+            entered.set()
+            await unlistened.wait()  # the reader's UNLISTEN x is behind us
+            await notify_x()
+            notified.set()
+            with trio.move_on_after(2):
+                got.append(await messages.receive())
+        done.set()
+
+    monkeypatch.setattr(_pg.Connection, "execute", gated)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.run)
+            async with notifier.listen(["x"]):
+                pass  # x stays listened on until the reader's next round
+            notifier.subscribe("y", lambda payload: None)  # that round: LISTEN y, UNLISTEN x
+            await unlisten_pending.wait()
+            nursery.start_soon(listen_x)
+            await trio.testing.wait_all_tasks_blocked()  # it subscribed x, and maybe entered
+            release.set()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert got == [("x", {"n": 1})]

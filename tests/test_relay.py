@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import resource
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import trio
 import trioban
 import trioban.testing
 from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg, _relay
-from trioban._codec import decode_payload
+from trioban._codec import NOTIFY_LIMIT, decode_payload
 from trioban._relay import Notice, _Waiter
 
 from . import workers
@@ -63,7 +64,7 @@ async def test_relay_returns_the_result_and_api_shapes(dsn: str) -> None:
             assert relay.job.id is not None
             assert isinstance(relay.ref, str)
             assert await relay.result(timeout=5) == {"a": [1, 2]}
-            # result() may be called again: the outcome is read back from the job row.
+            # result() may be called again: the relay keeps the outcome it received.
             assert await relay.result(timeout=5) == {"a": [1, 2]}
             assert await echo.relay({"value": 5}, timeout=5) == 5
             assert len(oban._relays) == 0
@@ -300,6 +301,78 @@ async def test_await_many_returns_partial_results_at_the_deadline(dsn: str) -> N
                 await oban.await_many([1], timeout=1)  # type: ignore[list-item]
             with pytest.raises(ValueError, match="timeout"):
                 await oban.await_many(relays, timeout=-1)
+
+
+async def test_an_outcome_already_here_is_returned_even_at_timeout_zero(dsn: str) -> None:
+    """A deadline already past ends only a wait still needed: an outcome the relay holds comes
+    back from ``result`` and ``await_many`` at once. A cancelled
+    scope of the caller's own still cancels the call, as for any Trio call."""
+    workers.gates["zero"] = trio.Event()
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            first, second = [await oban.dispatch(echo.new({"value": i})) for i in (1, 2)]
+            pending = await oban.dispatch(wait_gate.new({"gate": "zero"}))
+
+            async def arrived() -> bool:
+                waiters = oban._relays._waiters
+                return all(waiters[r.ref].notice is not None for r in (first, second))
+
+            await eventually(arrived)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await first.result(timeout=0)
+            assert scope.cancelled_caught
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await oban.await_many([first], timeout=0)
+            assert scope.cancelled_caught
+            assert await first.result(timeout=0) == 1
+            value, late = await oban.await_many([second, pending], timeout=0)
+            assert value.unwrap() == 2
+            assert isinstance(late, outcome.Error)
+            assert isinstance(late.error, RelayTimeout)
+            # Awaited again, a stored job's relay reads its row (a retry may have run it again).
+            assert await first.result(timeout=5) == 1
+            outcomes = await oban.await_many([first, second], timeout=5)
+            assert [o.unwrap() for o in outcomes] == [1, 2]
+            with pytest.raises(RelayTimeout):
+                await pending.result(timeout=0)
+            assert len(oban._relays) == 0
+
+
+async def test_relaying_inside_a_transaction_that_holds_the_only_connection(dsn: str) -> None:
+    """``relay`` and ``dispatch`` take no ``conn=``: the pool's error must say to call them
+    outside the transaction, and tell calls that take one to pass it."""
+    outside = "outside the transaction, or raise `pool_size`"
+    with trio.fail_after(10):
+        async with running(dsn, pool_size=1) as oban:
+            async with oban.transaction():
+                with pytest.raises(trioban.TriobanError, match=outside):
+                    await oban.relay(echo.new({"value": 1}), timeout=5)
+                with pytest.raises(trioban.TriobanError, match=outside):
+                    await oban.dispatch(echo.new({"value": 1}))
+                with pytest.raises(trioban.TriobanError, match="as `conn=` to the calls that"):
+                    await oban.insert(echo.new({"value": 1}))
+            assert len(oban._relays) == 0
+            assert await oban.relay(echo.new({"value": 2}), timeout=5) == 2
+
+
+def test_a_failure_notice_carries_its_reason_cut_to_fit_never_a_pointer() -> None:
+    """A reason too large for NOTIFY even compressed is cut, not left in the row for a poll:
+    by then the job may be running again, and its row no longer says that attempt failed, so a
+    relay without ``with_retries`` wouldn't raise ``RelayDiscard`` at once."""
+    rng = random.Random(7)
+    reason = "".join(chr(rng.randrange(0x10000, 0x110000)) for _ in range(_relay.REASON_LIMIT))
+    for state in ("retryable", "discarded", "cancelled"):
+        text = _relay.build_notice("r" * 32, 7, state, reason=reason)
+        assert len(text.encode()) < NOTIFY_LIMIT
+        body = decode_payload(text)
+        assert "stored" not in body
+        assert body["state"] == state
+        assert body["reason"]
+        assert reason.startswith(body["reason"])
+    # A result too large is still read from the row (a completed row stays completed).
+    assert decode_payload(_relay.build_notice("r" * 32, 7, "completed", result=reason))["stored"]
 
 
 def _rss_mb() -> float:

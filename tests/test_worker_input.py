@@ -18,15 +18,19 @@ import pytest
 import trio
 
 import trioban
-from trioban import Job, JobState, Unique, worker
+from trioban import Batch, Job, JobState, Unique, Workflow, _batch, _instance, _settle, worker
 from trioban._codec import dumps, loads, loads_stored
+from trioban._cron import CronEntry, slot_job
 from trioban._job import as_inserted, evolve
 from trioban._queues import as_fetched
+from trioban._relay import META_REF, META_RESULT
 from trioban._unique import MAX_PERIOD
+from trioban._validate import RESERVED_META
 from trioban._worker import _registry, lookup
+from trioban._workflow import STEP_KEYS
 
 from .nodes import ROOT
-from .workers import Address, OrderArgs, Size, place_order, secret_echo
+from .workers import Address, MailBatch, OrderArgs, Size, place_order, secret_echo
 
 seen: list[Job] = []
 
@@ -296,3 +300,50 @@ def test_new_accepts_nested_str_keys_and_braces_in_text() -> None:
     )
     assert job.args["a"] == [{"b": {"c": "{x}"}}]
     assert not job.meta
+
+
+def _meta_keys_trioban_writes() -> set[str]:
+    """Every meta key trioban adds to a job: a relay's, a workflow step's (with every option),
+    a batch job's, a batch callback's and a cron slot's."""
+    steps = Workflow(ignore_cancelled=True, ignore_discarded=True).add("a", keep.new({}))
+    steps.add("b", keep.new({}), deps=["a"], ignore_cancelled=True, ignore_discarded=True)
+    batched = Batch([keep.new({})], callback=MailBatch).build()
+    callback = _settle._callback_job("b", "handle_completed", dict(batched[0].meta))
+    entry = CronEntry("* * * * *", keep.name)
+    build = _instance._builder(keep.name)
+    assert build is not None
+    slot = slot_job(entry, datetime(2024, 1, 1, tzinfo=UTC), build)
+    jobs = [*steps.build(), *batched, callback, slot]
+    return {key for job in jobs for key in job.meta} | {META_REF, META_RESULT}
+
+
+def test_meta_keys_trioban_writes_are_reserved() -> None:
+    """A caller's "result" was taken for a recorded result (fetch_recorded returned it) and
+    replaced by a relayed one; a "callback" chose the handler a class worker ran. The keys a
+    workflow or batch adds to its jobs are refused where a job joins one."""
+    written = _meta_keys_trioban_writes()
+    assert written <= RESERVED_META | set(STEP_KEYS) | set(_batch._JOB_KEYS)
+    for key in sorted(RESERVED_META):
+        with pytest.raises(ValueError, match=f"meta key '{key}' is reserved"):
+            keep.new({}, meta={"mine": 1, key: "the caller's"})
+    # Read only beside workflow_id or batch_id: free for a job that is neither.
+    assert keep.new({}, meta={"name": "nightly", "results": 2}).meta["name"] == "nightly"
+    for key in STEP_KEYS:
+        with pytest.raises(ValueError, match=f"step 'a': meta key '{key}' is set by the workflow"):
+            Workflow().add("a", keep.new({}, meta={key: 1}))
+    for key in _batch._JOB_KEYS:
+        with pytest.raises(ValueError, match=f"meta key '{key}' is set by the batch"):
+            Batch([keep.new({}, meta={key: 1})])
+
+
+def test_a_cron_slot_gets_the_reserved_cron_keys_and_checks_the_entry_meta() -> None:
+    build = _instance._builder(keep.name)
+    assert build is not None
+    minute = datetime(2024, 1, 1, tzinfo=UTC)
+    entry = CronEntry("* * * * *", keep.name, options={"meta": {"team": "ops"}, "priority": 2})
+    job = slot_job(entry, minute, build)
+    assert dict(job.meta) == {"team": "ops", "cron": True, "cron_expr": "* * * * *"}
+    assert job.priority == 2
+    entry = CronEntry("* * * * *", keep.name, options={"meta": {"result": 1}})
+    with pytest.raises(ValueError, match="meta key 'result' is reserved"):
+        slot_job(entry, minute, build)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator
 from functools import partial
@@ -11,11 +12,12 @@ import pytest
 import trio
 
 import trioban
+import trioban.testing
 from trioban import Batch, JobState, Workflow, _lifeline, _settle
 
 from .helpers import eventually
 from .nodes import node_processes
-from .workers import MailBatch, echo, flow_step, unique_echo
+from .workers import MailBatch, echo, flow_step, steer, unique_echo
 
 
 def config(dsn: str, **settings: object) -> trioban.Config:
@@ -28,12 +30,17 @@ async def _rows(oban: trioban.Oban, statement: str, *params: object) -> list[tup
         return await cur.fetchall()
 
 
+async def _create_logs(oban: trioban.Oban) -> None:
+    """The tables flow_step (with ``log``) and MailBatch's handlers log their runs to."""
+    async with oban.transaction() as conn:
+        await conn.execute("CREATE TABLE flow_runs (job_id bigint, name text, node text)")
+        await conn.execute("CREATE TABLE batch_calls (batch_id text, handler text, node text)")
+
+
 @pytest.fixture
 async def oban(dsn: str) -> AsyncIterator[trioban.Oban]:
     async with trioban.open(config(dsn)) as instance:
-        async with instance.transaction() as conn:
-            await conn.execute("CREATE TABLE flow_runs (job_id bigint, name text, node text)")
-            await conn.execute("CREATE TABLE batch_calls (batch_id text, handler text, node text)")
+        await _create_logs(instance)
         yield instance
 
 
@@ -634,3 +641,90 @@ async def test_the_leader_sweep_enqueues_callbacks_a_dead_node_missed(oban: trio
     with trio.fail_after(20):
         await eventually(partial(_has_calls, oban, batch.batch_id, 3))
     assert await _calls(oban, batch.batch_id) == ["attempted", "completed", "exhausted"]
+
+
+# -- testing modes -------------------------------------------------------------------------
+
+
+async def test_the_inline_mode_refuses_workflows_and_batches(dsn: str) -> None:
+    """Inline runs each job once, at insert, in the order given: a step ran before its dep, a
+    step whose dep was discarded ran, and a batch's callbacks never did."""
+    wf = Workflow().add("load", step(log=True), deps=["extract"]).add("extract", step(log=True))
+    batch = Batch([MailBatch.new({})], callback=MailBatch)
+    refused = r"inline testing mode .* can't run a {}.*testing='manual'.*drain_queue"
+    async with trioban.open(config(dsn, testing="inline")) as inline:
+        await _create_logs(inline)
+        for insert in (
+            partial(inline.insert_workflow, wf),
+            partial(inline.insert_all, wf),
+            partial(inline.relay_workflow, wf),
+        ):
+            with pytest.raises(trioban.TriobanError, match=refused.format("workflow")):
+                await insert()
+        for jobs in (batch, batch.build()):
+            with pytest.raises(trioban.TriobanError, match=refused.format("batch")):
+                await inline.insert_all(jobs)
+        assert len(inline._relays) == 0
+        assert await _rows(inline, "SELECT * FROM flow_runs") == []
+        assert (await inline.insert(echo.new({}))).state is JobState.COMPLETED
+
+
+async def test_drain_queue_runs_workflows_and_batches_in_the_manual_mode(dsn: str) -> None:
+    """What the inline mode's error points to: steps in dependency order, dep results, the
+    dependents of a failed step cancelled, and batch callbacks."""
+    async with trioban.open(config(dsn, testing="manual")) as oban:
+        await _create_logs(oban)
+        wf = Workflow().add("load", step(100, log=True), deps=["extract"])
+        wf.add("extract", step(1, log=True))
+        load, _ = await oban.insert_workflow(wf)
+        failed = Workflow().add("bad", step(outcome="discard"))
+        failed.add("after", step(log=True), deps=["bad"])
+        await oban.insert_workflow(failed)
+        batch = Batch([MailBatch.new({}), MailBatch.new({})], callback=MailBatch)
+        await oban.insert_all(batch)
+        with trio.fail_after(10):
+            counts = await trioban.testing.drain_queue(oban, "default", with_recursion=True)
+        # extract, load, the batch's 2 jobs and its 3 callbacks; bad.
+        assert (counts["completed"], counts["discarded"]) == (7, 1)
+        order = await _rows(
+            oban,
+            "SELECT meta->>'name' FROM oban_jobs WHERE meta->>'workflow_id' = %s "
+            "ORDER BY attempted_at",
+            wf.workflow_id,
+        )
+        assert order == [("extract",), ("load",)]  # load was added (and inserted) first
+        ran = await oban.get_job(load.id or 0)
+        assert ran is not None
+        assert ran.meta["result"] == {"step": "load", "total": 101, "inputs": ["extract"]}
+        assert await oban.workflow_status(failed.workflow_id) == {
+            "bad": JobState.DISCARDED,
+            "after": JobState.CANCELLED,
+        }
+        assert await _calls(oban, batch.batch_id) == ["attempted", "completed", "exhausted"]
+
+
+# -- step results --------------------------------------------------------------------------
+
+
+async def test_a_step_result_that_cant_be_stored_completes_the_step(
+    oban: trioban.Oban, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same worker completes as a plain job; as a step it was discarded (and its
+    dependents cancelled) because steps keep their results for workflow_results."""
+    caplog.set_level(logging.WARNING, "trioban.executor")
+    wf = Workflow().add("touch", steer.new({"kind": "unserialisable"}))
+    wf.add("after", step(), deps=["touch"])
+    touch, after = await oban.insert_workflow(wf)
+    status = await _settled(oban, wf.workflow_id)
+    assert status == {"touch": JobState.COMPLETED, "after": JobState.COMPLETED}
+    assert await oban.workflow_results(after) == {"touch": None}
+    ran = await oban.get_job(touch.id or 0)
+    assert ran is not None
+    assert not ran.errors
+    assert "result" not in ran.meta
+    assert f"job {touch.id} " in caplog.text
+    assert "its result, a dict, is not JSON" in caplog.text
+    # Relayed, the result is asked for: the step fails, saying why.
+    relayed = Workflow().add("touch", steer.new({"kind": "unserialisable"}, max_attempts=1))
+    with trio.fail_after(20), pytest.raises(trioban.RelayDiscard, match="not JSON-serialisable"):
+        await oban.relay_workflow(relayed, timeout=15)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any, Final, final
 
 from ._job import Job, evolve
-from ._validate import check_json_object
+from ._validate import check_json_object, check_own_keys
 from ._worker import Worker
 
 BATCH_ID: Final = "batch_id"
@@ -36,6 +36,8 @@ CALLBACK_WORKER: Final = "batch_worker"
 CALLBACK_QUEUE: Final = "batch_queue"
 CALLBACK_ARGS: Final = "batch_args"
 CALLBACK_OPTIONS: Final = "batch_options"  # the callback worker's max_attempts, priority, tags
+_JOB_KEYS: Final = (CALLBACKS, CALLBACK_WORKER, CALLBACK_QUEUE, CALLBACK_ARGS, CALLBACK_OPTIONS)
+"""The meta keys a batch job gets from its batch (beside ``BATCH_ID``, which new() refuses)."""
 HANDLERS: Final = (
     "handle_attempted",
     "handle_exhausted",
@@ -105,6 +107,7 @@ class Batch:
         """Add an unsaved job; returns the batch."""
         if not isinstance(job, Job) or job.saved:
             raise TypeError(f"expected an unsaved Job (from Worker.new), got {job!r}")
+        check_own_keys(job.meta, _JOB_KEYS, f"a job of batch {self.batch_id}", "the batch")
         self._jobs.append(job)
         return self
 

@@ -6,12 +6,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from . import _codec, _pg
-from ._batch import Batch
-from ._config import valid_queue_limit
+from ._batch import BATCH_ID, Batch
+from ._errors import TriobanError
 from ._job import Job
 from ._relay import check_timeout as check_timeout  # relays check theirs too
 from ._validate import check_queue as check_queue  # the queue methods check theirs too
-from ._workflow import Workflow
+from ._validate import valid_queue_limit
+from ._workflow import WORKFLOW_ID, Workflow
 
 
 def check_limit(limit: object) -> int:
@@ -30,6 +31,25 @@ def check_jobs(jobs: Iterable[Job] | Workflow | Batch) -> list[Job]:
         if job.id is not None:
             raise ValueError(f"job {job.id} is already saved; build a new one with Worker.new()")
     return batch
+
+
+def check_inline(jobs: Iterable[Job]) -> None:
+    """Refuse workflow steps and batch jobs in the inline testing mode: it runs each job once,
+    as it is inserted, so it could neither hold a step until its deps finish nor run a
+    batch's callbacks."""
+    for job in jobs:
+        group = "workflow" if WORKFLOW_ID in job.meta else "batch" if BATCH_ID in job.meta else ""
+        if group:
+            raise inline_refusal(group)
+
+
+def inline_refusal(group: str) -> TriobanError:
+    """The error refusing a ``group`` ("workflow" or "batch") in the inline testing mode."""
+    return TriobanError(
+        f"the inline testing mode (Config(testing='inline')) can't run a {group}: it runs each "
+        "job once, as it is inserted, ignoring deps and callbacks; use testing='manual' and "
+        "run the jobs with trioban.testing.drain_queue(oban, queue, with_recursion=True)"
+    )
 
 
 def check_conn(conn: object) -> None:

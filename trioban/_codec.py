@@ -17,7 +17,8 @@ NOTIFY_LIMIT = 8000
 """PostgreSQL rejects NOTIFY payloads of 8,000 bytes or more."""
 
 COMPRESS_ABOVE = 1024
-"""Payloads longer than this are sent compressed when that makes them shorter."""
+"""Payloads longer than this (in UTF-8 bytes) are sent compressed when that makes them
+shorter."""
 
 
 def _default(value: Any) -> Any:
@@ -122,9 +123,11 @@ def loads_stored(text: str) -> Any:
 def encode_payload(value: Any) -> str:
     """Encode a notifier payload: plain JSON, or Oban's ``Z:`` + base64(gzip) when large."""
     text = dumps(value)
-    if len(text) > COMPRESS_ABOVE:
-        packed = "Z:" + base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode("ascii")
-        if len(packed) < len(text):
+    # Sizes in bytes, as NOTIFY's limit counts them: a non-ASCII char takes 2 to 4.
+    raw = text.encode()
+    if len(raw) > COMPRESS_ABOVE:
+        packed = "Z:" + base64.b64encode(gzip.compress(raw, mtime=0)).decode("ascii")
+        if len(packed) < len(raw):
             return packed
     return text
 

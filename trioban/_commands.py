@@ -15,7 +15,8 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn
 
 import psycopg
@@ -25,12 +26,13 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from . import _demo, _schema
+from . import _demo, _pg, _schema
+from ._checks import MAX_JOB_ID
 from ._config import Config, parse_queues
-from ._errors import TriobanError
+from ._errors import ConfigError, TriobanError
 from ._instance import Oban
 from ._job import JobState
-from ._open import open
+from ._open import _embedded_dsn, open
 from ._sql import query
 from ._store import job_from_row
 
@@ -38,6 +40,8 @@ Command = Callable[[argparse.Namespace], Awaitable[int]]
 
 _DEFAULT_QUEUES: Final = {"default": 10}
 """What ``trioban start`` runs when neither ``--queues`` nor the config file names queues."""
+_LIST_LIMIT: Final = 50
+"""How many jobs ``trioban jobs list`` shows without ``--limit``."""
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -92,12 +96,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an int from 1 to 2**63 - 1 (a job id, a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_JOB_ID:
+        raise argparse.ArgumentTypeError(f"expected an int from 1 to 2**63 - 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--dsn",
-        default=os.environ.get("TRIOBAN_DSN"),
-        help="PostgreSQL DSN (default: $TRIOBAN_DSN, else the embedded server)",
+        default=os.environ.get("TRIOBAN_DSN") or None,  # set but empty: not set
+        help="PostgreSQL DSN (default: $TRIOBAN_DSN, else the config file's, else embedded)",
     )
     common.add_argument("--config", help="a TOML file with a [trioban] table")
     common.add_argument("--prefix", help="the schema holding trioban's tables")
@@ -130,11 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh every SECONDS")
     jobs = command("jobs", _jobs, "list, retry or cancel jobs")
     jobs.add_argument("action", choices=["list", "retry", "cancel"])
-    jobs.add_argument("ids", nargs="*", type=int, help="job ids (retry/cancel)")
+    jobs.add_argument("ids", nargs="*", type=_positive, help="job ids")
     jobs.add_argument("--state", choices=[s.value for s in JobState])
     jobs.add_argument("--queue")
     jobs.add_argument("--worker")
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs.add_argument(
+        "--limit",
+        type=_positive,
+        help=f"the newest N matching jobs (list: default {_LIST_LIMIT}; retry/cancel: default all)",
+    )
     command("demo", _demo_command, "relays across queues and a workflow, in seconds")
     return parser  # fmt: skip
 
@@ -168,15 +187,48 @@ async def _uninstall(args: argparse.Namespace) -> int:
     if not args.yes:
         raise ValueError("uninstall deletes every job; run again with --yes to confirm")
     conf = _config(args, queues={})
-    async with open(conf.evolve(install=True)) as oban, oban._pool.connection() as conn:
+    # A bare connection, not an instance: opening one would install the schema (a mistyped
+    # --prefix would create it) or refuse one that is out of date.
+    async with _connection(conf) as conn:
+        cur = await conn.execute(query("trioban_objects", conf.prefix), {"prefix": conf.prefix})
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise TriobanError(
+                f"nothing to uninstall: prefix {conf.prefix!r} holds no trioban tables; "
+                "check --prefix and --dsn"
+            )
         await _schema.uninstall(conn, conf.prefix, drop_schema=args.drop_schema)
     _report(args, {"uninstalled": True, "prefix": conf.prefix})
     return 0
 
 
+@asynccontextmanager
+async def _connection(conf: Config) -> AsyncIterator[_pg.Connection]:
+    """One connection to the database of ``conf`` (the embedded server's without a DSN)."""
+    if conf.dsn is None:
+        async with _embedded_dsn() as dsn, _connection(conf.evolve(dsn=dsn)) as conn:
+            yield conn
+        return
+    async with _pg.open_pool(conf.dsn, size=1) as pool, pool.connection() as conn:
+        yield conn
+
+
+def _import(module: str) -> None:
+    """Import a ``--import`` module; failing to is the user's one-line error."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError("--import", f"cannot import {module!r}: {exc}") from exc
+
+
 async def _start(args: argparse.Namespace) -> int:
+    if os.getcwd() not in sys.path:
+        # As `python -m`, celery and uvicorn do: the project's modules (--import, and those
+        # of workers named by jobs) import from where the command runs; a console script's
+        # sys.path holds its bin directory instead.
+        sys.path.insert(0, os.getcwd())
     for module in args.imports:
-        await trio.to_thread.run_sync(importlib.import_module, module)
+        await trio.to_thread.run_sync(_import, module)
     flag = None if args.queues is None else parse_queues(args.queues, "--queues")
     conf = _config(args, queues=flag)
     if not conf.queues:  # neither --queues nor the config file names any
@@ -278,16 +330,14 @@ async def _jobs(args: argparse.Namespace) -> int:
     async with open(_config(args, queues={}, install=False)) as oban:
         if args.action == "list":
             return await _list_jobs(oban, args)
-        ids = list(args.ids)
-        if not ids and args.state is None:
+        if not args.ids and args.state is None:
             raise ValueError(
                 f"jobs {args.action} needs job ids or --state (e.g. --state discarded)"
             )
-        if not ids:
-            params = {"state": args.state, "queue": args.queue}
-            async with oban._pool.connection() as conn:
-                cur = await conn.execute(query("job_ids", oban.config.prefix), params)
-                ids = [row[0] for row in await cur.fetchall()]
+        # The jobs `jobs list` would show with the same filters (every one without --limit).
+        async with oban._pool.connection() as conn:
+            cur = await conn.execute(query("list_job_ids", oban.config.prefix), _filters(args))
+            ids = [row[0] for row in await cur.fetchall()]
         changed = 0
         with Progress(console=_console(args), transient=True) as progress:
             task = progress.add_task(f"{args.action} {len(ids)} jobs", total=len(ids))
@@ -303,9 +353,14 @@ async def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filters(args: argparse.Namespace, limit: int | None = None) -> dict[str, Any]:
+    """The parameters of ``list_jobs`` and ``list_job_ids``: every filter of ``jobs``."""
+    return {"ids": args.ids or None, "state": args.state, "queue": args.queue,
+            "worker": args.worker, "limit": args.limit or limit}  # fmt: skip
+
+
 async def _list_jobs(oban: Oban, args: argparse.Namespace) -> int:
-    params = {"state": args.state, "queue": args.queue, "worker": args.worker,
-              "limit": args.limit}  # fmt: skip
+    params = _filters(args, _LIST_LIMIT)
     async with oban._pool.connection() as conn:
         cur = await conn.execute(query("list_jobs", oban.config.prefix), params)
         jobs = [job_from_row(row) for row in await cur.fetchall()]
@@ -329,7 +384,7 @@ async def _list_jobs(oban: Oban, args: argparse.Namespace) -> int:
 
 
 async def _demo_command(args: argparse.Namespace) -> int:
-    figures = await _demo.run(args.dsn, _console(args))
+    figures = await _demo.run(_config(args), _console(args))
     if args.json:
         _print_json(figures)
     return 0

@@ -12,22 +12,23 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 import attrs
 
 from ._cron import CronEntry, check_timezone, parse_crontab
 from ._errors import ConfigError
+from ._validate import MAX_QUEUE_LIMIT, valid_queue_limit, valid_queue_name
 
-IDENTIFIER: Final = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-"""What a prefix (PostgreSQL schema) or channel name must match."""
+IDENTIFIER_RULE: Final = "[a-z_][a-z0-9_]{0,62}"
+"""What a prefix (PostgreSQL schema) or channel name must match, whole."""
+IDENTIFIER: Final = re.compile(IDENTIFIER_RULE + r"\Z")
+"""The rule up to the very end of the text (``$`` would also match before a final newline)."""
 
 MAX_PREFIX: Final = 40
 """Longest prefix: every notifier channel, ``<prefix>.oban_<name>``, must fit PostgreSQL's
 63-byte names (pg_notify rejects a longer one; LISTEN silently truncates it)."""
 
-_MAX_QUEUE_LIMIT: Final = 10_000
-_MAX_QUEUE_NAME: Final = 127
 _MAX_SECONDS: Final = 10 * 365 * 86_400
 """Longest interval or age, in seconds (10 years)."""
 _MIN_TICK: Final = 0.01
@@ -36,9 +37,9 @@ _MIN_TICK: Final = 0.01
 
 def validate_identifier(field: str, value: object) -> str:
     """Return ``value`` if it is a safe SQL identifier, else raise ``ConfigError``."""
-    if not isinstance(value, str) or not IDENTIFIER.match(value):
+    if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
         raise ConfigError(
-            field, f"expected a name matching {IDENTIFIER.pattern} (lowercase), got {value!r}"
+            field, f"expected a name matching {IDENTIFIER_RULE} (lowercase), got {value!r}"
         )
     return value
 
@@ -90,22 +91,6 @@ def _integer(field: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def valid_queue_name(name: object) -> TypeGuard[str]:
-    """Whether ``name`` may name a queue: a printable str of 1 to 127 chars, no whitespace
-    (the rule of ``Config.queues`` and of the queue methods of ``Oban``)."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= _MAX_QUEUE_NAME
-        and name.isprintable()
-        and not any(ch.isspace() for ch in name)
-    )
-
-
-def valid_queue_limit(limit: object) -> TypeGuard[int]:
-    """Whether ``limit`` may be a queue's concurrency limit: an int from 1 to 10,000."""
-    return isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= _MAX_QUEUE_LIMIT
-
-
 def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
     if not isinstance(value, Mapping):
         raise ConfigError("queues", f"expected a mapping of queue name to limit, got {value!r}")
@@ -116,7 +101,7 @@ def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
         if not valid_queue_limit(limit):
             raise ConfigError(
                 "queues",
-                f"expected queues[{name!r}] to be an int between 1 and {_MAX_QUEUE_LIMIT}, "
+                f"expected queues[{name!r}] to be an int between 1 and {MAX_QUEUE_LIMIT}, "
                 f"got {limit!r}",
             )
         checked[name] = limit
@@ -187,8 +172,9 @@ class Config:
     Attributes:
         dsn: PostgreSQL connection string (``None``: the embedded server, when installed).
         queues: queue name -> concurrency limit on this node; ``{}`` is an insert-only instance.
-        prefix: the PostgreSQL schema holding the tables; it also scopes notifier channels
-            (at most ``MAX_PREFIX``, 40, chars so channel names fit PostgreSQL's limit).
+        prefix: the PostgreSQL schema holding the tables, a lowercase identifier
+            (``[a-z_][a-z0-9_]*``); it also scopes notifier channels (at most ``MAX_PREFIX``,
+            40, chars so channel names fit PostgreSQL's limit).
         node: this process's name in the cluster (default ``<hostname>-<pid>``).
         name: the instance's name among instances sharing a prefix.
         install: install or upgrade the schema on ``open()`` (else only verify it).
@@ -330,6 +316,8 @@ class Config:
             ) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("path", f"{file} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError("path", f"{file} nests arrays or tables too deeply") from None
         table = data.get(section, data.get("tool", {}).get(section))
         if not isinstance(table, dict):
             raise ConfigError("path", f"{file} has no [{section}] or [tool.{section}] table")
@@ -378,9 +366,15 @@ def parse_queues(text: str, field: str) -> dict[str, int]:
     queues: dict[str, int] = {}
     for item in text.split(","):
         name, sep, limit = item.strip().partition(":")
-        if not name or not sep or not limit.strip().isdigit():
-            raise ConfigError(field, f"expected 'name:limit' items like 'default:10', got {item!r}")
-        queues[name.strip()] = int(limit)
+        try:
+            # isdecimal(), not isdigit(): int() refuses digits like '²' (and 4,300+ of them).
+            if not name or not sep or not limit.strip().isdecimal():
+                raise ValueError
+            queues[name.strip()] = int(limit)
+        except ValueError:
+            raise ConfigError(
+                field, f"expected 'name:limit' items like 'default:10', got {item[:80]!r}"
+            ) from None
     return queues
 
 
@@ -393,9 +387,9 @@ def _parse_env(key: str, field: str, raw: str) -> Any:
     if field == "crontab":
         try:
             return json.loads(raw) if raw.strip() else []
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ConfigError(
-                key, f"expected a JSON list of [expression, worker] entries, got {raw!r}"
+                key, f"expected a JSON list of [expression, worker] entries, got {raw[:80]!r}"
             ) from None
     if field == "install":
         lowered = raw.strip().lower()
@@ -406,5 +400,5 @@ def _parse_env(key: str, field: str, raw: str) -> Any:
         try:
             return type(kind)(raw)
         except ValueError:
-            raise ConfigError(key, f"expected a number, got {raw!r}") from None
+            raise ConfigError(key, f"expected a number, got {raw[:80]!r}") from None
     return raw

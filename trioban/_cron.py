@@ -6,10 +6,11 @@ seconds later as a fallback (a leader that can't import the worker or failed to 
 leader that died). A slot's job is built by its worker's ``new()`` (queue, priority, args
 checks, encryption), importing the worker's module if needed; an entry whose worker can't be
 found is skipped with an error, never inserted with guessed options. Every slot's job carries
-a unique key (expression, worker, minute), so the unique index lets exactly one insert per slot
-through. A minute at or before the last one handled is skipped: a wall clock stepping backwards
-never enqueues a slot twice from one node. Slots whose insert failed are tried again the next
-minutes (up to ``CATCH_UP`` minutes late), so a brief database outage doesn't lose them.
+a unique key (expression, worker, args and options, minute), so the unique index lets exactly
+one insert per slot through (the pruner keeps the row long enough). A minute at or before the
+last one handled is skipped: a wall clock stepping backwards never enqueues a slot twice from
+one node. Slots whose insert failed are tried again the next minutes (up to ``CATCH_UP``
+minutes late), so a brief database outage doesn't lose them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -28,10 +30,11 @@ import attrs
 import trio
 from croniter import croniter
 
-from . import telemetry
+from . import _codec, telemetry
 from ._errors import ConfigError
 from ._job import Job
 from ._unique import STATE_GROUPS, Claim
+from ._validate import check_meta
 
 if TYPE_CHECKING:
     from ._leader import Leadership
@@ -47,6 +50,11 @@ _MINUTE: Final = timedelta(minutes=1)
 _OPTIONS: Final = frozenset(
     {"args", "queue", "priority", "max_attempts", "tags", "meta", "timezone"}
 )
+NICKNAMES: Final = frozenset(
+    {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+)
+# croniter's random fields ("R", "R(0-10)/5"): each node would draw its own minute.
+_RANDOM: Final = re.compile(r"^[hr](\(\d+-\d+\))?(/\d+)?$", re.IGNORECASE)
 
 
 @final
@@ -75,6 +83,9 @@ class CronEntry:
         text = f"cron\0{self.expression}\0{self.worker}\0{local.replace(tzinfo=None).isoformat()}"
         if local.fold and not fixed_time(self.expression):
             text += "\0repeat"  # the second pass of the repeated hour
+        # Entries may differ only there. One with neither keeps its key from older releases.
+        if self.args or self.options:
+            text += "\0" + _codec.canonical_dumps({"args": self.args, "options": self.options})
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -88,11 +99,24 @@ def fixed_time(expression: str) -> bool:
 
 
 def check_expression(expression: object, field: str) -> str:
-    """Validate a five-field cron expression (or ``@hourly``-style nickname)."""
-    if not isinstance(expression, str) or not croniter.is_valid(expression):
-        raise ConfigError(
-            field, f"expected a cron expression like '*/5 * * * *', got {expression!r}"
-        )
+    """Validate a five-field cron expression (or ``@hourly``-style nickname).
+
+    croniter also takes a seconds and a year field, and random ``R`` fields: refused, as
+    a slot is a minute, and each node would draw its own random minute.
+    """
+    expected = f"expected a cron expression like '*/5 * * * *' or '@hourly', got {expression!r}"
+    if not isinstance(expression, str):
+        raise ConfigError(field, expected)
+    fields = expression.split()
+    if len(fields) == 1 and fields[0].startswith("@"):
+        if fields[0].lower() not in NICKNAMES:
+            raise ConfigError(field, f"{expected}; nicknames are {', '.join(sorted(NICKNAMES))}")
+    elif len(fields) != 5:
+        raise ConfigError(field, f"{expected}: five fields (minute hour day month weekday)")
+    elif any(_RANDOM.match(part) for part in fields):
+        raise ConfigError(field, f"{expected}: random fields (R) would differ on every node")
+    if not croniter.is_valid(expression):
+        raise ConfigError(field, expected)
     return expression
 
 
@@ -142,6 +166,10 @@ def _entry(item: object, index: int, timezone: str) -> CronEntry:
     if not isinstance(args, Mapping):
         raise ConfigError(field, f"expected args to be a mapping, got {args!r}")
     zone = check_timezone(options.pop("timezone", timezone), field)
+    try:
+        check_meta(options.get("meta", {}))  # checked again per slot, by the worker's new()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(field, str(exc)) from None
     return CronEntry(
         expression, name, MappingProxyType(dict(args)), MappingProxyType(options), zone
     )

@@ -1,13 +1,14 @@
 """``trioban demo``: an order service relaying checks across queues, then an ETL workflow.
 
-Runs on the embedded PostgreSQL unless given a DSN, in well under 30 seconds.
+Runs on the database and prefix of the command's settings (the embedded PostgreSQL unless
+given a DSN), in well under 30 seconds.
 """
 
 from __future__ import annotations
 
 import random
 import statistics
-from typing import Any
+from typing import Any, Final
 
 import trio
 from rich.console import Console
@@ -22,6 +23,7 @@ from ._worker import worker
 from ._workflow import Workflow
 
 ORDERS = 200
+QUEUES: Final = {"inventory": 20, "fraud": 20, "shipping": 20, "etl": 4}
 
 
 @worker(queue="inventory")
@@ -76,10 +78,11 @@ async def _order(oban: Oban, number: int, latencies: list[float]) -> bool:
     return bool(stock["available"] and fraud["risk_score"] < 0.8)
 
 
-async def run(dsn: str | None, console: Console | None = None) -> dict[str, Any]:
-    """Run the demo; prints progress and a summary, returns the figures."""
+async def run(config: Config, console: Console | None = None) -> dict[str, Any]:
+    """Run the demo on the database and prefix of ``config`` (with the demo's own queues);
+    prints progress and a summary, returns the figures."""
     console = console or Console()
-    conf = Config(dsn=dsn, queues={"inventory": 20, "fraud": 20, "shipping": 20, "etl": 4})
+    conf = config.evolve(queues=QUEUES, testing="disabled")
     latencies: list[float] = []
     accepted = 0
     console.print("[bold]trioban demo[/]: starting a node (queues inventory, fraud, shipping, etl)")

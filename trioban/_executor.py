@@ -23,7 +23,7 @@ from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice
 from ._validate import MAX_ATTEMPTS
 from ._worker import Worker, args_json, lookup
-from ._workflow import WORKFLOW_ID
+from ._workflow import NAME, WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
 
@@ -228,25 +228,51 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
         # Not counted as an attempt: one more is granted.
         seconds = min(result.seconds, MAX_DELAY)
         return _ack(job, "scheduled", schedule_in=seconds, extra_attempts=_granted(job))
-    ref = job.meta.get(META_REF)
-    # Workflow steps keep their results for the steps downstream (workflow_results).
-    if ref is None and not worker.recorded and WORKFLOW_ID not in job.meta:
-        return _ack(job, "completed")
+    if job.meta.get(META_REF) is not None or worker.recorded:
+        data, meta, problem = _stored_result(worker, result)
+        if problem is not None:  # the caller asked for the result: the job fails, saying why
+            return _failed(job, f"the result of {worker.name} {problem}", worker=worker)
+        return _ack(job, "completed", meta=meta, result=data)
+    if WORKFLOW_ID in job.meta:
+        return _step_completed(job, worker, result)
+    return _ack(job, "completed")
+
+
+def _step_completed(job: Job, worker: Worker, result: Any) -> Ack:
+    """A workflow step's ack, its result kept for the steps downstream (``workflow_results``)
+    when it can be stored. Nobody asked to store it, so one that can't be doesn't fail the
+    step, as it wouldn't fail the same job outside a workflow: its dependents see None."""
+    data, meta, problem = _stored_result(worker, result)
+    if problem is None:
+        return _ack(job, "completed", meta=meta, result=data)
+    log.warning(
+        "job %s (%s, step %r of workflow %s) completed; its result, a %s, %s. It is not "
+        "stored: its dependents get None for it from workflow_results",
+        job.id,
+        worker.name,
+        job.meta.get(NAME),
+        job.meta.get(WORKFLOW_ID),
+        type(result).__name__,
+        problem,
+    )
+    return _ack(job, "completed")
+
+
+def _stored_result(worker: Worker, result: Any) -> tuple[Any, str | None, str | None]:
+    """A return value as JSON-ready data and the meta JSON storing it, or why it can't be
+    stored (the end of a sentence starting "the result of <worker>")."""
     try:
         data = worker.dump_result(result)
         meta = _codec.dumps({META_RESULT: data})
-    except Exception as exc:  # a result that won't serialise fails the job, not the node
-        text = f"the result of {worker.name} is not JSON-serialisable: {exc}"
-        return _failed(job, text, worker=worker)
+    except Exception as exc:  # whatever the encoder raises is a reason, not a crash
+        return None, None, f"is not JSON-serialisable: {exc}"
     problem, limit = _unstorable(meta), worker.recorded_limit
     if problem is None and limit is not None and len(meta) > limit:
         problem = (
             f"is {len(meta)} bytes of JSON, over its recorded limit of {limit}; "
             "return less or raise the limit with @worker(recorded=<bytes>)"
         )
-    if problem is not None:
-        return _failed(job, f"the result of {worker.name} {problem}", worker=worker)
-    return _ack(job, "completed", meta=meta, result=data)
+    return data, meta, problem
 
 
 def _unstorable(meta: str) -> str | None:

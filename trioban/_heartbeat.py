@@ -1,7 +1,9 @@
 """Heartbeats: every producer's row in ``trioban_producers`` says it is alive and how it runs.
 
 The lifeline rescues only jobs whose producer stopped heartbeating, so a job running for
-hours on a live node is never run twice; ``check_all_queues`` reads the same rows.
+hours on a live node is never run twice; ``check_all_queues`` reads the same rows. Each row
+carries its node's ``rescue_after``: a leader configured to rescue sooner still gives this
+node's jobs that long.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ async def run(
     pool: Pool,
     prefix: str,
     interval: float,
+    rescue_after: float,
     producers: Producers,
     unwritten: Callable[[], set[int]],
     *,
@@ -47,7 +50,7 @@ async def run(
         while True:
             live = producers.beating()
             try:
-                await beat(pool, prefix, live, sorted(unwritten()))
+                await beat(pool, prefix, live, rescue_after, sorted(unwritten()))
                 await _delete(pool, prefix, written - {p.uuid for p in live})
                 written = {p.uuid for p in live}
             except Exception as exc:
@@ -65,7 +68,11 @@ async def run(
 
 
 async def beat(
-    pool: Pool, prefix: str, producers: Iterable[Producer], acking: list[int] | None = None
+    pool: Pool,
+    prefix: str,
+    producers: Iterable[Producer],
+    rescue_after: float,
+    acking: list[int] | None = None,
 ) -> None:
     """Write one heartbeat for ``producers`` in one statement. ``acking``: the node's jobs
     whose acks are queued, listed in every row (the lifeline matches a job with its producer's
@@ -76,7 +83,13 @@ async def beat(
             "uuid": producer.uuid,
             "node": info.node,
             "queue": info.queue,
-            "meta": {"limit": info.limit, "paused": info.paused, "running": info.running, **extra},
+            "meta": {
+                "limit": info.limit,
+                "paused": info.paused,
+                "running": info.running,
+                "rescue_after": rescue_after,
+                **extra,
+            },
         }
         for producer in producers
         for info in [producer.info()]

@@ -21,7 +21,14 @@ import trio
 from . import _pg, _schema, _settle, _store
 from ._acker import Acker
 from ._batch import Batch
-from ._checks import check_conn, check_id, check_jobs, check_timeout, encode_message
+from ._checks import (
+    check_conn,
+    check_id,
+    check_inline,
+    check_jobs,
+    check_timeout,
+    encode_message,
+)
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
@@ -34,7 +41,8 @@ from ._queue_methods import QueueMethods
 from ._queues import SIGNAL, Queues, settle_claims
 from ._relay import META_REF, META_RESULT, Notice, Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
-from ._worker import CURRENT, lookup, scheduled
+from ._validate import CRON_META, check_text
+from ._worker import CURRENT, Worker, lookup, scheduled
 from ._workflow import Workflow
 from ._workflow_methods import WorkflowMethods
 
@@ -94,7 +102,8 @@ class Oban(WorkflowMethods, QueueMethods):
     ) -> list[Job]:
         """Insert many jobs with one statement; returns them saved, in the order given.
 
-        A ``Workflow`` or a ``Batch`` is inserted whole (its jobs, checked and tagged).
+        A ``Workflow`` or a ``Batch`` is inserted whole (its jobs, checked and tagged); the
+        inline testing mode refuses them (``TriobanError``).
         All or none of the jobs are inserted. Cancelled before it starts, nothing is; cancelled
         while the statement is in flight, the jobs may or may not have been inserted (as with
         any cancelled write), never some of them.
@@ -102,6 +111,7 @@ class Oban(WorkflowMethods, QueueMethods):
         batch = check_jobs(jobs)
         check_conn(conn)
         if self.config.testing == "inline":
+            check_inline(batch)
             return [await self._run_inline(job) for job in batch]
         if isinstance(jobs, Workflow) and not jobs._existing:  # not append_workflow's steps
             return await self._insert_new_workflow(jobs.workflow_id, batch, conn=conn)
@@ -187,8 +197,7 @@ class Oban(WorkflowMethods, QueueMethods):
         if isinstance(job_ids, str | bytes) or not isinstance(job_ids, Iterable):
             raise TypeError(f"expected a list of job ids, got {job_ids!r}")
         ids = [check_id(job_id) for job_id in job_ids]
-        if not isinstance(reason, str):
-            raise TypeError(f"cancel reason must be a str, got {reason!r}")
+        check_text(reason, "the cancel reason")
         touched = await _store.cancel_jobs(self._pool, self.config.prefix, ids, reason)
         executing = [job_id for job_id, state in touched if state == "executing"]
         # In chunks, with the reason cut: each signal must fit in a notification.
@@ -293,6 +302,8 @@ class Oban(WorkflowMethods, QueueMethods):
         Listeners on every node sharing the database and prefix receive it once the sending
         transaction commits: with ``conn`` (from ``oban.transaction()``), only if it commits.
         A payload over PostgreSQL's 8,000-byte limit, even compressed, raises ValueError.
+        Identical payloads sent on one channel in one call (or one transaction) are delivered
+        once: PostgreSQL merges duplicate notifications (Oban documents the same).
         """
         check_channel(channel)
         check_conn(conn)
@@ -378,4 +389,12 @@ def cron_entries(conf: Config) -> list[CronEntry]:
 
 def _builder(name: str) -> Callable[..., Job] | None:
     found = lookup(name)
-    return None if found is None else found.new
+    return None if found is None else partial(_cron_job, found)
+
+
+def _cron_job(found: Worker, args: Any, *, meta: Mapping[str, Any], **options: Any) -> Job:
+    """A cron slot's job: built by the worker's ``new()``, which checks the crontab entry's
+    meta as any caller's, then given the cron keys (reserved: ``new()`` refuses them)."""
+    job = found.new(args, meta={k: v for k, v in meta.items() if k not in CRON_META}, **options)
+    cron = {k: v for k, v in meta.items() if k in CRON_META}
+    return attrs.evolve(job, meta={**job.meta, **cron})

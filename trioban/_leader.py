@@ -4,6 +4,10 @@ A peer holds a lease in ``oban_peers`` and renews it every interval. It counts i
 only while its own clock says the lease it last won is still good, so a peer cut off from the
 database stops leading before another can take over. A stopping leader resigns and says so on
 the ``leader`` channel, and the others elect at once.
+
+A peer also keeps track of how long its database calls have all succeeded (``steady_for``):
+after an outage, no node could heartbeat, so the lifeline waits until live nodes have had
+``rescue_after`` to heartbeat again before it judges any of them dead.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from . import _codec, _store, telemetry
+from . import _codec, _pg, _store, telemetry
 from ._sql import query
 
 if TYPE_CHECKING:
@@ -37,12 +41,22 @@ class Leadership:
         self.peer = peer
         self._interval = interval
         self._until = float("-inf")  # trio clock time the lease we hold runs out, locally
+        self._steady_since: float | None = None  # when our calls last began to succeed
         self._wake = trio.Event()
 
     @property
     def is_leader(self) -> bool:
         """Whether this peer holds the lease now."""
         return trio.current_time() < self._until
+
+    def steady_for(self) -> float:
+        """Seconds since this peer's database calls last failed (0 until one succeeds)."""
+        since = self._steady_since
+        return 0.0 if since is None else trio.current_time() - since
+
+    def unsteady(self) -> None:
+        """A call of this peer found the database unreachable: the steady time starts over."""
+        self._steady_since = None
 
     def elect_soon(self, _payload: object = None) -> None:
         """Run an election now (the leader resigned)."""
@@ -73,7 +87,11 @@ class Leadership:
                 won = await cur.fetchone() is not None
         except Exception as exc:
             log.warning("leader election failed (%s); acting as a follower", exc)
+            self.unsteady()
             won = False
+        else:
+            if self._steady_since is None:  # now, not "asked": it may have waited for PostgreSQL
+                self._steady_since = trio.current_time()
         was_leader = self.is_leader
         # Trust the lease one interval less than the database does.
         self._until = asked + ttl - self._interval if won else float("-inf")
@@ -110,5 +128,7 @@ async def while_leading(
             try:
                 await work()
             except Exception as exc:
+                if _pg.transient(exc):
+                    leadership.unsteady()
                 log.warning("%s failed (%s); retrying next tick", name, exc)
         await trio.sleep(interval)

@@ -20,8 +20,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import _codec, _pg, telemetry
+from ._config import IDENTIFIER, IDENTIFIER_RULE
 from ._errors import TriobanError
-from ._sql import IDENTIFIER, channel
+from ._sql import channel
 
 log = logging.getLogger("trioban.notifier")
 
@@ -39,10 +40,9 @@ _HEALTHY_AFTER: Final = 5.0
 
 def check_channel(name: str) -> str:
     """Validate a notifier channel name (it becomes part of a PostgreSQL identifier)."""
-    if not isinstance(name, str) or not IDENTIFIER.match(name) or len(name) > 50:
+    if not isinstance(name, str) or not IDENTIFIER.fullmatch(name) or len(name) > 50:
         raise ValueError(
-            f"expected a channel name matching {IDENTIFIER.pattern} (at most 50 chars), "
-            f"got {name!r}"
+            f"expected a channel name matching {IDENTIFIER_RULE} (at most 50 chars), got {name!r}"
         )
     return name
 
@@ -170,11 +170,15 @@ class Notifier:
         # round again until every subscribed channel is listened on.
         while True:
             wanted = set(self._handlers)
+            stale = self._listening - wanted
+            # Forgotten before any round trip: a ``listen()`` of a stale channel entered
+            # meanwhile must wait for its next LISTEN, not pass while its UNLISTEN is under way.
+            self._listening -= stale
             for name in wanted - self._listening:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
-            for name in self._listening - wanted:
+                self._listening.add(name)
+            for name in stale:
                 await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(name)))
-            self._listening = wanted
             self._listened.set()
             self._listened = trio.Event()
             if self._handlers.keys() <= wanted:

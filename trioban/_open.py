@@ -104,11 +104,13 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
             oban._work_pool,
             conf.prefix,
             conf.heartbeat_interval,
+            conf.rescue_after,
             producers,
             oban._acker.unwritten,
         )
-        await services.start(oban._leadership.run)
+        # Testing modes run no maintenance: they must not take the lease from nodes that do.
         if conf.testing == "disabled":
+            await services.start(oban._leadership.run)
             await _start_maintenance(services, oban)
         async with _serving(oban):
             # Always, even with no queue yet: one started later (start_queue) needs staging.
@@ -147,11 +149,11 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
         leadership,
         conf.heartbeat_interval,
         "lifeline",
-        partial(
-            _lifeline.rescue,
+        _lifeline.Lifeline(
             pool,
             conf.prefix,
             conf.rescue_after,
+            leadership.steady_for,
             settle=partial(_settle.settle_jobs, pool, conf.prefix),
         ),
     )
@@ -168,7 +170,7 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
             leadership,
             min(PRUNE_INTERVAL, conf.prune_max_age),
             "pruner",
-            partial(_pruner.prune, pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
+            _pruner.Pruner(pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
         )
     if oban._scheduler.entries:
         await services.start(oban._scheduler.run)

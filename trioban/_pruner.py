@@ -2,13 +2,15 @@
 
 A batch (its jobs and its callback jobs) is pruned whole, once all of its rows are finished and
 old enough: which callbacks fire is decided by counting the batch's rows, and the callback rows
-hold the unique keys that enqueue each callback once.
+hold the unique keys that enqueue each callback once. A workflow is pruned whole too: a step
+still to run reads its deps' results. A cron job is kept at least ``CRON_MIN_AGE``: its row
+holds the unique key that lets its slot run once.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import telemetry
 from ._sql import query
@@ -18,15 +20,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioban.pruner")
 
+CRON_MIN_AGE: Final = 3 * 3600.0
+"""Seconds a finished cron job is kept at least: longer than a clock change repeats a slot
+(2 hours at most, Antarctica/Troll) plus the scheduler's catch-up window."""
+
+
+class Pruner:
+    """The leader's pruner, a run per call. Workflows are taken a page of rows per run, in id
+    order, so every cycle of pages reaches each of them however many there are."""
+
+    def __init__(self, pool: Pool, prefix: str, max_age: float, limit: int) -> None:
+        self._pool = pool
+        self._prefix = prefix
+        self._max_age = max_age
+        self._limit = limit
+        self.after = ""  # where the previous workflow page ended ("" starts over)
+
+    async def __call__(self) -> int:
+        """Delete completed, cancelled or discarded jobs older than ``max_age``: up to
+        ``limit`` outside batches and workflows, whole batches of up to about ``limit`` jobs
+        (at least one batch), and the whole workflows among ``limit`` workflow jobs."""
+        params = {
+            "max_age": self._max_age,
+            "cron_max_age": max(self._max_age, CRON_MIN_AGE),
+            "limit": self._limit,
+            "workflow_after": self.after,
+        }
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(query("prune_jobs", self._prefix), params)
+            row = await cur.fetchone()
+        count, last, paged = row if row is not None else (0, None, 0)
+        # A short page ends the cycle: the next run starts again from the first workflow.
+        self.after = str(last) if paged == self._limit else ""
+        deleted = int(count)
+        telemetry.emit("pruner.prune", {"count": deleted}, {})
+        if deleted:
+            log.info("pruned %d finished jobs", deleted)
+        return deleted
+
 
 async def prune(pool: Pool, prefix: str, max_age: float, limit: int) -> int:
-    """Delete completed, cancelled or discarded jobs older than ``max_age``: up to ``limit``
-    outside batches, and whole batches of up to about ``limit`` jobs (at least one batch)."""
-    async with pool.connection() as conn:
-        cur = await conn.execute(query("prune_jobs", prefix), {"max_age": max_age, "limit": limit})
-        row = await cur.fetchone()
-    deleted = int(row[0]) if row is not None else 0
-    telemetry.emit("pruner.prune", {"count": deleted}, {})
-    if deleted:
-        log.info("pruned %d finished jobs", deleted)
-    return deleted
+    """One run of a new ``Pruner`` (its workflow pages start from the first workflow)."""
+    return await Pruner(pool, prefix, max_age, limit)()

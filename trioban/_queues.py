@@ -17,12 +17,12 @@ import trio
 
 from . import _codec, _pg
 from ._acker import Acker
-from ._config import valid_queue_limit, valid_queue_name
 from ._errors import TriobanError
 from ._inserter import Settle
 from ._job import Job, JobState, as_inserted, evolve
 from ._notifier import Notifier
 from ._producer import Producer, Producers
+from ._validate import valid_queue_limit, valid_queue_name
 from ._worker import Relayer, args_json
 
 log = logging.getLogger("trioban.queues")

@@ -38,7 +38,7 @@ META_RESULT: Final = "result"
 CHANNEL: Final = "relay"
 
 REASON_LIMIT: Final = 2000
-"""The most of a failure's reason a notice carries."""
+"""The most of a failure's reason a notice carries (less when that is too large for NOTIFY)."""
 POLL_INTERVAL: Final = 1.0
 """Seconds between polls of pending relays' rows (the fallback for missed notices)."""
 
@@ -58,16 +58,30 @@ class Notice:
 
 
 def build_notice(ref: str, job_id: int, state: str, result: Any = None, reason: str = "") -> str:
-    """The notification text for a relayed job's outcome, small enough for NOTIFY."""
+    """The notification text for a relayed job's outcome, small enough for NOTIFY.
+
+    A result too large is left in the job row, for the relay's poll to read. A failure's reason
+    is cut to fit instead: once the job is retried, its row no longer says the attempt failed.
+    """
     body: dict[str, Any] = {"ref": ref, "id": job_id, "state": state}
     if state == "completed":
         body["result"] = result
-    elif reason:
-        body["reason"] = reason[:REASON_LIMIT]
-    text = _codec.encode_payload(body)
-    if len(text.encode()) < _codec.NOTIFY_LIMIT:
-        return text
-    return _codec.dumps({"ref": ref, "id": job_id, "state": state, "stored": True})
+        text = _codec.encode_payload(body)
+        if _fits(text):
+            return text
+        return _codec.dumps({"ref": ref, "id": job_id, "state": state, "stored": True})
+    reason = reason[:REASON_LIMIT]
+    while True:  # ends: with no reason left, the notice fits
+        if reason:
+            body["reason"] = reason
+        text = _codec.encode_payload(body)
+        if _fits(text):
+            return text
+        reason = reason[: len(reason) // 2]
+
+
+def _fits(text: str) -> bool:
+    return len(text.encode()) < _codec.NOTIFY_LIMIT
 
 
 def last_error(errors: Sequence[Mapping[str, Any]] | None) -> str:
@@ -117,9 +131,13 @@ class _Waiter:
             self._event = None
 
     async def take(self, seen: int) -> tuple[Notice, int]:
-        """The latest notice once more than ``seen`` were offered, and how many were."""
+        """The latest notice once more than ``seen`` were offered, and how many were.
+
+        One already offered is taken even past a deadline: callers check for cancellation
+        before they enter their own timeout's scope (``checkpoint_if_cancelled``).
+        """
         if self.offers > seen:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
         while self.offers <= seen:
             if self._event is None:
                 self._event = trio.Event()
@@ -251,8 +269,9 @@ class Registry:
                 for waiter in pending[job_id]:
                     waiter.offer(notice)
 
-    async def wait(self, waiter: _Waiter, job_id: int | None, with_retries: bool) -> Any:
-        """Wait for the relay's outcome and map it to a value or a ``RelayError``.
+    async def wait(self, waiter: _Waiter, job_id: int | None, with_retries: bool) -> Notice:
+        """Wait for the notice that ends the relay's wait: a final outcome, or (without
+        ``with_retries``) a failed attempt. ``RelayError`` if the instance has closed.
 
         ``job_id`` None (a job run inline, never stored) is never polled.
         """
@@ -269,19 +288,15 @@ class Registry:
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it
                 continue
-            if notice.state == "completed":
-                return notice.result
-            if notice.state == "cancelled":
-                raise RelayCancelled(notice.reason or "cancelled")
-            if notice.state == "discarded" or (notice.state == "retryable" and not with_retries):
-                raise RelayDiscard(notice.reason or notice.state)
+            if notice.state in _FINAL or (notice.state == "retryable" and not with_retries):
+                return notice
 
 
 @final
 class Relay:
     """A dispatched job whose result can be awaited: returned by ``oban.dispatch()``."""
 
-    __slots__ = ("__weakref__", "_load", "_registry", "_stored", "job", "ref")
+    __slots__ = ("__weakref__", "_final", "_load", "_registry", "_stored", "job", "ref")
 
     def __init__(
         self,
@@ -298,6 +313,9 @@ class Relay:
         self._load = load  # the worker's structured result type, when it has one
         # False when the relay joined an existing unique job that won't store its result.
         self._stored = stored
+        # An inline job's final outcome, returned at once by later awaits: its row is never
+        # stored, so nothing else could give it again.
+        self._final: Notice | None = None
         registry.own(ref, self)
 
     def __repr__(self) -> str:
@@ -312,35 +330,53 @@ class Relay:
 
         Raises ``RelayTimeout`` when ``timeout`` seconds pass, ``RelayCancelled`` or
         ``RelayDiscard`` when the job ends so. A timeout, or the caller's own cancel scope,
-        stops only the waiting: the job goes on, and ``result()`` may be called again.
+        stops only the waiting: the job goes on, and ``result()`` may be called again. An
+        outcome already received is returned even with ``timeout=0``, and again by later calls.
         A relay of a unique job that joined an existing job follows that job; if that job
         completes without storing its result, ``RelayError`` says so. So it does, at once,
         when the instance that dispatched the relay closes before its outcome arrives.
         """
-        with trio.move_on_after(check_timeout(timeout)):
+        seconds = check_timeout(timeout)
+        # The caller's cancellation only: an outcome already here beats our own deadline.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.move_on_after(seconds):
             return await self._wait(with_retries)
         raise RelayTimeout(f"no result for job {self.job.id} within {timeout}s")
 
     async def _wait(self, with_retries: bool) -> Any:
-        # result() without a deadline of its own: the caller's cancel scope bounds it.
+        # result() without a deadline of its own: the caller's cancel scope bounds it. An
+        # outcome already here is returned without a cancellable checkpoint (see take()).
+        if self._final is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._value(self._final)
         registry = self._registry
         waiter = registry.register(self.ref)
         if waiter.notice is None and waiter.job_id is None:
             registry.poll_soon()  # a second call: the outcome may already be in the row
         waiter.awaiting += 1  # other tasks may await this relay at the same time
         try:
-            value = await registry.wait(waiter, self.job.id, with_retries)
-            if not self._stored:
-                raise RelayError(
-                    f"job {self.job.id} completed, but its result was not stored: this "
-                    "relay joined that existing unique job, whose worker doesn't record "
-                    "results; declare the worker with recorded=True to relay unique jobs"
-                )
-            return self._loaded(value)
+            notice = await registry.wait(waiter, self.job.id, with_retries)
         finally:
             waiter.awaiting -= 1
             if not waiter.awaiting:
                 registry.discard(self.ref)
+        if notice.state in _FINAL and self.job.id is None:
+            self._final = notice  # a stored job's row answers later awaits (after a retry too)
+        return self._value(notice)
+
+    def _value(self, notice: Notice) -> Any:
+        """The relay's value for the notice that ended its wait, or its ``RelayError``."""
+        if notice.state == "cancelled":
+            raise RelayCancelled(notice.reason or "cancelled")
+        if notice.state != "completed":
+            raise RelayDiscard(notice.reason or notice.state)
+        if not self._stored:
+            raise RelayError(
+                f"job {self.job.id} completed, but its result was not stored: this "
+                "relay joined that existing unique job, whose worker doesn't record "
+                "results; declare the worker with recorded=True to relay unique jobs"
+            )
+        return self._loaded(notice.result)
 
     def _loaded(self, value: Any) -> Any:
         if self._load is None:
@@ -418,10 +454,13 @@ async def await_many(
 
     async def collect(index: int, relay: Relay) -> None:
         try:
-            results[index] = outcome.Value(await relay.result(timeout=float("inf")))
+            results[index] = outcome.Value(await relay._wait(with_retries=False))
         except RelayError as exc:
             results[index] = outcome.Error(exc)
 
+    # The caller's cancellation only: outcomes already here are returned even at timeout=0,
+    # as the collecting tasks take them without a cancellable checkpoint.
+    await trio.lowlevel.checkpoint_if_cancelled()
     with trio.move_on_after(timeout):
         async with trio.open_nursery() as nursery:
             for index, relay in enumerate(relays):

@@ -7,17 +7,33 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from . import _codec
-from ._config import valid_queue_name
 from ._job import as_str_tuple
 
 MAX_PRIORITY: Final = 9
+MAX_QUEUE_LIMIT: Final = 10_000
 MAX_NAME: Final = 127  # oban_jobs' queue_length / worker_length constraints
 
 # A NUL character as JSON escapes it: \u0000 after an even run of backslashes.
 _NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def valid_queue_name(name: object) -> TypeGuard[str]:
+    """Whether ``name`` may name a queue: a printable str of 1 to 127 chars, no whitespace
+    (the rule of ``Config.queues`` and of the queue methods of ``Oban``)."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_NAME
+        and name.isprintable()
+        and not any(ch.isspace() for ch in name)
+    )
+
+
+def valid_queue_limit(limit: object) -> TypeGuard[int]:
+    """Whether ``limit`` may be a queue's concurrency limit: an int from 1 to 10,000."""
+    return isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= MAX_QUEUE_LIMIT
 
 
 def check_queue(queue: object, field: str = "queue") -> str:
@@ -42,6 +58,19 @@ def check_utf8(text: str, field: str) -> None:
             f"expected {field} to be text UTF-8 can encode, but it holds the lone surrogate "
             f"{text[exc.start]!r}, which PostgreSQL can't store"
         ) from None
+
+
+def check_text(text: object, field: str) -> str:
+    """A str PostgreSQL can store in a text column: no NUL, no lone surrogate."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected {field} to be a str, got {text!r}")
+    if "\x00" in text:
+        raise ValueError(
+            f"expected {field} to be text without the NUL character (\\x00), which PostgreSQL "
+            f"can't store, got {text!r}"
+        )
+    check_utf8(text, field)
+    return text
 
 
 def check_tags(tags: Sequence[str], field: str = "tags") -> tuple[str, ...]:
@@ -108,6 +137,44 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
         _check_nested_keys(copy, field)
     # Read-only, so the encoding cached for insert can't go stale.
     return MappingProxyType(copy), encoded
+
+
+CRON_META: Final = frozenset({"cron", "cron_expr"})
+"""The meta keys of a cron slot's job (``_cron.slot_job``)."""
+
+RESERVED_META: Final = CRON_META | {
+    "relay",  # a relayed job's ref (_relay.META_REF): its outcome is published to that relay
+    "result",  # a relayed or recorded job's result (_relay.META_RESULT)
+    "workflow_id",  # makes the job a workflow step (_workflow)
+    "batch_id",  # makes the job a member of a batch (_batch)
+    "callback",  # the handler a class worker runs (_batch)
+}
+"""The meta keys whose mere presence tells trioban what a job is: a caller's value would be
+taken for its own (a "result" for a recorded result, a "callback" for the handler to run).
+The other keys of steps and batch jobs are read only beside these; ``Workflow.add`` and
+``Batch.add`` refuse jobs that hold them."""
+
+
+def check_meta(meta: object) -> Mapping[str, Any]:
+    """A job's meta as ``check_json_object`` checks it, without the keys trioban reserves."""
+    checked = check_json_object(meta, "meta")[0]
+    reserved = sorted(RESERVED_META.intersection(checked))
+    if reserved:
+        raise ValueError(
+            f"meta key {reserved[0]!r} is reserved: trioban writes it itself (relays, recorded "
+            "results, workflows, batches, cron); give your key another name"
+        )
+    return checked
+
+
+def check_own_keys(meta: Mapping[str, Any], keys: Iterable[str], what: str, owner: str) -> None:
+    """Refuse a job for ``what`` whose meta holds a key ``owner`` sets: it would be lost."""
+    taken = [key for key in keys if key in meta]
+    if taken:
+        raise ValueError(
+            f"{what}: meta key {taken[0]!r} is set by {owner} itself and would overwrite "
+            "yours; give your key another name"
+        )
 
 
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})

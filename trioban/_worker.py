@@ -23,6 +23,7 @@ from ._validate import (
     MAX_PRIORITY,
     check_int,
     check_json_object,
+    check_meta,
     check_name,
     check_queue,
     check_seconds,
@@ -169,9 +170,11 @@ class Worker:
         ``args`` is a JSON object, or for a worker with ``args=Cls`` a ``Cls`` instance or a
         dict shaped like one. ``unique=Unique(...)`` overrides the worker's constraint,
         ``unique=False`` drops it; ``True`` or ``None`` (like the other options) keeps it.
+        ``meta`` can't hold the keys that tell trioban what a job is (``result``, ``relay``,
+        ``workflow_id``, ``batch_id``, ``callback``, ``cron``, ``cron_expr``).
         """
         job_args, args_json = check_json_object(self._args_data(args), "args")
-        job_meta = _EMPTY if meta is None else check_json_object(meta, "meta")[0]
+        job_meta = _EMPTY if meta is None else check_meta(meta)
         queue = self.queue if queue is None else check_queue(queue)
         if unique is True or unique is None:
             constraint = self.unique

@@ -17,6 +17,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._job import Job, JobState, evolve
+from ._validate import check_own_keys
 
 WORKFLOW_ID: Final = "workflow_id"
 NAME: Final = "name"
@@ -24,6 +25,8 @@ DEPS: Final = "deps"
 IGNORE_CANCELLED: Final = "ignore_cancelled"
 IGNORE_DISCARDED: Final = "ignore_discarded"
 OPTIONS: Final = "workflow_options"
+STEP_KEYS: Final = (NAME, DEPS, IGNORE_CANCELLED, IGNORE_DISCARDED, OPTIONS)
+"""The meta keys a step gets from its workflow (beside ``WORKFLOW_ID``, which new() refuses)."""
 """Meta of each step: the workflow-wide options set (appended steps inherit them)."""
 
 
@@ -94,6 +97,7 @@ class Workflow:
             raise ValueError(f"workflow {self.workflow_id!r} already has a step named {name!r}")
         if not isinstance(job, Job) or job.saved:
             raise TypeError(f"expected an unsaved Job (from Worker.new) for step {name!r}")
+        check_own_keys(job.meta, STEP_KEYS, f"step {name!r}", "the workflow")
         if job._unique is not None:
             # A duplicate wouldn't be inserted: this run's dependents would wait on, or be
             # released by, another run's job.

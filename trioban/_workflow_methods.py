@@ -11,7 +11,7 @@ import trio
 
 from . import _pg, _settle, _store
 from ._batch import Batch
-from ._checks import check_key, check_timeout, check_type
+from ._checks import check_key, check_timeout, check_type, inline_refusal
 from ._config import Config
 from ._executor import resolve
 from ._job import Job, JobState
@@ -77,6 +77,8 @@ class WorkflowMethods:
         at once. They inherit the workflow's ``ignore_cancelled``/``ignore_discarded``.
         """
         check_key(workflow_id, "a workflow id")
+        if self.config.testing == "inline":
+            raise inline_refusal("workflow")
         prefix = self.config.prefix
         params = {"workflow_id": workflow_id, "prefix": prefix, "names": None}
         async with self.transaction() as conn:

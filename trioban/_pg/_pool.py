@@ -88,8 +88,10 @@ class Pool:
         if sum(holder is task for holder in self._in_use.values()) >= self._size:
             raise TriobanError(
                 f"this task already holds all {self._size} connections of the pool and asked "
-                "for another, which would wait forever. Inside `oban.transaction()`, pass "
-                "`conn=` to the calls that take it, or raise `pool_size`"
+                "for another, which would wait forever. Inside `oban.transaction()`, pass its "
+                "connection as `conn=` to the calls that take one (`insert`, `insert_all`, "
+                "`insert_workflow`, `notify`); make other calls (such as `relay` or "
+                "`dispatch`) outside the transaction, or raise `pool_size`"
             )
         with trio.move_on_after(self._checkout_timeout):
             await self._slots.acquire()

@@ -305,15 +305,23 @@ DELETE FROM {prefix}.oban_peers WHERE name = %(name)s AND node = %(node)s
 -- written): a node that died vouches for nothing, and
 -- neither does a live node for a job it finished whose ack a PostgreSQL crash lost. A job
 -- running on a live node is never touched, however long it runs.
+-- A producer is judged by the larger of %(after)s and its own rescue_after (a node may
+-- heartbeat less often than the leader; it vouches for the jobs it claimed within that time
+-- too), and only if this peer has reached the database for that long (%(steady)s seconds):
+-- after an outage, a live node needs that time to heartbeat again.
 WITH orphans AS (
   SELECT j.id FROM {prefix}.oban_jobs AS j
   WHERE j.state = 'executing'
     AND j.attempted_at < timezone('UTC', now()) - make_interval(secs => %(after)s)
     AND NOT EXISTS (
       SELECT 1 FROM {prefix}.trioban_producers AS p
+      CROSS JOIN LATERAL (SELECT timezone('UTC', now())
+        - make_interval(secs => greatest(%(after)s, (p.meta->>'rescue_after')::float8)) AS since,
+        greatest(%(after)s, (p.meta->>'rescue_after')::float8) > %(steady)s AS unsure) AS own
       WHERE p.uuid::text = j.attempted_by[2]
-        AND p.updated_at >= timezone('UTC', now()) - make_interval(secs => %(after)s)
-        AND (p.meta->'running' @> to_jsonb(j.id) OR p.meta->'acking' @> to_jsonb(j.id)))
+        AND (p.updated_at >= own.since OR own.unsure)
+        AND (p.meta->'running' @> to_jsonb(j.id) OR p.meta->'acking' @> to_jsonb(j.id)
+             OR j.attempted_at >= own.since))
   ORDER BY j.id
   LIMIT %(limit)s
   FOR UPDATE SKIP LOCKED
@@ -341,23 +349,34 @@ SELECT r.id, r.state::text FROM rescued AS r
 WHERE (SELECT count(*) FROM woken) + (SELECT count(*) FROM notified) >= 0
 
 -- name: forget_producers
--- Drop the rows of producers that stopped heartbeating long ago.
+-- Drop the rows of producers that stopped heartbeating long ago: ten times the larger of
+-- %(after)s and their own rescue_after, once this peer has reached the database for that long.
 DELETE FROM {prefix}.trioban_producers
-WHERE updated_at < timezone('UTC', now()) - make_interval(secs => %(after)s)
+WHERE updated_at < timezone('UTC', now())
+    - make_interval(secs => 10 * greatest(%(after)s, (meta->>'rescue_after')::float8))
+  AND greatest(%(after)s, (meta->>'rescue_after')::float8) <= %(steady)s
 
 -- name: prune_jobs
--- Delete finished jobs older than %(max_age)s seconds: up to %(limit)s outside batches, and
--- whole batches (callback jobs included) of up to about %(limit)s rows (at least one batch).
+-- Delete finished jobs older than %(max_age)s seconds: up to %(limit)s outside batches and
+-- workflows, whole batches (callback jobs included) of up to about %(limit)s rows (at least
+-- one batch), and the whole workflows among the next page of workflow rows (see below).
 -- A batch goes only once every one of its rows is finished and old, in one statement: its
 -- callbacks are decided by counting its rows, and its callback rows hold the keys that enqueue
 -- each callback once, so pruning part of a batch would change which callbacks fire.
+-- A workflow goes the same way: a step still to run reads its deps' results, and new steps
+-- may be appended with deps on finished ones. A job in both goes with its batch.
+-- A cron job goes only past %(cron_max_age)s: its row holds the key that lets its slot run
+-- once, and a clock change repeating the slot, or a catch-up, must still find it.
+-- Returns how many rows went, and where the workflow page ended.
 WITH cutoff AS (
-  SELECT timezone('UTC', now()) - make_interval(secs => %(max_age)s) AS at
+  SELECT timezone('UTC', now()) - make_interval(secs => %(max_age)s) AS at,
+         timezone('UTC', now()) - make_interval(secs => %(cron_max_age)s) AS cron_at
 ), loose AS (
   SELECT j.id FROM {prefix}.oban_jobs AS j CROSS JOIN cutoff AS c
   WHERE j.state IN ('completed', 'cancelled', 'discarded')
-    AND coalesce(j.completed_at, j.cancelled_at, j.discarded_at, j.scheduled_at) < c.at
-    AND NOT coalesce(j.meta ? 'batch_id', false)
+    AND coalesce(j.completed_at, j.cancelled_at, j.discarded_at, j.scheduled_at)
+        < CASE WHEN j.meta ? 'cron' THEN c.cron_at ELSE c.at END
+    AND NOT coalesce(j.meta ? 'batch_id' OR j.meta ? 'workflow_id', false)
   LIMIT %(limit)s
   FOR UPDATE OF j SKIP LOCKED
 ), candidates AS (
@@ -375,6 +394,27 @@ WITH cutoff AS (
     WHERE r.meta ? 'batch_id' AND r.meta->>'batch_id' = b.batch_id
       AND (r.state NOT IN ('completed', 'cancelled', 'discarded')
            OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at))
+), workflow_page AS (
+  -- The next %(limit)s workflow rows in id order after %(workflow_after)s (read along the
+  -- workflow index): a run costs a page, not a pass over every workflow, and each cycle of
+  -- pages reaches every workflow however many there are.
+  SELECT j.meta->>'workflow_id' AS workflow_id FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'workflow_id' AND j.meta->>'workflow_id' > %(workflow_after)s
+  ORDER BY 1
+  LIMIT %(limit)s
+), prunable_workflows AS (
+  -- The page's workflows none of whose steps is unfinished or recent: one probe of the
+  -- workflow index each (LATERAL; an anti-join would be planned as a scan of every workflow).
+  SELECT w.workflow_id
+  FROM (SELECT DISTINCT workflow_id FROM workflow_page) AS w CROSS JOIN cutoff AS c
+  LEFT JOIN LATERAL (
+    SELECT 1 AS found FROM {prefix}.oban_jobs AS r
+    WHERE r.meta ? 'workflow_id' AND r.meta->>'workflow_id' = w.workflow_id
+      AND (r.state NOT IN ('completed', 'cancelled', 'discarded')
+           OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at)
+    LIMIT 1
+  ) AS unfinished ON true
+  WHERE unfinished.found IS NULL
 ), loose_deleted AS (
   DELETE FROM {prefix}.oban_jobs AS j
   WHERE j.id = ANY(ARRAY(SELECT id FROM loose))
@@ -386,8 +426,16 @@ WITH cutoff AS (
     AND j.meta->>'batch_id' = ANY(ARRAY(
       SELECT batch_id FROM prunable WHERE running - total < %(limit)s))
   RETURNING j.id
+), workflows_deleted AS (
+  DELETE FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'workflow_id' AND NOT j.meta ? 'batch_id'
+    AND j.state IN ('completed', 'cancelled', 'discarded')
+    AND j.meta->>'workflow_id' = ANY(ARRAY(SELECT workflow_id FROM prunable_workflows))
+  RETURNING j.id
 )
 SELECT (SELECT count(*) FROM loose_deleted) + (SELECT count(*) FROM batches_deleted)
+    + (SELECT count(*) FROM workflows_deleted),
+  (SELECT max(workflow_id) FROM workflow_page), (SELECT count(*) FROM workflow_page)
 
 -- name: release_workflow_jobs
 -- Settle the held (suspended) jobs of the given workflows whose deps allow it: cancelled when
@@ -542,7 +590,18 @@ SELECT queue, state::text, count(*) FROM {prefix}.oban_jobs GROUP BY 1, 2 ORDER 
 -- name: list_jobs
 -- Jobs matching optional filters, newest first, for `trioban jobs list`.
 SELECT {job} FROM {prefix}.oban_jobs AS j
-WHERE (%(state)s::text IS NULL OR j.state::text = %(state)s)
+WHERE (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
+  AND (%(state)s::text IS NULL OR j.state::text = %(state)s)
+  AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
+  AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
+ORDER BY j.id DESC
+LIMIT %(limit)s
+
+-- name: list_job_ids
+-- The ids list_jobs lists (same filters, same order; a NULL limit: all), for `jobs retry|cancel`.
+SELECT j.id FROM {prefix}.oban_jobs AS j
+WHERE (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
+  AND (%(state)s::text IS NULL OR j.state::text = %(state)s)
   AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
   AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
 ORDER BY j.id DESC
@@ -557,6 +616,14 @@ ORDER BY id
 -- name: notify
 -- Publish payloads on one channel; notifications are delivered only when the transaction commits.
 SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload
+
+-- name: trioban_objects
+-- How many of the objects uninstall.sql drops exist in the prefix, for `trioban uninstall`.
+SELECT (SELECT count(*) FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE n.nspname = %(prefix)s AND c.relkind IN ('r', 'p')
+          AND c.relname IN ('oban_jobs', 'oban_peers', 'trioban_producers', 'trioban_schema'))
+     + (SELECT count(*) FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = t.typnamespace
+        WHERE n.nspname = %(prefix)s AND t.typname = 'oban_job_state')
 
 -- name: schema_version
 -- The installed trioban schema version, or NULL.

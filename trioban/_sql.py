@@ -57,7 +57,7 @@ def quoted_prefix(prefix: str) -> str:
     return sql.Identifier(validate_identifier("prefix", prefix)).as_string()
 
 
-_FRAGMENTS: Final = ("insert_job_row", "claim_candidates")
+_FRAGMENTS: Final = ("insert_job_row", "claim_candidates", "listed_jobs")
 """Named blocks that statements include as ``{name}``."""
 
 

@@ -587,9 +587,10 @@ ORDER BY j.id
 -- Jobs per queue and state, for `trioban status`.
 SELECT queue, state::text, count(*) FROM {prefix}.oban_jobs GROUP BY 1, 2 ORDER BY 1, 2
 
--- name: list_jobs
--- Jobs matching optional filters, newest first, for `trioban jobs list`.
-SELECT {job} FROM {prefix}.oban_jobs AS j
+-- name: listed_jobs
+-- A fragment, "{listed_jobs}": the jobs matching the optional filters of `trioban jobs`, newest
+-- first, as "j" (a NULL limit: all of them).
+FROM {prefix}.oban_jobs AS j
 WHERE (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
   AND (%(state)s::text IS NULL OR j.state::text = %(state)s)
   AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
@@ -597,15 +598,15 @@ WHERE (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
 ORDER BY j.id DESC
 LIMIT %(limit)s
 
+-- name: list_jobs
+-- Jobs matching optional filters, newest first, for `trioban jobs list`.
+SELECT {job}
+{listed_jobs}
+
 -- name: list_job_ids
--- The ids list_jobs lists (same filters, same order; a NULL limit: all), for `jobs retry|cancel`.
-SELECT j.id FROM {prefix}.oban_jobs AS j
-WHERE (%(ids)s::bigint[] IS NULL OR j.id = ANY(%(ids)s::bigint[]))
-  AND (%(state)s::text IS NULL OR j.state::text = %(state)s)
-  AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
-  AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
-ORDER BY j.id DESC
-LIMIT %(limit)s
+-- The ids list_jobs lists (same filters, same order), for `jobs retry|cancel`.
+SELECT j.id
+{listed_jobs}
 
 -- name: job_ids
 -- Ids of the jobs in one state (optionally one queue), for bulk retry and cancel.

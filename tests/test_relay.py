@@ -16,9 +16,10 @@ import trio
 
 import trioban
 import trioban.testing
-from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _pg, _relay
+from trioban import Config, RelayCancelled, RelayDiscard, RelayTimeout, _notice, _pg, _relay
 from trioban._codec import NOTIFY_LIMIT, decode_payload
-from trioban._relay import Notice, _Waiter
+from trioban._notice import Notice
+from trioban._relay import _Waiter
 
 from . import workers
 from .helpers import eventually, reaches
@@ -362,9 +363,9 @@ def test_a_failure_notice_carries_its_reason_cut_to_fit_never_a_pointer() -> Non
     by then the job may be running again, and its row no longer says that attempt failed, so a
     relay without ``with_retries`` wouldn't raise ``RelayDiscard`` at once."""
     rng = random.Random(7)
-    reason = "".join(chr(rng.randrange(0x10000, 0x110000)) for _ in range(_relay.REASON_LIMIT))
+    reason = "".join(chr(rng.randrange(0x10000, 0x110000)) for _ in range(_notice.REASON_LIMIT))
     for state in ("retryable", "discarded", "cancelled"):
-        text = _relay.build_notice("r" * 32, 7, state, reason=reason)
+        text = _notice.build_notice("r" * 32, 7, state, reason=reason)
         assert len(text.encode()) < NOTIFY_LIMIT
         body = decode_payload(text)
         assert "stored" not in body
@@ -372,7 +373,7 @@ def test_a_failure_notice_carries_its_reason_cut_to_fit_never_a_pointer() -> Non
         assert body["reason"]
         assert reason.startswith(body["reason"])
     # A result too large is still read from the row (a completed row stays completed).
-    assert decode_payload(_relay.build_notice("r" * 32, 7, "completed", result=reason))["stored"]
+    assert decode_payload(_notice.build_notice("r" * 32, 7, "completed", result=reason))["stored"]
 
 
 def _rss_mb() -> float:

@@ -22,8 +22,8 @@ from trioban import Batch, Job, JobState, Unique, Workflow, _batch, _instance, _
 from trioban._codec import dumps, loads, loads_stored
 from trioban._cron import CronEntry, slot_job
 from trioban._job import as_inserted, evolve
+from trioban._notice import META_REF, META_RESULT
 from trioban._queues import as_fetched
-from trioban._relay import META_REF, META_RESULT
 from trioban._unique import MAX_PERIOD
 from trioban._validate import RESERVED_META
 from trioban._worker import _registry, lookup

@@ -10,7 +10,7 @@ contract in pyproject.toml lists every module):
   database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
   pure       _batch _workflow > _worker > _config _cron _crypto _structured _aio _backoff
              _validate
-             > _unique > _job > _codec _errors telemetry _embedded _devserver
+             > _unique _notice > _job > _codec _errors telemetry _embedded _devserver
 """
 
 from __future__ import annotations

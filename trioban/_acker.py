@@ -24,8 +24,8 @@ import trio
 
 from . import _codec, _store, telemetry
 from ._executor import unwritable
+from ._notice import build_notice
 from ._pg import transient
-from ._relay import build_notice
 
 if TYPE_CHECKING:
     from ._executor import Ack

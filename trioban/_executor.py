@@ -20,7 +20,7 @@ from ._backoff import default_backoff
 from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
-from ._relay import META_REF, META_RESULT, REASON_LIMIT, Notice
+from ._notice import META_REF, META_RESULT, REASON_LIMIT, Notice
 from ._validate import MAX_ATTEMPTS
 from ._worker import Worker, args_json, lookup
 from ._workflow import NAME, WORKFLOW_ID

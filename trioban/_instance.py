@@ -36,10 +36,11 @@ from ._executor import Ack, resolve, run_here
 from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
+from ._notice import META_REF, META_RESULT, Notice
 from ._notifier import Notifier, check_channel
 from ._queue_methods import QueueMethods
 from ._queues import SIGNAL, Queues, settle_claims
-from ._relay import META_REF, META_RESULT, Notice, Registry, Relay, insert_relayed
+from ._relay import Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
 from ._validate import CRON_META, check_text
 from ._worker import CURRENT, Worker, lookup, scheduled

@@ -14,16 +14,15 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
-import attrs
 import outcome
 import trio
 
-from . import _codec
 from ._errors import RelayCancelled, RelayDiscard, RelayError, RelayTimeout
 from ._job import Job, evolve
+from ._notice import FINAL, META_REF, Notice, notice_from_row
 from ._worker import lookup
 
 if TYPE_CHECKING:
@@ -31,78 +30,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioban.relay")
 
-META_REF: Final = "relay"
-"""The key of ``job.meta`` holding a relayed job's ref."""
-META_RESULT: Final = "result"
-"""The key of ``job.meta`` holding a relayed job's result."""
-CHANNEL: Final = "relay"
-
-REASON_LIMIT: Final = 2000
-"""The most of a failure's reason a notice carries (less when that is too large for NOTIFY)."""
 POLL_INTERVAL: Final = 1.0
 """Seconds between polls of pending relays' rows (the fallback for missed notices)."""
 
-_FINAL: Final = frozenset({"completed", "cancelled", "discarded"})
 _CLOSED: Final = "closed"
 """The state of the notice every waiter gets when the instance closes: no outcome can come."""
-
-
-@attrs.frozen
-class Notice:
-    """A job's outcome as a relay sees it."""
-
-    state: str
-    result: Any = None
-    reason: str = ""
-    stored: bool = False  # the result was too large to publish: read it from the job row
-
-
-def build_notice(ref: str, job_id: int, state: str, result: Any = None, reason: str = "") -> str:
-    """The notification text for a relayed job's outcome, small enough for NOTIFY.
-
-    A result too large is left in the job row, for the relay's poll to read. A failure's reason
-    is cut to fit instead: once the job is retried, its row no longer says the attempt failed.
-    """
-    body: dict[str, Any] = {"ref": ref, "id": job_id, "state": state}
-    if state == "completed":
-        body["result"] = result
-        text = _codec.encode_payload(body)
-        if _fits(text):
-            return text
-        return _codec.dumps({"ref": ref, "id": job_id, "state": state, "stored": True})
-    reason = reason[:REASON_LIMIT]
-    while True:  # ends: with no reason left, the notice fits
-        if reason:
-            body["reason"] = reason
-        text = _codec.encode_payload(body)
-        if _fits(text):
-            return text
-        reason = reason[: len(reason) // 2]
-
-
-def _fits(text: str) -> bool:
-    return len(text.encode()) < _codec.NOTIFY_LIMIT
-
-
-def last_error(errors: Sequence[Mapping[str, Any]] | None) -> str:
-    """The text of a job's most recent error."""
-    if not errors:
-        return ""
-    return str(errors[-1].get("error", ""))
-
-
-def notice_from_row(state: str, errors: Sequence[Any] | None, meta: Mapping[str, Any]) -> Notice:
-    """The notice a job row amounts to (used by the poller and for stored results)."""
-    return Notice(state=state, result=(meta or {}).get(META_RESULT), reason=last_error(errors))
 
 
 def _keeps(held: Notice | None, new: Notice) -> bool:
     """Whether the notice ``held`` stays rather than give way to ``new``. A final one stays;
     one pointing at the row ("stored") gives way only to the final outcome read from the row,
     not to a stale poll that saw the job still retrying."""
-    if held is None or held.state not in _FINAL:
+    if held is None or held.state not in FINAL:
         return False
-    return not held.stored or new.state not in _FINAL
+    return not held.stored or new.state not in FINAL
 
 
 class _Waiter:
@@ -264,7 +205,7 @@ class Registry:
             return
         rows = await self._get_state(self._pool, list(pending))
         for job_id, state, errors, meta in rows:
-            if state in _FINAL or state == "retryable":
+            if state in FINAL or state == "retryable":
                 notice = notice_from_row(state, errors, meta)
                 for waiter in pending[job_id]:
                     waiter.offer(notice)
@@ -288,7 +229,7 @@ class Registry:
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it
                 continue
-            if notice.state in _FINAL or (notice.state == "retryable" and not with_retries):
+            if notice.state in FINAL or (notice.state == "retryable" and not with_retries):
                 return notice
 
 
@@ -360,7 +301,7 @@ class Relay:
             waiter.awaiting -= 1
             if not waiter.awaiting:
                 registry.discard(self.ref)
-        if notice.state in _FINAL and self.job.id is None:
+        if notice.state in FINAL and self.job.id is None:
             self._final = notice  # a stored job's row answers later awaits (after a retry too)
         return self._value(notice)
 

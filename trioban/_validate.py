@@ -143,8 +143,8 @@ CRON_META: Final = frozenset({"cron", "cron_expr"})
 """The meta keys of a cron slot's job (``_cron.slot_job``)."""
 
 RESERVED_META: Final = CRON_META | {
-    "relay",  # a relayed job's ref (_relay.META_REF): its outcome is published to that relay
-    "result",  # a relayed or recorded job's result (_relay.META_RESULT)
+    "relay",  # a relayed job's ref (_notice.META_REF): its outcome is published to that relay
+    "result",  # a relayed or recorded job's result (_notice.META_RESULT)
     "workflow_id",  # makes the job a workflow step (_workflow)
     "batch_id",  # makes the job a member of a batch (_batch)
     "callback",  # the handler a class worker runs (_batch)

@@ -28,7 +28,7 @@ from ._crypto import FIELD as SEALED_FIELD
 from ._executor import Ack, Running, execute, failure, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
-from ._relay import META_REF
+from ._notice import META_REF
 from ._sql import query
 from ._worker import CURRENT, Worker, WorkerNotFound, lookup
 

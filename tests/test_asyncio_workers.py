@@ -13,7 +13,7 @@ import trio
 
 import trioban
 from trioban import JobState
-from trioban._worker import lookup
+from trioban._registry import lookup
 
 from . import workers
 from .helpers import eventually

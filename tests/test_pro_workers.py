@@ -13,7 +13,7 @@ import trio
 
 import trioban
 from trioban import JobState, Unique, Workflow
-from trioban._worker import _registry
+from trioban._registry import _registry
 
 from . import workers
 from .helpers import eventually

@@ -24,9 +24,9 @@ from trioban._cron import CronEntry, slot_job
 from trioban._job import as_inserted, evolve
 from trioban._notice import META_REF, META_RESULT
 from trioban._queues import as_fetched
+from trioban._registry import _registry, lookup
 from trioban._unique import MAX_PERIOD
 from trioban._validate import RESERVED_META
-from trioban._worker import _registry, lookup
 from trioban._workflow import STEP_KEYS
 
 from .nodes import ROOT
@@ -264,6 +264,7 @@ class _Color(enum.StrEnum):
         ({"args": {"a": [{"s": "é\udcff"}]}}, ValueError, "args .* lone surrogate"),
         ({"meta": {"s": "\ud800"}}, ValueError, "meta .* lone surrogate"),
         ({"tags": ["ok", "\ud800"]}, ValueError, "tags .* lone surrogate"),
+        ({"tags": ["ok", "a\x00b"]}, ValueError, "tags .* without NUL"),
         ({"queue": "q\ud800"}, ValueError, "queue .* printable chars"),
         ({"queue": "x y"}, ValueError, "queue to be a name .* without spaces, got 'x y'"),
         ({"queue": "tab\there"}, ValueError, "queue .* without spaces"),

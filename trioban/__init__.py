@@ -8,7 +8,7 @@ contract in pyproject.toml lists every module):
   services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
              _notifier _leader _lifeline _pruner
   database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
-  pure       _batch _workflow > _worker > _config _cron _crypto _structured _aio _backoff
+  pure       _batch _workflow _registry > _worker > _config _cron _crypto _structured _aio _backoff
              _validate
              > _unique _notice > _job > _codec _errors telemetry _embedded _devserver
 """
@@ -40,11 +40,11 @@ from ._open import open as open
 from ._pg import DatabaseUnavailable as DatabaseUnavailable
 from ._pg import PoolTimeout as PoolTimeout
 from ._producer import QueueInfo as QueueInfo
+from ._registry import worker as worker
 from ._relay import Relay as Relay
 from ._schema import SchemaError as SchemaError
 from ._unique import Unique as Unique
 from ._worker import Worker as Worker
-from ._worker import worker as worker
 from ._workflow import Workflow as Workflow
 
 __all__ = [

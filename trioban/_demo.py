@@ -19,7 +19,7 @@ from ._config import Config
 from ._instance import Oban
 from ._job import Job
 from ._open import open
-from ._worker import worker
+from ._registry import worker
 from ._workflow import Workflow
 
 ORDERS = 200

@@ -21,8 +21,9 @@ from ._batch import BATCH_ID, CALLBACK
 from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._notice import META_REF, META_RESULT, REASON_LIMIT, Notice
+from ._registry import lookup
 from ._validate import MAX_ATTEMPTS
-from ._worker import Worker, args_json, lookup
+from ._worker import Worker, args_json
 from ._workflow import NAME, WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")

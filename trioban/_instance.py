@@ -40,10 +40,11 @@ from ._notice import META_REF, META_RESULT, Notice
 from ._notifier import Notifier, check_channel
 from ._queue_methods import QueueMethods
 from ._queues import SIGNAL, Queues, settle_claims
+from ._registry import lookup, scheduled
 from ._relay import Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
 from ._validate import CRON_META, check_text
-from ._worker import CURRENT, Worker, lookup, scheduled
+from ._worker import CURRENT, Worker
 from ._workflow import Workflow
 from ._workflow_methods import WorkflowMethods
 

@@ -16,7 +16,8 @@ from ._instance import Oban
 from ._leader import CHANNEL as LEADER_CHANNEL
 from ._leader import while_leading
 from ._queues import SIGNAL
-from ._worker import CURRENT, asyncio_queues
+from ._registry import asyncio_queues
+from ._worker import CURRENT
 
 PRUNE_INTERVAL: Final = 30.0
 """Seconds between pruner runs (sooner when ``prune_max_age`` is shorter)."""

@@ -23,7 +23,7 @@ import trio
 from ._errors import RelayCancelled, RelayDiscard, RelayError, RelayTimeout
 from ._job import Job, evolve
 from ._notice import FINAL, META_REF, Notice, notice_from_row
-from ._worker import lookup
+from ._registry import lookup
 
 if TYPE_CHECKING:
     from ._pg import Pool

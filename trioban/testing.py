@@ -29,8 +29,9 @@ from ._executor import Ack, Running, execute, failure, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
 from ._notice import META_REF
+from ._registry import lookup
 from ._sql import query
-from ._worker import CURRENT, Worker, WorkerNotFound, lookup
+from ._worker import CURRENT, Worker, WorkerNotFound
 
 if TYPE_CHECKING:
     from ._pg import Pool

@@ -236,13 +236,18 @@ async def relay_states(pool: Pool, prefix: str, ids: list[int]) -> list[tuple[An
 
 
 async def workflow_rows(
-    pool: Pool, prefix: str, workflow_id: str, names: list[str] | None
+    conn: Connection, prefix: str, workflow_id: str, names: list[str] | None
 ) -> list[tuple[Any, ...]]:
     """``(name, state, worker, result)`` of a workflow's steps (those in ``names``, if given)."""
     params = {"workflow_id": workflow_id, "names": names}
-    async with pool.connection() as conn:
-        cur = await conn.execute(query("workflow_jobs", prefix), params)
-        return await cur.fetchall()
+    cur = await conn.execute(query("workflow_jobs", prefix), params)
+    return await cur.fetchall()
+
+
+async def workflow_steps(conn: Connection, prefix: str, workflow_id: str) -> dict[str, JobState]:
+    """Each step of a workflow and its state, in insertion order."""
+    rows = await workflow_rows(conn, prefix, workflow_id, None)
+    return {name: JobState(state) for name, state, _, _ in rows}
 
 
 async def batch_counts(pool: Pool, prefix: str, batch_id: str) -> dict[str, int]:

@@ -80,12 +80,11 @@ class WorkflowMethods:
         if self.config.testing == "inline":
             raise inline_refusal("workflow")
         prefix = self.config.prefix
-        params = {"workflow_id": workflow_id, "prefix": prefix, "names": None}
+        params = {"workflow_id": workflow_id, "prefix": prefix}
         async with self.transaction() as conn:
             # Held until the steps are in: concurrent appends see each other's names.
             await conn.execute(query("lock_workflow_id", prefix), params)
-            cur = await conn.execute(query("workflow_jobs", prefix), params)
-            steps = {name: JobState(state) for name, state, _, _ in await cur.fetchall()}
+            steps = await _store.workflow_steps(conn, prefix, workflow_id)
             if not steps:
                 raise ValueError(f"there is no workflow {workflow_id!r} to append to")
             cur = await conn.execute(query("workflow_options", prefix), params)
@@ -99,8 +98,8 @@ class WorkflowMethods:
     async def workflow_status(self, workflow_id: str) -> dict[str, JobState]:
         """Each step of a workflow and its state, in insertion order ({} if unknown)."""
         check_key(workflow_id, "a workflow id")
-        rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, None)
-        return {name: JobState(state) for name, state, _, _ in rows}
+        async with self._pool.connection() as conn:
+            return await _store.workflow_steps(conn, self.config.prefix, workflow_id)
 
     async def workflow_results(self, job: Job) -> dict[str, Any]:
         """The results of ``job``'s deps by step name (from inside a workflow step).
@@ -114,7 +113,8 @@ class WorkflowMethods:
             raise ValueError(f"job {job.id} is not a step of a workflow")
         results: dict[str, Any] = dict.fromkeys(deps)
         check_key(workflow_id, "a workflow id")
-        rows = await _store.workflow_rows(self._pool, self.config.prefix, workflow_id, deps)
+        async with self._pool.connection() as conn:
+            rows = await _store.workflow_rows(conn, self.config.prefix, workflow_id, deps)
         for name, state, worker_name, result in rows:
             worker = await resolve(worker_name)  # its module may not be imported here yet
             if state == "completed" and result is not None:

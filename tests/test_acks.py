@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import Job, JobState, RelayDiscard, Snooze, _executor, _pg, _store, worker
+from trioban import Job, JobState, RelayDiscard, Snooze, _ack, _pg, _store, worker
 from trioban._acker import Acker
 from trioban._job import evolve
 from trioban._validate import MAX_ATTEMPTS
@@ -108,7 +108,7 @@ async def test_huge_snoozes_are_clamped_and_full_max_attempts_stays_in_range(dsn
             assert job.state is JobState.SCHEDULED
             assert job.scheduled_at is not None
             years = (job.scheduled_at - datetime.now(UTC)) / timedelta(days=365.25)
-            assert 99 < years <= 100  # _executor.MAX_DELAY
+            assert 99 < years <= 100  # _ack.MAX_DELAY
             assert job.max_attempts == 21  # the snooze isn't counted
             job = await settled(oban, full.id)
             assert job.state is JobState.SCHEDULED
@@ -134,7 +134,7 @@ async def test_a_broken_backoff_falls_back_to_the_default(
 
 async def test_a_huge_backoff_is_clamped(dsn: str) -> None:
     delay = await _retried_after(dsn, lambda _: 1e20)
-    assert delay == pytest.approx(_executor.MAX_DELAY, abs=60)
+    assert delay == pytest.approx(_ack.MAX_DELAY, abs=60)
 
 
 async def _retried_after(dsn: str, backoff: Callable[[int], Any]) -> float:
@@ -172,9 +172,9 @@ async def test_an_ack_refused_on_its_own_is_replaced_and_the_rest_written(
     with trio.fail_after(10):
         async with running(dsn, queues={}) as oban:
             good, poison, after = await _executing(oban, 3)
-            await oban._acker.send(_executor._ack(good, "completed"))
-            await oban._acker.send(_executor._ack(poison, "retryable", schedule_in=1e300))
-            await oban._acker.send(_executor._ack(after, "completed"))
+            await oban._acker.send(_ack.build_ack(good, "completed"))
+            await oban._acker.send(_ack.build_ack(poison, "retryable", schedule_in=1e300))
+            await oban._acker.send(_ack.build_ack(after, "completed"))
             assert (await settled(oban, good.id)).state is JobState.COMPLETED
             assert (await settled(oban, after.id)).state is JobState.COMPLETED
             refused = await settled(oban, poison.id)
@@ -197,7 +197,7 @@ async def test_unwritten_lists_acks_queued_or_being_written_until_committed(dsn:
 
                 acker = Acker(oban._work_pool, "public", noop, oban._relays)
                 assert acker.unwritten() == set()
-                await acker.send(_executor._ack(job, "completed"))
+                await acker.send(_ack.build_ack(job, "completed"))
                 assert acker.unwritten() == {job.id}  # queued
                 await locker.execute("BEGIN")
                 await locker.execute("SELECT 1 FROM oban_jobs WHERE id = %s FOR UPDATE", [job.id])
@@ -229,9 +229,9 @@ async def test_an_ack_whose_replacement_is_refused_too_is_dropped_alone(
     with trio.fail_after(10):
         async with running(dsn, queues={}) as oban:
             (good,) = await _executing(oban, 1)
-            bogus = _executor._ack(evolve(good, id=2**70), "completed")
+            bogus = _ack.build_ack(evolve(good, id=2**70), "completed")
             await oban._acker.send(bogus)
-            await oban._acker.send(_executor._ack(good, "completed"))
+            await oban._acker.send(_ack.build_ack(good, "completed"))
             assert (await settled(oban, good.id)).state is JobState.COMPLETED
             assert oban._acker.unwritten() == set()
     assert f"job {2**70}: not written as discarded either" in caplog.text

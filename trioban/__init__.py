@@ -8,6 +8,7 @@ contract in pyproject.toml lists every module):
   services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
              _notifier _leader _lifeline _pruner
   database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
+  acks       _ack
   pure       _batch _workflow _registry > _worker > _config _cron _crypto _structured _aio _backoff
              _validate
              > _unique _notice > _job > _codec _errors telemetry _embedded _devserver

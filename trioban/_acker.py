@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from . import _codec, _store, telemetry
-from ._executor import unwritable
+from ._ack import unwritable
 from ._notice import build_notice
 from ._pg import transient
 
 if TYPE_CHECKING:
-    from ._executor import Ack
+    from ._ack import Ack
     from ._pg import Pool
     from ._relay import Registry
 

@@ -19,6 +19,7 @@ import outcome
 import trio
 
 from . import _pg, _schema, _settle, _store
+from ._ack import Ack
 from ._acker import Acker
 from ._batch import Batch
 from ._checks import (
@@ -32,7 +33,7 @@ from ._checks import (
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
-from ._executor import Ack, resolve, run_here
+from ._executor import resolve, run_here
 from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership

@@ -17,7 +17,8 @@ import attrs
 import trio
 
 from . import _store, telemetry
-from ._executor import Running, execute, handed_back
+from ._ack import handed_back
+from ._executor import Running, execute
 from ._worker import CURRENT
 
 if TYPE_CHECKING:

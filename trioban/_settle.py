@@ -30,7 +30,7 @@ from ._sql import channel, query
 from ._unique import STATE_GROUPS, Claim
 
 if TYPE_CHECKING:
-    from ._executor import Ack
+    from ._ack import Ack
     from ._pg import Connection, Pool
 
 log = logging.getLogger("trioban.settle")

@@ -23,9 +23,10 @@ import attrs
 import trio
 
 from . import _codec, _settle, _store, _structured
+from ._ack import Ack, failure
 from ._acker import ack_json
 from ._crypto import FIELD as SEALED_FIELD
-from ._executor import Ack, Running, execute, failure, resolve, run_here
+from ._executor import Running, execute, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
 from ._notice import META_REF

@@ -64,11 +64,12 @@ async def _command(
 
 
 async def _rows(dsn: str, statement: LiteralString) -> list[tuple[Any, ...]]:
-    """A statement's rows, read on a plain connection in a thread."""
+    """A statement's rows (none for a command), read on a plain connection in a thread."""
 
     def read() -> list[tuple[Any, ...]]:
         with psycopg.connect(dsn) as conn:
-            return conn.execute(statement).fetchall()
+            cur = conn.execute(statement)
+            return cur.fetchall() if cur.description is not None else []
 
     return await trio.to_thread.run_sync(read)
 
@@ -292,6 +293,28 @@ async def test_uninstall_creates_nothing_and_says_when_there_is_nothing(empty_ds
                               "--prefix", "app_jobs")  # fmt: skip
         assert done == {"uninstalled": True, "prefix": "app_jobs"}
         assert await _rows(empty_dsn, schemas) == []
+
+
+async def test_uninstall_drops_a_schema_left_empty_and_keeps_one_holding_other_objects(
+    empty_dsn: str,
+) -> None:
+    schemas = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'app%' ORDER BY 1"
+    with trio.fail_after(60):
+        for prefix in ("app_kept", "app_shared"):
+            await cli("install", "--dsn", empty_dsn, "--prefix", prefix)
+        # An earlier uninstall kept the schema: dropping it later still works.
+        await cli("uninstall", "--yes", "--dsn", empty_dsn, "--prefix", "app_kept")
+        assert await _rows(empty_dsn, schemas) == [("app_kept",), ("app_shared",)]
+        await cli("uninstall", "--yes", "--drop-schema", "--dsn", empty_dsn, "--prefix", "app_kept")
+        assert await _rows(empty_dsn, schemas) == [("app_shared",)]
+        # A schema holding the user's own table is not dropped, and nothing is uninstalled.
+        await _rows(empty_dsn, "CREATE TABLE app_shared.mine (id int)")
+        refused = await cli("uninstall", "--yes", "--drop-schema", "--dsn", empty_dsn,
+                            "--prefix", "app_shared", check=False)  # fmt: skip
+        assert refused.returncode == 1
+        assert "schema 'app_shared' holds objects trioban didn't create" in refused.stderr.decode()
+        tables = "SELECT count(*) FROM app_shared.oban_jobs"
+        assert await _rows(empty_dsn, tables) == [(0,)]
 
 
 async def test_demo_runs_in_the_prefix_and_database_of_its_settings(

@@ -191,8 +191,10 @@ async def _uninstall(args: argparse.Namespace) -> int:
     # --prefix would create it) or refuse one that is out of date.
     async with _connection(conf) as conn:
         cur = await conn.execute(query("trioban_objects", conf.prefix), {"prefix": conf.prefix})
-        row = await cur.fetchone()
-        if not row or not row[0]:
+        objects, schema_exists = await cur.fetchone() or (0, False)
+        # An empty schema (an earlier uninstall kept it) may still be dropped.
+        droppable = args.drop_schema and schema_exists and conf.prefix != "public"
+        if not objects and not droppable:
             raise TriobanError(
                 f"nothing to uninstall: prefix {conf.prefix!r} holds no trioban tables; "
                 "check --prefix and --dsn"

@@ -94,7 +94,14 @@ async def uninstall(conn: Connection, prefix: str, *, drop_schema: bool = False)
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", [_INSTALL_LOCK])
         await conn.execute(uninstall_sql(prefix).encode())
         if drop_schema and prefix != "public":
-            await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_prefix(prefix)}".encode())
+            try:
+                await conn.execute(f"DROP SCHEMA IF EXISTS {quoted_prefix(prefix)}".encode())
+            except psycopg.errors.DependentObjectsStillExist:
+                raise SchemaError(
+                    f"schema {prefix!r} holds objects trioban didn't create, so it can't be "
+                    "dropped; nothing was uninstalled. Uninstall without dropping the schema, "
+                    "or move those objects out first"
+                ) from None
 
 
 async def installed_version(conn: Connection, prefix: str) -> int:

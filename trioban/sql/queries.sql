@@ -619,12 +619,14 @@ ORDER BY id
 SELECT pg_notify(%(channel)s, payload) FROM unnest(%(payloads)s::text[]) AS payload
 
 -- name: trioban_objects
--- How many of the objects uninstall.sql drops exist in the prefix, for `trioban uninstall`.
+-- How many of the objects uninstall.sql drops exist in the prefix, and whether its schema
+-- exists, for `trioban uninstall`.
 SELECT (SELECT count(*) FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
         WHERE n.nspname = %(prefix)s AND c.relkind IN ('r', 'p')
           AND c.relname IN ('oban_jobs', 'oban_peers', 'trioban_producers', 'trioban_schema'))
      + (SELECT count(*) FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = t.typnamespace
-        WHERE n.nspname = %(prefix)s AND t.typname = 'oban_job_state')
+        WHERE n.nspname = %(prefix)s AND t.typname = 'oban_job_state'),
+  EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(prefix)s)
 
 -- name: schema_version
 -- The installed trioban schema version, or NULL.

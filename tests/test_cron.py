@@ -280,8 +280,24 @@ async def test_entries_that_differ_only_in_args_or_options_each_get_their_slot(d
     assert same.key(slot) == CronEntry("0 * * * *", echo.name, args={"a": 1, "b": 2}).key(slot)
 
 
+async def test_entries_that_differ_only_in_time_zone_each_get_their_slot(dsn: str) -> None:
+    """A 09:00 digest for Paris and one for New York: their slots fall at other instants but
+    read the same local time, and each enqueues its job."""
+    paris = CronEntry("0 9 * * *", echo.name, timezone="Europe/Paris")
+    new_york = CronEntry("0 9 * * *", echo.name, timezone="America/New_York")
+    paris_nine = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+    new_york_nine = datetime(2026, 11, 25, 14, 0, tzinfo=UTC)
+    async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+        scheduler = Scheduler(
+            [paris, new_york], oban._leadership, oban.insert_all, _builder, transient=_pg.transient
+        )
+        assert await scheduler.enqueue(paris_nine) == 1
+        assert await scheduler.enqueue(new_york_nine) == 1
+        assert await scheduler.enqueue(new_york_nine, guard=False) == 0  # still once per slot
+
+
 def test_an_entry_without_args_or_options_keeps_its_key_across_upgrades() -> None:
-    """Nodes of the previous release keyed slots on expression, worker and minute only: an
+    """Nodes of the previous release keyed slots on expression, worker and minute only: a UTC
     entry without args or options keeps that key, so a rolling upgrade runs its slot once."""
     slot = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
     text = f"cron\0{'0 * * * *'}\0{echo.name}\0{'2026-11-25T10:00:00'}"

@@ -11,7 +11,7 @@ import trio.testing
 from psycopg import sql
 
 import trioban
-from trioban import JobState, Workflow, _lifeline, _pg
+from trioban import Batch, JobState, Workflow, _lifeline, _pg
 from trioban._leader import Leadership, while_leading
 from trioban._pruner import Pruner, prune
 
@@ -413,8 +413,56 @@ async def test_the_pruner_pages_through_workflows(dsn: str) -> None:
             await _finish(oban, ids[1:], ago=2 * DAY)  # wf-1's first step is still to run
             pruner = Pruner(oban._pool, "public", DAY, 2)
             assert [await pruner() for _ in range(5)] == [0, 2, 2, 0, 0]
-            assert pruner.after == "wf-1"
+            assert pruner.workflow_after == "wf-1"
             assert await oban.workflow_status("wf-1") == {
                 "a": JobState.AVAILABLE,
                 "b": JobState.COMPLETED,
             }
+
+
+async def _insert_batches(
+    oban: trioban.Oban, names: list[str], size: int
+) -> dict[str, list[int | None]]:
+    """Batches of ``size`` jobs (no callback), their job ids by batch id."""
+    saved = {}
+    for name in names:
+        jobs = await oban.insert_all(Batch([echo.new({}) for _ in range(size)], batch_id=name))
+        saved[name] = [job.id for job in jobs]
+    return saved
+
+
+async def _batch_rows(oban: trioban.Oban) -> dict[object, int]:
+    rows = await _rows(oban._pool, "SELECT meta->>'batch_id', count(*) FROM oban_jobs GROUP BY 1")
+    return {name: int(str(count)) for name, count in rows}
+
+
+async def test_the_pruner_pages_through_batches_and_prunes_each_whole(dsn: str) -> None:
+    """A run reads a page of batch rows, not every batch: a page ending within a batch still
+    deletes it whole, the next page starts after it, and the pages go round in id order."""
+    with trio.fail_after(10):
+        async with trioban.open(trioban.Config(dsn=dsn, queues={}, prune_max_age=None)) as oban:
+            ids = await _insert_batches(oban, ["b-1", "b-2", "b-3", "b-4"], 3)
+            await _finish(oban, [i for batch in ids.values() for i in batch], ago=2 * DAY)
+            await _finish(oban, ids["b-2"][2:], ago=60)  # b-2 finished one job lately
+            pruner = Pruner(oban._pool, "public", DAY, 2)
+            runs = []
+            for _ in range(5):
+                runs.append(await pruner())
+                assert set((await _batch_rows(oban)).values()) <= {3}  # whole, never part
+            assert runs == [3, 0, 3, 3, 0]  # a batch a run: 3 rows past the limit of 2
+            assert (pruner.batch_after, await _batch_rows(oban)) == ("", {"b-2": 3})
+            await _finish(oban, ids["b-2"], ago=2 * DAY)
+            assert [await pruner(), await pruner()] == [3, 0]  # the next cycle reaches b-2
+            assert await _batch_rows(oban) == {}
+
+
+async def test_the_pruner_keeps_a_batch_with_an_unfinished_or_recent_job(dsn: str) -> None:
+    """A batch on the page with one job still to run or finished lately stays whole, while a
+    finished and old batch on the same page goes."""
+    with trio.fail_after(10):
+        async with trioban.open(trioban.Config(dsn=dsn, queues={}, prune_max_age=None)) as oban:
+            ids = await _insert_batches(oban, ["running", "recent", "old"], 2)
+            await _finish(oban, [*ids["running"][:1], *ids["recent"], *ids["old"]], ago=2 * DAY)
+            await _finish(oban, ids["recent"][1:], ago=60)
+            assert await prune(oban._pool, "public", DAY, 10) == 2
+            assert await _batch_rows(oban) == {"running": 2, "recent": 2}

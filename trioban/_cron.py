@@ -6,11 +6,11 @@ seconds later as a fallback (a leader that can't import the worker or failed to 
 leader that died). A slot's job is built by its worker's ``new()`` (queue, priority, args
 checks, encryption), importing the worker's module if needed; an entry whose worker can't be
 found is skipped with an error, never inserted with guessed options. Every slot's job carries
-a unique key (expression, worker, args and options, minute), so the unique index lets exactly
-one insert per slot through (the pruner keeps the row long enough). A minute at or before the
-last one handled is skipped: a wall clock stepping backwards never enqueues a slot twice from
-one node. Slots whose insert failed are tried again the next minutes (up to ``CATCH_UP``
-minutes late), so a brief database outage doesn't lose them.
+a unique key (expression, worker, args and options, time zone, minute), so the unique index
+lets exactly one insert per slot through (the pruner keeps the row long enough). A minute at
+or before the last one handled is skipped: a wall clock stepping backwards never enqueues a
+slot twice from one node. Slots whose insert failed are tried again the next minutes (up to
+``CATCH_UP`` minutes late), so a brief database outage doesn't lose them.
 """
 
 from __future__ import annotations
@@ -83,9 +83,12 @@ class CronEntry:
         text = f"cron\0{self.expression}\0{self.worker}\0{local.replace(tzinfo=None).isoformat()}"
         if local.fold and not fixed_time(self.expression):
             text += "\0repeat"  # the second pass of the repeated hour
-        # Entries may differ only there. One with neither keeps its key from older releases.
+        # Entries may differ only there, or only in their time zone (09:00 in Paris and in
+        # New York read the same). An entry with none of them keeps its older releases' key.
         if self.args or self.options:
             text += "\0" + _codec.canonical_dumps({"args": self.args, "options": self.options})
+        if self.timezone != "UTC":
+            text += f"\0{self.timezone}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 

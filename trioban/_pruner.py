@@ -3,8 +3,9 @@
 A batch (its jobs and its callback jobs) is pruned whole, once all of its rows are finished and
 old enough: which callbacks fire is decided by counting the batch's rows, and the callback rows
 hold the unique keys that enqueue each callback once. A workflow is pruned whole too: a step
-still to run reads its deps' results. A cron job is kept at least ``CRON_MIN_AGE``: its row
-holds the unique key that lets its slot run once.
+still to run reads its deps' results. A run judges a page of batch rows and a page of workflow
+rows, so its cost doesn't grow with the batches and workflows kept. A cron job is kept at least
+``CRON_MIN_AGE``: its row holds the unique key that lets its slot run once.
 """
 
 from __future__ import annotations
@@ -26,32 +27,36 @@ CRON_MIN_AGE: Final = 3 * 3600.0
 
 
 class Pruner:
-    """The leader's pruner, a run per call. Workflows are taken a page of rows per run, in id
-    order, so every cycle of pages reaches each of them however many there are."""
+    """The leader's pruner, a run per call. Batches and workflows are taken a page of rows per
+    run, each in id order, so every cycle of pages reaches each of them however many there are."""
 
     def __init__(self, pool: Pool, prefix: str, max_age: float, limit: int) -> None:
         self._pool = pool
         self._prefix = prefix
         self._max_age = max_age
         self._limit = limit
-        self.after = ""  # where the previous workflow page ended ("" starts over)
+        self.batch_after = ""  # where the previous batch page ended ("" starts over)
+        self.workflow_after = ""  # where the previous workflow page ended ("" starts over)
 
     async def __call__(self) -> int:
         """Delete completed, cancelled or discarded jobs older than ``max_age``: up to
-        ``limit`` outside batches and workflows, whole batches of up to about ``limit`` jobs
-        (at least one batch), and the whole workflows among ``limit`` workflow jobs."""
+        ``limit`` outside batches and workflows, the whole batches among the next page of
+        ``limit`` batch jobs, and the whole workflows among the next page of ``limit`` workflow
+        jobs (a batch or workflow the page ends within goes whole, past ``limit``)."""
         params = {
             "max_age": self._max_age,
             "cron_max_age": max(self._max_age, CRON_MIN_AGE),
             "limit": self._limit,
-            "workflow_after": self.after,
+            "batch_after": self.batch_after,
+            "workflow_after": self.workflow_after,
         }
         async with self._pool.connection() as conn:
             cur = await conn.execute(query("prune_jobs", self._prefix), params)
             row = await cur.fetchone()
-        count, last, paged = row if row is not None else (0, None, 0)
-        # A short page ends the cycle: the next run starts again from the first workflow.
-        self.after = str(last) if paged == self._limit else ""
+        count, last_batch, batches, last_workflow, workflows = row or (0, None, 0, None, 0)
+        # A short page ends its cycle: the next run starts again from the first one.
+        self.batch_after = str(last_batch) if batches == self._limit else ""
+        self.workflow_after = str(last_workflow) if workflows == self._limit else ""
         deleted = int(count)
         telemetry.emit("pruner.prune", {"count": deleted}, {})
         if deleted:
@@ -60,5 +65,5 @@ class Pruner:
 
 
 async def prune(pool: Pool, prefix: str, max_age: float, limit: int) -> int:
-    """One run of a new ``Pruner`` (its workflow pages start from the first workflow)."""
+    """One run of a new ``Pruner`` (its pages start from the first batch and workflow)."""
     return await Pruner(pool, prefix, max_age, limit)()

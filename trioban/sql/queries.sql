@@ -358,8 +358,8 @@ WHERE updated_at < timezone('UTC', now())
 
 -- name: prune_jobs
 -- Delete finished jobs older than %(max_age)s seconds: up to %(limit)s outside batches and
--- workflows, whole batches (callback jobs included) of up to about %(limit)s rows (at least
--- one batch), and the whole workflows among the next page of workflow rows (see below).
+-- workflows, the whole batches (callback jobs included) among the next page of %(limit)s batch
+-- rows, and the whole workflows among the next page of %(limit)s workflow rows (see below).
 -- A batch goes only once every one of its rows is finished and old, in one statement: its
 -- callbacks are decided by counting its rows, and its callback rows hold the keys that enqueue
 -- each callback once, so pruning part of a batch would change which callbacks fire.
@@ -367,7 +367,7 @@ WHERE updated_at < timezone('UTC', now())
 -- may be appended with deps on finished ones. A job in both goes with its batch.
 -- A cron job goes only past %(cron_max_age)s: its row holds the key that lets its slot run
 -- once, and a clock change repeating the slot, or a catch-up, must still find it.
--- Returns how many rows went, and where the workflow page ended.
+-- Returns how many rows went, and where the batch page and the workflow page ended.
 WITH cutoff AS (
   SELECT timezone('UTC', now()) - make_interval(secs => %(max_age)s) AS at,
          timezone('UTC', now()) - make_interval(secs => %(cron_max_age)s) AS cron_at
@@ -379,21 +379,28 @@ WITH cutoff AS (
     AND NOT coalesce(j.meta ? 'batch_id' OR j.meta ? 'workflow_id', false)
   LIMIT %(limit)s
   FOR UPDATE OF j SKIP LOCKED
-), candidates AS (
-  SELECT j.meta->>'batch_id' AS batch_id, count(*) AS total
-  FROM {prefix}.oban_jobs AS j CROSS JOIN cutoff AS c
-  WHERE j.meta ? 'batch_id' AND j.state IN ('completed', 'cancelled', 'discarded')
-    AND coalesce(j.completed_at, j.cancelled_at, j.discarded_at, j.scheduled_at) < c.at
-  GROUP BY 1
-), prunable AS (
-  -- Batches none of whose rows is unfinished or recent: "total" is then every row.
-  SELECT b.batch_id, b.total, sum(b.total) OVER (ORDER BY b.batch_id) AS running
-  FROM candidates AS b CROSS JOIN cutoff AS c
-  WHERE NOT EXISTS (
-    SELECT 1 FROM {prefix}.oban_jobs AS r
+), batch_page AS (
+  -- The next %(limit)s batch rows in batch-id order after %(batch_after)s (read along the
+  -- batch index): a run costs a page, not a pass over every batch, and each cycle of pages
+  -- reaches every batch however many there are. A batch the page ends within is still
+  -- judged and deleted whole, and the next page starts after it.
+  SELECT j.meta->>'batch_id' AS batch_id FROM {prefix}.oban_jobs AS j
+  WHERE j.meta ? 'batch_id' AND j.meta->>'batch_id' > %(batch_after)s
+  ORDER BY 1
+  LIMIT %(limit)s
+), prunable_batches AS (
+  -- The page's batches none of whose rows is unfinished or recent: one probe of the batch
+  -- index each (LATERAL; an anti-join would be planned as a scan of every batch).
+  SELECT b.batch_id
+  FROM (SELECT DISTINCT batch_id FROM batch_page) AS b CROSS JOIN cutoff AS c
+  LEFT JOIN LATERAL (
+    SELECT 1 AS found FROM {prefix}.oban_jobs AS r
     WHERE r.meta ? 'batch_id' AND r.meta->>'batch_id' = b.batch_id
       AND (r.state NOT IN ('completed', 'cancelled', 'discarded')
-           OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at))
+           OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at)
+    LIMIT 1
+  ) AS unfinished ON true
+  WHERE unfinished.found IS NULL
 ), workflow_page AS (
   -- The next %(limit)s workflow rows in id order after %(workflow_after)s (read along the
   -- workflow index): a run costs a page, not a pass over every workflow, and each cycle of
@@ -423,8 +430,7 @@ WITH cutoff AS (
   -- The state is rechecked under the row lock: a job retried meanwhile stays.
   DELETE FROM {prefix}.oban_jobs AS j
   WHERE j.meta ? 'batch_id' AND j.state IN ('completed', 'cancelled', 'discarded')
-    AND j.meta->>'batch_id' = ANY(ARRAY(
-      SELECT batch_id FROM prunable WHERE running - total < %(limit)s))
+    AND j.meta->>'batch_id' = ANY(ARRAY(SELECT batch_id FROM prunable_batches))
   RETURNING j.id
 ), workflows_deleted AS (
   DELETE FROM {prefix}.oban_jobs AS j
@@ -435,6 +441,7 @@ WITH cutoff AS (
 )
 SELECT (SELECT count(*) FROM loose_deleted) + (SELECT count(*) FROM batches_deleted)
     + (SELECT count(*) FROM workflows_deleted),
+  (SELECT max(batch_id) FROM batch_page), (SELECT count(*) FROM batch_page),
   (SELECT max(workflow_id) FROM workflow_page), (SELECT count(*) FROM workflow_page)
 
 -- name: release_workflow_jobs

@@ -1,4 +1,5 @@
-"""Batches: callback args of encrypted and structured workers, and pruning whole batches."""
+"""Batches: callback args of encrypted and structured workers, pruning whole batches, and
+unique jobs in batches."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import trio
 
 import trioban
-from trioban import Batch
+from trioban import Batch, Unique
 from trioban import _settle as settle
+from trioban._batch import _JOB_KEYS, BATCH_ID
 from trioban._pruner import prune
 from trioban._settle import run_callbacks
+from trioban._sql import QUERIES
 
 from . import workers
 from .helpers import eventually
@@ -177,3 +180,106 @@ async def test_a_finished_batch_is_pruned_whole(oban: trioban.Oban) -> None:
     assert await prune(oban._pool, "public", DAY, 1) == 6
     assert await prune(oban._pool, "public", DAY, 1) == 6
     assert await _rows(oban, "SELECT id FROM oban_jobs") == []
+
+
+# -- unique jobs -----------------------------------------------------------------------------
+
+FOREVER = Unique(period=None)
+
+
+async def _jobs(oban: trioban.Oban) -> list[tuple[object, ...]]:
+    return await _rows(
+        oban, "SELECT id, priority, meta->>'batch_id', meta->>'v' FROM oban_jobs ORDER BY id"
+    )
+
+
+async def test_a_batch_of_duplicates_only_is_refused_like_an_empty_one(oban: trioban.Oban) -> None:
+    """Each of its jobs duplicates one outside it: none would carry the batch, so its
+    callbacks could never run. It is refused whole, the replace of the existing jobs too."""
+    with pytest.raises(ValueError, match="no jobs"):
+        await oban.insert_all(Batch(callback=MailBatch))
+    held = await oban.insert_all([MailBatch.new({"n": n}, unique=FOREVER) for n in (1, 2)])
+    before = await _jobs(oban)
+    replacing = Unique(period=None, replace={"available": ["priority"]})
+    batch = Batch(
+        [MailBatch.new({"n": n}, unique=replacing, priority=9) for n in (1, 2)], callback=MailBatch
+    )
+    ids = ", ".join(str(job.id) for job in held)
+    with pytest.raises(ValueError, match=rf"batch {batch.batch_id} would have no jobs.*ids {ids}"):
+        await oban.insert_all(batch)
+    assert await _jobs(oban) == before  # priority 2 still, and in no batch
+
+
+async def test_the_inline_mode_refuses_a_batch_with_or_without_unique_jobs(dsn: str) -> None:
+    conf = trioban.Config(dsn=dsn, queues={}, testing="inline")
+    async with trioban.open(conf) as inline:
+        for unique in (False, FOREVER):
+            batch = Batch([MailBatch.new({}, unique=unique)], callback=MailBatch)
+            with pytest.raises(trioban.TriobanError, match="inline testing mode"):
+                await inline.insert_all(batch)
+
+
+async def test_a_refused_batch_leaves_the_callers_transaction_going(oban: trioban.Oban) -> None:
+    await oban.insert_all([MailBatch.new({}, unique=FOREVER)])
+    batch = Batch([MailBatch.new({}, unique=FOREVER)], callback=MailBatch)
+    async with oban.transaction() as conn:
+        with pytest.raises(ValueError, match="would have no jobs"):
+            await oban.insert_all(batch, conn=conn)
+        await oban.insert(echo.new({}), conn=conn)
+    assert len(await _jobs(oban)) == 2
+
+
+async def test_a_batch_inserted_again_is_not_refused(oban: trioban.Oban) -> None:
+    """Its jobs duplicate its own jobs, which carry its id: the batch is there."""
+
+    def nightly() -> Batch:
+        return Batch([MailBatch.new({}, unique=FOREVER)], callback=MailBatch, batch_id="nightly")
+
+    (job,) = await oban.insert_all(nightly())
+    (again,) = await oban.insert_all(nightly())
+    assert (again.id, again.conflict, again.meta[BATCH_ID]) == (job.id, True, "nightly")
+
+
+async def test_a_duplicate_of_a_job_outside_the_batch_is_not_in_it(oban: trioban.Oban) -> None:
+    """The batch is the jobs it inserted: its status and callbacks leave the duplicate out."""
+    (outside,) = await oban.insert_all([MailBatch.new({"n": 1}, unique=FOREVER)])
+    batch = Batch([MailBatch.new({"n": n}, unique=FOREVER) for n in (1, 2)], callback=MailBatch)
+    duplicate, inserted = await oban.insert_all(batch)
+    assert (duplicate.id, duplicate.conflict, inserted.conflict) == (outside.id, True, False)
+    assert BATCH_ID not in duplicate.meta
+    status = await oban.batch_status(batch.batch_id)
+    assert (status["available"], status["total"]) == (1, 1)
+    await _finish(oban, "completed", [inserted.id or 0], ago=0)
+    assert await _settle(oban, batch) == 3  # the outside job still waits
+    assert await _callbacks(oban, batch) == [
+        "handle_attempted",
+        "handle_completed",
+        "handle_exhausted",
+    ]
+
+
+async def test_a_duplicate_does_not_move_a_job_to_its_batch(oban: trioban.Oban) -> None:
+    """Replacing the meta of a job of another batch keeps the job in that batch: moving it
+    would change which callbacks that batch fires, or leave it no jobs."""
+    replacing = Unique(period=None, replace={"available": ["meta"]})
+
+    def batch(*extra: int, v: int) -> Batch:
+        jobs = [MailBatch.new({"n": 1}, unique=replacing, meta={"v": v})]
+        return Batch(jobs + [MailBatch.new({"n": n}) for n in extra], callback=MailBatch)
+
+    first, second, third = batch(2, v=1), batch(3, v=2), batch(v=3)
+    held, _ = await oban.insert_all(first)
+    duplicate, _ = await oban.insert_all(second)
+    assert (duplicate.id, duplicate.conflict) == (held.id, True)
+    assert duplicate.meta == {**held.meta, "v": 2}  # replaced, but for its batch keys
+    totals = [(await oban.batch_status(b.batch_id))["total"] for b in (first, second)]
+    assert totals == [2, 1]
+    with pytest.raises(ValueError, match="would have no jobs"):
+        await oban.insert_all(third)  # its only job is the first batch's
+    assert (held.id, 2, first.batch_id, "2") in await _jobs(oban)
+
+
+def test_replacing_meta_keeps_every_batch_key() -> None:
+    """replace_unique_job lists the keys a batch sets on its jobs: keep it in step."""
+    keys = "".join(QUERIES["replace_unique_job"].split())
+    assert all(f"'{key}'" in keys for key in (BATCH_ID, *_JOB_KEYS))

@@ -11,7 +11,8 @@ are ``callback_args`` as that worker's own ``new()`` stores them: encrypted for 
 They are built once, when the ``Batch`` is made, and travel in each batch job's meta, so any
 node can enqueue the callbacks without importing the worker.
 
-Conditions, over the batch's jobs (not its callbacks):
+Conditions, over the batch's jobs (not its callbacks, nor a unique duplicate of a job outside
+the batch: that is never inserted, so never one of them):
   handle_attempted  every job was attempted at least once (or finished without running)
   handle_exhausted  every job finished: completed, cancelled or discarded
   handle_completed  every job completed
@@ -54,6 +55,9 @@ class Batch:
     ``Batch(callback=MyBatchWorker, callback_args={...}).add(job).add(job)``; insert it with
     ``oban.insert_all(batch)``. ``callback_args`` must suit ``callback.new()`` (a worker with
     ``args=Cls`` takes a ``Cls`` or a dict shaped like one); bad ones raise here.
+
+    The batch is the jobs it inserts: a unique job that duplicates an existing one isn't
+    inserted, so isn't in it. A batch left no job that way is refused, like an empty one.
     """
 
     def __init__(

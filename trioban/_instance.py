@@ -118,6 +118,8 @@ class Oban(WorkflowMethods, QueueMethods):
             return [await self._run_inline(job) for job in batch]
         if isinstance(jobs, Workflow) and not jobs._existing:  # not append_workflow's steps
             return await self._insert_new_workflow(jobs.workflow_id, batch, conn=conn)
+        if isinstance(jobs, Batch):
+            return await self._insert_new_batch(jobs.batch_id, batch, conn=conn)
         prefix = self.config.prefix
         unique = any(job._unique is not None for job in batch)
         if conn is not None:

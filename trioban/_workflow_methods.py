@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import _pg, _settle, _store
-from ._batch import Batch
+from ._batch import BATCH_ID, Batch
 from ._checks import check_key, check_timeout, check_type, inline_refusal
 from ._config import Config
 from ._executor import resolve
@@ -147,9 +147,34 @@ class WorkflowMethods:
         }
         return next(iter(results.values())) if len(results) == 1 else results
 
+    async def _insert_new_batch(
+        self, batch_id: str, jobs: list[Job], *, conn: _pg.Connection | None = None
+    ) -> list[Job]:
+        """Insert a batch's jobs, refusing the batch if each is a unique duplicate of a job
+        outside it: its callbacks count its own jobs, so with none they would never run."""
+        if all(job._unique is None for job in jobs):
+            return await self.insert_all(jobs, conn=conn)
+        if conn is None:
+            async with self.transaction() as tx:
+                return await self._insert_new_batch(batch_id, jobs, conn=tx)
+        async with conn.transaction():  # a savepoint: a refusal undoes this insert only
+            saved = await self.insert_all(jobs, conn=conn)
+            if not any(job.meta.get(BATCH_ID) == batch_id for job in saved):
+                raise ValueError(_duplicates_only(batch_id, saved))
+        return saved
+
     async def batch_status(self, batch_id: str) -> dict[str, int]:
         """How many of a batch's jobs are in each state, and ``total`` (callbacks excluded)."""
         check_key(batch_id, "a batch id")
         counts = {state.value: 0 for state in JobState}
         counts.update(await _store.batch_counts(self._pool, self.config.prefix, batch_id))
         return {**counts, "total": sum(counts.values())}
+
+
+def _duplicates_only(batch_id: str, saved: list[Job]) -> str:
+    ids = ", ".join(str(job.id) for job in saved[:5]) + (", ..." if len(saved) > 5 else "")
+    return (
+        f"batch {batch_id} would have no jobs: each is a unique duplicate of an existing job "
+        f"outside it (ids {ids}), so, as for an empty batch, none of its callbacks could ever "
+        "run; nothing was inserted"
+    )

@@ -11,10 +11,9 @@ import trio
 import trioban
 from trioban import Batch, Unique
 from trioban import _settle as settle
-from trioban._batch import _JOB_KEYS, BATCH_ID
+from trioban._batch import BATCH_ID
 from trioban._pruner import prune
 from trioban._settle import run_callbacks
-from trioban._sql import QUERIES
 
 from . import workers
 from .helpers import eventually
@@ -277,9 +276,3 @@ async def test_a_duplicate_does_not_move_a_job_to_its_batch(oban: trioban.Oban) 
     with pytest.raises(ValueError, match="would have no jobs"):
         await oban.insert_all(third)  # its only job is the first batch's
     assert (held.id, 2, first.batch_id, "2") in await _jobs(oban)
-
-
-def test_replacing_meta_keeps_every_batch_key() -> None:
-    """replace_unique_job lists the keys a batch sets on its jobs: keep it in step."""
-    keys = "".join(QUERIES["replace_unique_job"].split())
-    assert all(f"'{key}'" in keys for key in (BATCH_ID, *_JOB_KEYS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,10 @@ import trio
 
 import trioban
 from trioban import JobState, Unique, Workflow
+from trioban._batch import JOB_KEYS
 from trioban._registry import _registry
+from trioban._validate import RESERVED_META
+from trioban._workflow import STEP_KEYS
 
 from . import workers
 from .helpers import eventually
@@ -395,6 +399,56 @@ async def test_a_key_given_twice_in_one_call_returns_the_row_as_it_ended(dsn: st
     assert (first.conflict, again.conflict, first.id) == (False, True, again.id)
     assert stored is not None
     assert first.scheduled_at == again.scheduled_at == stored.scheduled_at == later
+
+
+async def test_a_replaced_meta_keeps_the_relay_of_the_existing_job(dsn: str) -> None:
+    """A replace of meta leaves the existing job's relay ref: a duplicate that isn't relayed
+    would wipe it (the result then unstored, the relay given None), and a relayed one joins
+    the existing job by id rather than take its ref."""
+    replacing = Unique(period=None, replace={"scheduled": ["meta", "scheduled_at"]})
+    later = datetime.now(UTC) + timedelta(hours=1)
+
+    def dup(n: int, at: datetime) -> trioban.Job:
+        return echo.new({"value": "v"}, meta={"n": n}, scheduled_at=at, unique=replacing)
+
+    async with trioban.open(config(dsn)) as oban:
+        first = await oban.dispatch(dup(1, later))
+        joined = await oban.dispatch(dup(2, later))
+        assert (joined.job.id, joined.job.meta) == (first.job.id, {"n": 2, "relay": first.ref})
+        plain = await oban.insert(dup(3, datetime.now(UTC)))  # due: it runs now
+        assert (plain.conflict, plain.meta) == (True, {"n": 3, "relay": first.ref})
+        assert await first.result(timeout=10) == "v"
+        assert await joined.result(timeout=10) == "v"
+
+
+async def test_a_replaced_meta_keeps_a_recorded_result(dsn: str) -> None:
+    keeping = Unique(period=None, replace={"completed": ["meta"]})
+    async with trioban.open(config(dsn)) as oban:
+        first = await oban.insert(record_text.new({"text": "kept"}, meta={"n": 1}, unique=keeping))
+        assert (await _final(oban, first.id)).state is JobState.COMPLETED
+        again = await oban.insert(record_text.new({"text": "kept"}, meta={"n": 2}, unique=keeping))
+        assert (again.conflict, again.meta) == (True, {"n": 2, "result": "kept"})
+        assert await oban.fetch_recorded(again) == "kept"
+        assert await oban.relay(record_text.new({"text": "kept"}, unique=keeping)) == "kept"
+
+
+async def test_a_replaced_meta_replaces_only_user_keys(dsn: str) -> None:
+    """Every key trioban keeps in a job's meta stays as the existing job has it, none taken
+    from the new meta; the step keys and a batch job's keys only beside a workflow_id or a
+    batch_id: elsewhere "name" or "deps" are the user's. (No unique job is a workflow step or
+    a cron slot today: the keys are set by hand, so a later change can't lose them.)"""
+    replacing = Unique(period=None, replace={"available": ["meta"]})
+    own = {key: f"kept {key}" for key in (*RESERVED_META, *JOB_KEYS, *STEP_KEYS)}
+    users = {key: f"new {key}" for key in (*JOB_KEYS, *STEP_KEYS)}
+    async with trioban.open(config(dsn, queues={})) as oban:
+        held = await oban.insert(echo.new({"k": 1}, meta={"u": 1, **users}, unique=replacing))
+        again = await oban.insert(echo.new({"k": 1}, meta={"u": 2, "name": "b"}, unique=replacing))
+        assert (again.conflict, again.meta) == (True, {"u": 2, "name": "b"})
+        async with oban.transaction() as conn:
+            forged = "UPDATE oban_jobs SET meta = %s::jsonb WHERE id = %s"
+            await conn.execute(forged, (json.dumps(own), held.id))
+        again = await oban.insert(echo.new({"k": 1}, meta={"u": 3, **users}, unique=replacing))
+        assert again.meta == {**own, "u": 3}
 
 
 async def test_overlapping_unique_batches_inserted_at_once_both_succeed(dsn: str) -> None:

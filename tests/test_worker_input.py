@@ -323,7 +323,7 @@ def test_meta_keys_trioban_writes_are_reserved() -> None:
     replaced by a relayed one; a "callback" chose the handler a class worker ran. The keys a
     workflow or batch adds to its jobs are refused where a job joins one."""
     written = _meta_keys_trioban_writes()
-    assert written <= RESERVED_META | set(STEP_KEYS) | set(_batch._JOB_KEYS)
+    assert written <= RESERVED_META | set(STEP_KEYS) | set(_batch.JOB_KEYS)
     for key in sorted(RESERVED_META):
         with pytest.raises(ValueError, match=f"meta key '{key}' is reserved"):
             keep.new({}, meta={"mine": 1, key: "the caller's"})
@@ -332,7 +332,7 @@ def test_meta_keys_trioban_writes_are_reserved() -> None:
     for key in STEP_KEYS:
         with pytest.raises(ValueError, match=f"step 'a': meta key '{key}' is set by the workflow"):
             Workflow().add("a", keep.new({}, meta={key: 1}))
-    for key in _batch._JOB_KEYS:
+    for key in _batch.JOB_KEYS:
         with pytest.raises(ValueError, match=f"meta key '{key}' is set by the batch"):
             Batch([keep.new({}, meta={key: 1})])
 

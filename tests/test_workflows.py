@@ -291,6 +291,29 @@ async def test_concurrent_appends_of_one_step_name_add_it_once(
             assert rows == [(1,)]
 
 
+async def test_an_append_with_a_unique_step_is_refused_whole(quiet: trioban.Oban) -> None:
+    """A unique step appended would, as a duplicate, not be inserted: "c" would wait on a
+    missing step for ever. It is refused when added, and the append inserts nothing."""
+    wf = Workflow().add("a", later())
+    await quiet.insert_workflow(wf)
+    await quiet.insert(unique_echo.new({"value": 1}))  # the job "b" would duplicate
+
+    def extend(more: Workflow) -> None:
+        more.add("c", step(), deps=["b"]).add("b", unique_echo.new({"value": 1}), deps=["a"])
+
+    with pytest.raises(ValueError, match="step 'b' is a unique job"):
+        await quiet.append_workflow(wf.workflow_id, extend)
+    assert list(await quiet.workflow_status(wf.workflow_id)) == ["a"]
+
+
+async def test_a_unique_job_never_duplicates_a_step(quiet: trioban.Oban) -> None:
+    """Steps hold no unique key: a unique job like a step is inserted, not taken for it."""
+    wf = Workflow().add("a", unique_echo.new({"value": 1}, unique=False))
+    (held,) = await quiet.insert_workflow(wf)
+    job = await quiet.insert(unique_echo.new({"value": 1}))
+    assert (job.conflict, job.id != held.id, "workflow_id" in job.meta) == (False, True, False)
+
+
 async def test_appended_steps_inherit_the_workflow_options(quiet: trioban.Oban) -> None:
     wf = Workflow(ignore_cancelled=True).add("a", later()).add("b", step(), deps=["a"])
     await quiet.insert_workflow(wf)

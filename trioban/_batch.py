@@ -37,7 +37,7 @@ CALLBACK_WORKER: Final = "batch_worker"
 CALLBACK_QUEUE: Final = "batch_queue"
 CALLBACK_ARGS: Final = "batch_args"
 CALLBACK_OPTIONS: Final = "batch_options"  # the callback worker's max_attempts, priority, tags
-_JOB_KEYS: Final = (CALLBACKS, CALLBACK_WORKER, CALLBACK_QUEUE, CALLBACK_ARGS, CALLBACK_OPTIONS)
+JOB_KEYS: Final = (CALLBACKS, CALLBACK_WORKER, CALLBACK_QUEUE, CALLBACK_ARGS, CALLBACK_OPTIONS)
 """The meta keys a batch job gets from its batch (beside ``BATCH_ID``, which new() refuses)."""
 HANDLERS: Final = (
     "handle_attempted",
@@ -111,7 +111,7 @@ class Batch:
         """Add an unsaved job; returns the batch."""
         if not isinstance(job, Job) or job.saved:
             raise TypeError(f"expected an unsaved Job (from Worker.new), got {job!r}")
-        check_own_keys(job.meta, _JOB_KEYS, f"a job of batch {self.batch_id}", "the batch")
+        check_own_keys(job.meta, JOB_KEYS, f"a job of batch {self.batch_id}", "the batch")
         self._jobs.append(job)
         return self
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import _bulk, _codec
+from ._batch import BATCH_ID, JOB_KEYS
 from ._errors import InternalError
 from ._job import AUTO_STATES, Job, JobState, as_inserted
 from ._sql import channel, prepared, query, text_array
+from ._validate import RESERVED_META
 from ._worker import args_json
+from ._workflow import STEP_KEYS, WORKFLOW_ID
 
 if TYPE_CHECKING:
     from ._pg import Connection, Pool
@@ -162,11 +165,31 @@ async def _replace(conn: Connection, prefix: str, holder: Job, job: Job) -> Job:
         return holder
     new = _codec.loads(_row_json(job))
     changes = {field: new[field] for field in fields}
-    params = {"changes": _codec.dumps(changes), "id": holder.id}
+    # A new meta replaces the user's keys only: the holder (locked, so read as it is) keeps
+    # trioban's and the new job's are dropped, its relay ref too (that relay joins the holder
+    # by id: _relay.insert_relayed).
+    kept = _own_keys(holder.meta)
+    params = {
+        "changes": _codec.dumps(changes),
+        "id": holder.id,
+        "kept": text_array(sorted(kept)),
+        "dropped": text_array(sorted(kept | _own_keys(job.meta))),
+    }
     cur = await conn.execute(query("replace_unique_job", prefix), params)
     row = await cur.fetchone()
     assert row is not None
     return job_from_row(row)
+
+
+def _own_keys(meta: Mapping[str, Any]) -> set[str]:
+    """The keys of ``meta`` trioban set: the reserved ones, and the keys a batch job or a
+    workflow step gets beside its ``batch_id`` or ``workflow_id`` (elsewhere, the user's)."""
+    keys = set(RESERVED_META)
+    if BATCH_ID in meta:
+        keys.update(JOB_KEYS)
+    if WORKFLOW_ID in meta:
+        keys.update(STEP_KEYS)
+    return keys
 
 
 def _saved(

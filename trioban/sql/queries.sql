@@ -105,17 +105,18 @@ UPDATE {prefix}.oban_jobs SET uniq_key = NULL WHERE id = %(id)s
 
 -- name: replace_unique_job
 -- Overwrite the given fields of an existing unique job (a NULL field is left alone). A new
--- scheduled_at also moves a waiting job between scheduled and available. A job's batch is set
--- when it is inserted: a new meta keeps the job's batch keys (_batch.BATCH_ID and _JOB_KEYS)
--- and brings none, or a duplicate would move the job to another batch (changing which
--- callbacks its own batch fires, or leaving that batch no jobs).
+-- scheduled_at also moves a waiting job between scheduled and available. A new meta replaces
+-- the user's keys only: the job keeps trioban's own ("kept": its batch, workflow, relay ref,
+-- recorded result, cron keys) and none come from the new meta ("dropped"), or a duplicate
+-- would move the job to another batch, wipe its result, or take its relay from its waiter.
+-- _store._replace lists both (_store._own_keys).
 UPDATE {prefix}.oban_jobs AS j SET
   args = coalesce(r.args, j.args),
   max_attempts = coalesce(r.max_attempts, j.max_attempts),
   meta = CASE WHEN r.meta IS NULL THEN j.meta
-    ELSE (r.meta - b.keys) || coalesce(
+    ELSE (r.meta - %(dropped)s::text[]) || coalesce(
       (SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(j.meta) AS e
-       WHERE e.key = ANY(b.keys)), '{}') END,
+       WHERE e.key = ANY(%(kept)s::text[])), '{}') END,
   priority = coalesce(r.priority, j.priority),
   queue = coalesce(r.queue, j.queue),
   tags = coalesce(r.tags, j.tags),
@@ -127,10 +128,7 @@ UPDATE {prefix}.oban_jobs AS j SET
 FROM jsonb_to_record(%(changes)s::jsonb) AS r(
   args jsonb, max_attempts int, meta jsonb, priority int, queue text, tags text[],
   scheduled_at timestamp
-), (
-  SELECT ARRAY['batch_id', 'batch_callbacks', 'batch_worker', 'batch_queue', 'batch_args',
-               'batch_options'] AS keys
-) AS b
+)
 WHERE j.id = %(id)s
 RETURNING {job}
 

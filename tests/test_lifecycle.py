@@ -17,7 +17,7 @@ from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique, _ack
 
 from . import workers
 from .helpers import eventually
-from .workers import echo, flaky, record, sleeper, steer, too_slow, wait_gate
+from .workers import echo, flaky, interrupted, record, sleeper, steer, too_slow, wait_gate
 
 
 @asynccontextmanager
@@ -253,6 +253,36 @@ async def test_graceful_shutdown_finishes_short_jobs(dsn: str) -> None:
             job = await oban.get_job(relay.job.id)
             assert job is not None
             assert job.state is JobState.COMPLETED
+
+
+async def test_a_cancelled_exit_cuts_running_jobs_off_and_says_so(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving the block by cancellation cancels its jobs at once (Trio's rule: the grace is
+    for a normal exit). They stay executing for the lifeline, and the log names them."""
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            async with running(dsn, shutdown_grace=5) as oban:
+                workers.concurrency["started"] = 0
+                relay = await oban.dispatch(sleeper.new({"seconds": 60}))
+                await workers.wait_started(1)
+                scope.cancel()
+                await trio.sleep_forever()
+        assert relay.job.id is not None
+        assert f"1 jobs left executing for rescue: [{relay.job.id}]" in caplog.text
+        async with running(dsn, queues={}) as oban:
+            job = await oban.get_job(relay.job.id)
+            assert job is not None
+            assert job.state is JobState.EXECUTING
+
+
+async def test_ctrl_c_in_a_job_comes_out_as_keyboard_interrupt(dsn: str) -> None:
+    """Trio delivers Ctrl-C to whichever task runs, perhaps a job: it leaves open() as the
+    KeyboardInterrupt a script's ``except KeyboardInterrupt`` expects, not an InternalError."""
+    with trio.fail_after(10), pytest.raises(KeyboardInterrupt):
+        async with running(dsn) as oban:
+            await oban.insert(interrupted.new({}))
+            await trio.sleep_forever()
 
 
 async def test_shutdown_leaves_overdue_jobs_executing(dsn: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import string
+from functools import partial
 
 import psycopg
 import pytest
@@ -16,7 +17,7 @@ from trioban._queues import settle_claims
 from . import workers
 from .helpers import eventually, reaches, waiting_on_a_lock
 from .nodes import node_processes
-from .workers import echo, gates, wait_gate
+from .workers import echo, gates, read_tenant, record, tenant, wait_gate
 
 
 def _conf(dsn: str, **settings: object) -> Config:
@@ -305,3 +306,79 @@ async def test_a_job_claimed_on_insert_as_its_queue_stops_is_handed_back(dsn: st
             assert saved.state is JobState.EXECUTING
             job = await reaches(oban, saved.id, JobState.AVAILABLE)
             assert (job.attempt, job.max_attempts) == (1, new.max_attempts + 1)
+
+
+async def test_cancel_reaches_a_job_of_a_stopped_queue(dsn: str) -> None:
+    """A stopped queue's job, running in its grace, is cancelled like any other (a retry
+    could otherwise run it twice at once)."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(10):
+        async with trioban.open(
+            _conf(dsn, queues={"default": 1}).evolve(shutdown_grace=10)
+        ) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "stopped-never"}))
+            await workers.wait_started(1)
+            await oban.stop_queue("default", local_only=True)
+            assert relay.job.id is not None
+            assert await oban.cancel_all_jobs([relay.job.id], reason="stop") == 1
+            with pytest.raises(RelayCancelled, match="stop"):
+                await relay.result(timeout=5)
+
+            async def stopped() -> bool:
+                return workers.concurrency["now"] == 0 and not oban._queues.producers.draining
+
+            await eventually(stopped)
+
+
+async def test_a_queue_started_again_waits_for_its_stopped_jobs(dsn: str) -> None:
+    """Started again while the stopped producer's job runs in its grace: the new producer
+    waits for it, so the limit of 1 holds."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(15):
+        async with trioban.open(
+            _conf(dsn, queues={"default": 1}).evolve(shutdown_grace=10)
+        ) as oban:
+            first = await oban.dispatch(wait_gate.new({"gate": "restart-1"}))
+            await workers.wait_started(1)
+            await oban.stop_queue("default", local_only=True)
+            second = await oban.dispatch(wait_gate.new({"gate": "restart-2"}))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(oban.start_queue, "default", limit=1, local_only=True))
+                await trio.sleep(0.5)
+                assert workers.concurrency["now"] == 1
+                gates["restart-1"].set()
+                await workers.wait_started(2)
+            gates["restart-2"].set()
+            assert [await first.result(timeout=5), await second.result(timeout=5)] == ["opened"] * 2
+            assert workers.concurrency["max"] == 1
+
+
+async def test_claims_on_insert_go_to_the_most_urgent_jobs_first(dsn: str) -> None:
+    """One free slot, a batch of two: the priority 0 job runs first, as a fetch would order
+    them, not the one listed first."""
+    workers.seen.clear()
+    with trio.fail_after(10):
+        async with trioban.open(
+            _conf(dsn, queues={"default": 1}).evolve(stage_interval=60)
+        ) as oban:
+            await oban.relay(echo.new({"value": 0}), timeout=5)  # the queue is drained
+            jobs = [record.new({"tag": p}, priority=p) for p in (9, 0)]
+            await oban.insert_all(jobs)
+
+            async def both() -> bool:
+                return len(workers.seen) == 2
+
+            await eventually(both)
+    assert workers.seen == [0, 9]
+
+
+async def test_a_job_claimed_on_insert_does_not_see_the_inserters_context(dsn: str) -> None:
+    """A job claimed as it is inserted starts in its producer's context, as a fetched one
+    does: the inserting task's context vars (a tenant, a trace span) don't reach it."""
+    with trio.fail_after(10):
+        async with trioban.open(
+            _conf(dsn, queues={"default": 1}).evolve(stage_interval=60)
+        ) as oban:
+            await oban.relay(echo.new({"value": 0}), timeout=5)  # the queue is drained
+            tenant.set("request-42")
+            assert await oban.relay(read_tenant.new({}), timeout=5) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import enum
 from datetime import datetime
@@ -368,3 +369,24 @@ async def has_asyncio_loop(job: Job) -> bool:
     import trio_asyncio
 
     return trio_asyncio.current_loop.get() is not None
+
+
+tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
+"""A caller's context (a tenant, a trace span): a job must not see its inserter's."""
+
+
+@worker(queue="default")
+async def read_tenant(job: Job) -> str | None:
+    return tenant.get()
+
+
+@worker(queue="default", max_attempts=1)
+async def exits(job: Job) -> None:
+    """Job code calling sys.exit (an argparse error, say)."""
+    raise SystemExit(2)
+
+
+@worker(queue="default")
+async def interrupted(job: Job) -> None:
+    """Ctrl-C delivered while this job's code runs."""
+    raise KeyboardInterrupt

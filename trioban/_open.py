@@ -124,9 +124,10 @@ async def _services(oban: Oban) -> AsyncIterator[Oban]:
 
 @asynccontextmanager
 async def _serving(oban: Oban) -> AsyncIterator[None]:
-    """Run the acker and the queues; on every exit path the queues stop (jobs get their grace),
-    then the acker writes what is queued. It is shielded, so an exception or a cancellation
-    loses no ack, and bounded: it stops ``_acker.DRAIN_TIMEOUT`` seconds after the grace."""
+    """Run the acker and the queues; on every exit path the queues stop, then the acker writes
+    what is queued. It is shielded, so an exception or a cancellation loses no ack, and
+    bounded: it stops ``_acker.DRAIN_TIMEOUT`` seconds after the grace. Running jobs get their
+    grace on a normal exit or an exception; a cancelled exit has cancelled them already."""
     acker, grace = oban._acker, oban.config.shutdown_grace
     async with trio.open_nursery() as acking:
         # Not ``start()``: the acker is ready at once, and a ``start()`` cancelled before its
@@ -239,4 +240,7 @@ def _collapse(
         return body  # beside it, only Cancelled: its consequence
     if len(ours) == 1 and isinstance(ours[0], TriobanError) and body is None:
         return ours[0]
+    for leaf in ours:
+        if isinstance(leaf, KeyboardInterrupt):  # Ctrl-C, delivered to whichever task ran
+            return leaf
     return InternalError(f"a trioban task failed: {ours[0]!r}")

@@ -8,6 +8,7 @@ producer's nursery.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import uuid
@@ -79,6 +80,8 @@ class Producer:
         self._wakes = 0  # counts wakeups, so one that lands during a fetch isn't lost
         self._stopping = False
         self._jobs: trio.Nursery | None = None
+        self._context = contextvars.Context()  # run()'s, where its jobs start
+        self._cut_off: list[int] = []  # jobs cancelled from outside, unacked: left executing
         self._reserved = 0  # slots promised to jobs being inserted here (claim on insert)
 
     def info(self) -> QueueInfo:
@@ -163,23 +166,29 @@ class Producer:
         Started once the jobs already waiting are fetched. ``abandon()`` cancels the jobs still
         running; they stay ``executing`` for the lifeline.
         """
-        async with trio.open_nursery() as jobs:
-            self._jobs = jobs
-            await self._fetch(jobs)  # nothing else wakes a queue started at run time
-            task_status.started()
-            while not self._stopping:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                await self._fetch(jobs)
-            await self.wait_idle()
+        # Jobs start in this task's context, even those claimed on insert (started from the
+        # inserting task): a caller's context (a tenant, a trace span) never reaches them.
+        self._context = contextvars.copy_context()
+        try:
+            async with trio.open_nursery() as jobs:
+                self._jobs = jobs
+                await self._fetch(jobs)  # nothing else wakes a queue started at run time
+                task_status.started()
+                while not self._stopping:
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    await self._fetch(jobs)
+                await self.wait_idle()
+        finally:
+            if self._cut_off:  # past the grace (abandon), or the instance's exit was cancelled
+                ids = sorted(self._cut_off)
+                log.warning(
+                    "queue %s: %d jobs left executing for rescue: %s", self.queue, len(ids), ids
+                )
 
     def abandon(self) -> None:
-        """Cancel every running job (after a stop's grace period); they are not acked."""
-        if self.running:
-            ids = sorted(self.running)
-            log.warning(
-                "queue %s: %d jobs left executing for rescue: %s", self.queue, len(ids), ids
-            )
+        """Cancel every running job (after a stop's grace period); they are not acked, and
+        ``run`` logs them as it returns."""
         if self._jobs is not None:
             self._jobs.cancel_scope.cancel()
 
@@ -243,20 +252,24 @@ class Producer:
             return
         running = self.running[job.id] = Running(job, trio.CancelScope())
         self._busy()
-        jobs.start_soon(self._execute, running)
+        self._context.run(jobs.start_soon, self._execute, running)
 
     async def _execute(self, running: Running) -> None:
         if self._instance is not None:
-            # A task starts in a copy of its spawner's context: here an inserting task's (claim
-            # on insert) or a start_queue() caller's. A job sees the instance that runs it.
+            # Jobs start in a copy of run()'s context, its starter's: open()'s, or a
+            # start_queue() caller's, which may be another instance's job. A job sees the
+            # instance that runs it.
             CURRENT.set(self._instance)
-        job: Job = running.job
+        job_id = running.job.id
+        assert job_id is not None
         try:
             ack = await execute(running)
             await self._acker.send(ack)
+        except trio.Cancelled:
+            self._cut_off.append(job_id)  # not by its own scope: the job ends unacked
+            raise
         finally:
-            assert job.id is not None
-            del self.running[job.id]
+            del self.running[job_id]
             self._maybe_idle()
         if self._more and not self._stopping:
             self._wakeup.set()

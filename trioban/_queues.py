@@ -103,7 +103,10 @@ class Queues:
                 yield
             finally:
                 self._nursery = None
-                await stop(self.producers.values(), grace)  # noqa: ASYNC102
+                # Shielded, and bounded by the grace: a cancelled exit too gives running jobs
+                # their grace, and reports those it leaves executing.
+                with trio.CancelScope(shield=True):
+                    await stop(self.producers.values(), grace)
 
     def claim(self, jobs: list[Job]) -> tuple[list[Job], Claims]:
         """Claim on insert: jobs for a queue this node runs, with free slots and nothing
@@ -114,7 +117,8 @@ class Queues:
         if not self.producers:
             return jobs, claims
         claimed = list(jobs)
-        for index, job in enumerate(jobs):
+        # Free slots go to the most urgent jobs first, as a fetch would give them.
+        for index, job in sorted(enumerate(jobs), key=lambda pair: pair[1].priority):
             producer = self.producers.get(job.queue)
             if producer is None or job.state is not JobState.AVAILABLE or job.scheduled_at:
                 continue
@@ -141,7 +145,7 @@ class Queues:
         if message.get("action") == "pkill":
             reason = str(message.get("reason", "cancelled"))
             for job_id in message.get("job_ids", ()):
-                for producer in self.producers.values():
+                for producer in self.producers.beating():  # a stopped queue's jobs too
                     producer.cancel_job(job_id, reason)
             return
         queue, limit = message.get("queue"), message.get("limit")
@@ -169,8 +173,9 @@ class Queues:
         elif action == "scale" and limit:
             target.scale(limit)
         elif action == "stop" and self._nursery is not None:
-            # No longer this queue's producer (the queue may be started again at once), but
-            # it heartbeats for its running jobs until its run returns.
+            # No longer this queue's producer (the queue may be started again at once: the
+            # new producer waits for this one's jobs, see _run), but it heartbeats for its
+            # running jobs until its run returns.
             del self.producers[queue]
             self.producers.draining.add(target)
             self._nursery.start_soon(stop, [target], self._grace)
@@ -187,6 +192,10 @@ class Queues:
         self, producer: Producer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
+            # A queue started again while its stopped producer's jobs run: they hold its
+            # slots until they end (or their grace does), so the limit holds.
+            for old in [p for p in self.producers.draining if p.queue == producer.queue]:
+                await old.wait_idle()
             if self._notifier.connected:  # no insert after its first fetch goes unnoticed
                 await self._notifier.wait_listening(["insert"])
             await producer.run(task_status=task_status)

@@ -97,7 +97,7 @@ def test_from_env() -> None:
         "app", False, 4, 2.5
     )  # fmt: skip
     # Explicit keywords win; None means "not set".
-    assert Config.from_env(env, prefix="TRIOBAN_", pool_size=7, dsn=None).pool_size == 7
+    assert Config.from_env(env, env_prefix="TRIOBAN_", pool_size=7, dsn=None).pool_size == 7
     assert Config.from_env(env, dsn=None).dsn == "postgresql:///app"
     assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "none"}).prune_max_age is None
     assert Config.from_env({"TRIOBAN_PRUNE_MAX_AGE": "60"}).prune_max_age == 60.0
@@ -197,6 +197,91 @@ def test_intervals_are_bounded(setting: str, value: float, message: str) -> None
         Config(**settings)
     assert raised.value.field == setting
     assert Config(rescue_after=315_360_000, prune_max_age=315_360_000).rescue_after == 315_360_000
+
+
+def test_from_env_prefix_overrides_the_schema_like_any_setting() -> None:
+    env = {"TRIOBAN_QUEUES": "mail:5", "TRIOBAN_DSN": "postgresql:///app"}
+    # prefix= is the schema (as in from_toml); it no longer renames the variables read.
+    conf = Config.from_env(env, prefix="billing")
+    assert (conf.prefix, dict(conf.queues), conf.dsn) == (
+        "billing",
+        {"mail": 5},
+        "postgresql:///app",
+    )
+    own = Config.from_env({"APP_QUEUES": "a:1", "APP_PREFIX": "app"}, env_prefix="APP_")
+    assert (own.prefix, dict(own.queues)) == ("app", {"a": 1})
+    with pytest.raises(ConfigError, match="did you mean APP_QUEUES"):
+        Config.from_env({"APP_QUEUS": "a:1"}, env_prefix="APP_")
+
+
+@pytest.mark.parametrize("field", ["node", "name", "dsn"])
+@pytest.mark.parametrize(("bad", "words"), [("a\x00b", "NUL"), ("a\ud800b", "lone surrogate")])
+def test_free_text_settings_refuse_what_postgresql_cannot_take(
+    field: str, bad: str, words: str
+) -> None:
+    # A NUL in node broke the connection string at open(); in name, leader election failed
+    # forever (no lifeline, pruner or cron on that node).
+    settings: dict[str, Any] = {field: bad}
+    with pytest.raises(ConfigError, match=words) as raised:
+        Config(**settings)
+    assert raised.value.field == field
+
+
+@pytest.mark.parametrize("prefix", ["pg_jobs", "pg_catalog", "pg_temp", "pg_"])
+def test_prefixes_postgresql_reserves_are_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="reserves schema names starting with 'pg_'") as raised:
+        Config(prefix=prefix)
+    assert raised.value.field == "prefix"
+    assert Config(prefix="jobs_pg_x").prefix == "jobs_pg_x"
+
+
+def test_a_queue_name_error_states_the_whole_rule() -> None:
+    from trioban._validate import check_queue
+
+    rule = "1 to 127 printable chars without spaces"
+    with pytest.raises(ConfigError, match=f"{rule}, got a name of 200 chars") as raised:
+        Config(queues={"x" * 200: 1})
+    assert raised.value.field == "queues"
+    assert len(str(raised.value)) < 200  # not the whole name
+    with pytest.raises(ConfigError, match=f"{rule}, got 'a b'"):
+        Config(queues={"a b": 1})
+    with pytest.raises(ValueError, match=f"queue to be a name of {rule}, got a name of 128 chars"):
+        check_queue("q" * 128)
+    assert Config(queues={"q" * 127: 1}).queues == {"q" * 127: 1}
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://app:s3cret@host/db", "postgresql://app:***@host/db"),
+        ("postgres://app:s%40cret@h1,h2:5433/db", "postgres://app:***@h1,h2:5433/db"),
+        (
+            "postgresql://app@host/db?password=s3cret&sslmode=require",
+            "postgresql://app@host/db?password=***&sslmode=require",
+        ),
+        ("host=h password=s3cret dbname=db", "host=h password=*** dbname=db"),
+        ("host=h password = 's3 cret\\'' dbname=db", "host=h password = *** dbname=db"),
+        ("host=h sslpassword=s3cret", "host=h sslpassword=***"),
+        ("postgresql://h/db?pass%77ord=s3cret", "password=*** dbname=db host=h"),  # re-written
+        ("postgresql://app@host/db", "postgresql://app@host/db"),
+    ],
+)
+def test_repr_masks_the_dsn_password(dsn: str, shown: str) -> None:
+    conf = Config(dsn=dsn)
+    assert f"dsn={shown!r}," in repr(conf)
+    assert "s3" not in repr(conf)
+    assert conf.dsn == dsn  # the real value, to connect with
+
+
+@pytest.mark.parametrize("value", ['"none"', '"None"', "false"])
+def test_toml_can_keep_jobs_forever(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "conf.toml"
+    path.write_text(f"[trioban]\nprune_max_age = {value}\n")
+    assert Config.from_toml(path).prune_max_age is None
+    assert Config.from_toml(path, prune_max_age=60).prune_max_age == 60.0
+    path.write_text("[trioban]\nprune_max_age = true\n")
+    with pytest.raises(ConfigError, match="'none' or false in TOML"):
+        Config.from_toml(path)
 
 
 @pytest.mark.parametrize(

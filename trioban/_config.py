@@ -15,10 +15,18 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ._cron import CronEntry, check_timezone, parse_crontab
 from ._errors import ConfigError
-from ._validate import MAX_QUEUE_LIMIT, valid_queue_limit, valid_queue_name
+from ._validate import (
+    MAX_QUEUE_LIMIT,
+    check_text,
+    queue_name_error,
+    valid_queue_limit,
+    valid_queue_name,
+)
 
 IDENTIFIER_RULE: Final = "[a-z_][a-z0-9_]{0,62}"
 """What a prefix (PostgreSQL schema) or channel name must match, whole."""
@@ -33,6 +41,9 @@ _MAX_SECONDS: Final = 10 * 365 * 86_400
 """Longest interval or age, in seconds (10 years)."""
 _MIN_TICK: Final = 0.01
 """Shortest stage or heartbeat interval: a shorter one would spin against the database."""
+_FOREVER: Final = frozenset({"", "none", "off"})
+"""The text of ``prune_max_age`` (a variable, a TOML string) that means None: keep forever."""
+_FOREVER_HINT: Final = "use None to keep jobs forever ('none' or false in TOML)"
 
 
 def validate_identifier(field: str, value: object) -> str:
@@ -46,6 +57,12 @@ def validate_identifier(field: str, value: object) -> str:
 
 def _prefix(field: str, value: object) -> None:
     validate_identifier(field, value)
+    if isinstance(value, str) and value.startswith("pg_"):
+        raise ConfigError(
+            field,
+            f"PostgreSQL reserves schema names starting with 'pg_' for itself (CREATE SCHEMA "
+            f"refuses them); choose another prefix, got {value!r}",
+        )
     if isinstance(value, str) and len(value) > MAX_PREFIX:
         raise ConfigError(
             field,
@@ -63,12 +80,22 @@ def _text(field: str, value: object, *, limit: int = 255) -> str:
         raise ConfigError(
             field, f"expected a non-empty str of at most {limit} chars, got {value!r}"
         )
+    # Refused here, not at open(): a NUL or a lone surrogate breaks the connection string
+    # (node, dsn) or every query storing it (name: leader election would fail forever).
+    try:
+        check_text(value, field)
+    except ValueError as exc:
+        raise ConfigError(field, str(exc)) from None
     return value
 
 
 def _number(field: str, value: object, *, low: float, low_open: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(field, f"expected a number of seconds, got {value!r}")
+        raise ConfigError(
+            field,
+            f"expected a number of seconds, got {value!r}"
+            + (f"; {_FOREVER_HINT}" if field == "prune_max_age" else ""),
+        )
     if not math.isfinite(value) or value < low or (low_open and value == low):
         rule = f"> {low:g}" if low_open else f">= {low:g}"
         raise ConfigError(field, f"expected a finite number {rule}, got {value!r}")
@@ -78,7 +105,7 @@ def _number(field: str, value: object, *, low: float, low_open: bool) -> float:
         raise ConfigError(
             field,
             f"expected at most {_MAX_SECONDS} seconds (10 years), got {value!r}"
-            + ("; use None to keep jobs forever" if field == "prune_max_age" else ""),
+            + (f"; {_FOREVER_HINT}" if field == "prune_max_age" else ""),
         )
     return float(value)
 
@@ -97,7 +124,7 @@ def _queues(value: Mapping[str, int]) -> Mapping[str, int]:
     checked: dict[str, int] = {}
     for name, limit in value.items():
         if not valid_queue_name(name):
-            raise ConfigError("queues", f"expected queue names without spaces, got {name!r}")
+            raise ConfigError("queues", queue_name_error(name, "each queue"))
         if not valid_queue_limit(limit):
             raise ConfigError(
                 "queues",
@@ -120,6 +147,40 @@ def _check(rule: Callable[[str, Any], object]) -> Callable[[Any, attrs.Attribute
 def _dsn(field: str, value: object) -> None:
     if value is not None:
         _text(field, value, limit=10_000)
+
+
+_SECRETS: Final = ("password", "sslpassword")
+_URL_USER_PASSWORD: Final = re.compile(r"(\Apostgres(?:ql)?://[^:@/]*:)[^@/]*(?=@)")
+"""The password of a URL's ``user:password@``: libpq reads it up to the first ``@`` or ``/``."""
+_SECRET_VALUE: Final = re.compile(
+    r"((?:\A|[?&\s])(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s&\\]|\\.)*)"
+)
+"""A ``password=`` of a URL's query or of a key/value connection string, and its value."""
+
+
+def _masked_dsn(dsn: str | None) -> str:
+    """``repr`` of a DSN with its passwords replaced by ``***`` (for ``repr(Config)``)."""
+    if dsn is None:
+        return "None"
+    masked = _SECRET_VALUE.sub(r"\g<1>***", _URL_USER_PASSWORD.sub(r"\g<1>***", dsn))
+    params = _params(dsn)
+    if params is None:  # not a connection string open() could use: the best guess will do
+        return repr(masked)
+    hidden = {key: "***" for key in _SECRETS if key in params}
+    if not hidden:
+        return repr(dsn)
+    if _params(masked) == params | hidden:
+        return repr(masked)
+    # A form the patterns missed (a percent-encoded key, say): show it as key/value pairs.
+    return repr(make_conninfo("", **(params | hidden)))
+
+
+def _params(dsn: str) -> dict[str, Any] | None:
+    """The parameters of a connection string, as libpq parses it (None: it can't)."""
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return None
 
 
 def _flag(field: str, value: object) -> None:
@@ -170,11 +231,13 @@ class Config:
     """Settings of a trioban instance; every value is validated when the ``Config`` is built.
 
     Attributes:
-        dsn: PostgreSQL connection string (``None``: the embedded server, when installed).
+        dsn: PostgreSQL connection string (``None``: the embedded server, when installed);
+            ``repr`` shows its password as ``***``.
         queues: queue name -> concurrency limit on this node; ``{}`` is an insert-only instance.
         prefix: the PostgreSQL schema holding the tables, a lowercase identifier
-            (``[a-z_][a-z0-9_]*``); it also scopes notifier channels (at most ``MAX_PREFIX``,
-            40, chars so channel names fit PostgreSQL's limit).
+            (``[a-z_][a-z0-9_]*``, not ``pg_...``: PostgreSQL reserves those); it also scopes
+            notifier channels (at most ``MAX_PREFIX``, 40, chars so channel names fit
+            PostgreSQL's limit).
         node: this process's name in the cluster (default ``<hostname>-<pid>``).
         name: the instance's name among instances sharing a prefix.
         install: install or upgrade the schema on ``open()`` (else only verify it).
@@ -203,7 +266,7 @@ class Config:
     trioban._errors.ConfigError: queus: unknown setting 'queus'; did you mean 'queues'?
     """
 
-    dsn: str | None = attrs.field(default=None, validator=_check(_dsn))
+    dsn: str | None = attrs.field(default=None, validator=_check(_dsn), repr=_masked_dsn)
     queues: Mapping[str, int] = attrs.field(factory=dict, converter=_queues)
     prefix: str = attrs.field(default="public", validator=_check(_prefix))
     node: str = attrs.field(factory=_default_node, validator=_check(_text))
@@ -269,28 +332,34 @@ class Config:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, prefix: str = "TRIOBAN_", **overrides: Any
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        env_prefix: str = "TRIOBAN_",
+        **overrides: Any,
     ) -> Config:
         """Settings from ``TRIOBAN_*`` variables (``TRIOBAN_QUEUES="default:10,math:5"``).
 
-        Keyword ``overrides`` win over the environment, which wins over the defaults (an
-        override of None is not given, except ``prune_max_age=None``: keep jobs forever). The
-        variables trioban reads elsewhere (``TRIOBAN_DATA_DIR``, ``TRIOBAN_PG_BIN``,
-        ``TRIOBAN_TEST_DSN``, ``TRIOBAN_HEAVY``, ``TRIOBAN_BENCH_DSN``) are skipped; any other
-        unknown ``TRIOBAN_*`` name raises ``ConfigError`` (a typo).
+        ``env_prefix`` names the variables read (``<env_prefix><FIELD>``). Keyword
+        ``overrides`` (``prefix=`` too: the schema, like every other setting) win over the
+        environment, which wins over the defaults (an override of None is not given, except
+        ``prune_max_age=None``: keep jobs forever). The variables trioban reads elsewhere
+        (``TRIOBAN_DATA_DIR``, ``TRIOBAN_PG_BIN``, ``TRIOBAN_TEST_DSN``, ``TRIOBAN_HEAVY``,
+        ``TRIOBAN_BENCH_DSN``) are skipped; any other unknown ``TRIOBAN_*`` name raises
+        ``ConfigError`` (a typo).
         """
         env = os.environ if environ is None else environ
         settings: dict[str, Any] = {}
         for key, raw in env.items():
-            if not key.startswith(prefix) or key in _OTHER_VARIABLES:
+            if not key.startswith(env_prefix) or key in _OTHER_VARIABLES:
                 continue
-            field = key[len(prefix) :].lower()
+            field = key[len(env_prefix) :].lower()
             if field not in _FIELDS:
                 hint = _suggest(field)
                 raise ConfigError(
                     key,
                     f"unknown setting {key!r}"
-                    + (f"; did you mean {prefix}{hint.upper()}?" if hint else ""),
+                    + (f"; did you mean {env_prefix}{hint.upper()}?" if hint else ""),
                 )
             settings[field] = _parse_env(key, field, raw)
         return cls.build(**(settings | _explicit(overrides)))
@@ -301,7 +370,8 @@ class Config:
     ) -> Config:
         """Settings from a TOML file's ``[trioban]`` table, or ``[tool.trioban]`` of pyproject.
 
-        Keyword ``overrides`` win over the file, which wins over the defaults.
+        Keyword ``overrides`` win over the file, which wins over the defaults. TOML has no
+        null: ``prune_max_age = "none"`` or ``false`` keeps jobs forever (None).
         """
         file = Path(path)
         try:
@@ -321,7 +391,10 @@ class Config:
         table = data.get(section, data.get("tool", {}).get(section))
         if not isinstance(table, dict):
             raise ConfigError("path", f"{file} has no [{section}] or [tool.{section}] table")
-        return cls.build(**(dict(table) | _explicit(overrides)))
+        settings = dict(table)
+        if _keeps_forever(settings.get("prune_max_age")):
+            settings["prune_max_age"] = None
+        return cls.build(**(settings | _explicit(overrides)))
 
 
 _FIELDS: Final = frozenset(field.name for field in attrs.fields(Config) if field.init)
@@ -331,6 +404,11 @@ _OTHER_VARIABLES: Final = frozenset(
 """Environment variables trioban reads elsewhere (the embedded and test servers, the test
 suite, the benchmarks): ``from_env`` skips them rather than call them unknown settings."""
 _OPTIONAL: Final = frozenset({"prune_max_age"})
+
+
+def _keeps_forever(value: object) -> bool:
+    """Whether a file's or a variable's ``prune_max_age`` says None (keep jobs forever)."""
+    return value is False or (isinstance(value, str) and value.strip().lower() in _FOREVER)
 
 
 def _follows_zone(item: object) -> bool:
@@ -380,7 +458,7 @@ def parse_queues(text: str, field: str) -> dict[str, int]:
 
 def _parse_env(key: str, field: str, raw: str) -> Any:
     kind = attrs.fields_dict(Config)[field].default
-    if field in _OPTIONAL and raw.strip().lower() in {"", "none", "off"}:
+    if field in _OPTIONAL and _keeps_forever(raw):
         return None
     if field == "queues":
         return parse_queues(raw, key) if raw.strip() else {}

@@ -36,13 +36,20 @@ def valid_queue_limit(limit: object) -> TypeGuard[int]:
     return isinstance(limit, int) and not isinstance(limit, bool) and 1 <= limit <= MAX_QUEUE_LIMIT
 
 
+def queue_name_error(name: object, field: str) -> str:
+    """Why ``name`` can't name a queue, stating the whole rule (whichever part it breaks)."""
+    got = repr(name)
+    if isinstance(name, str) and len(name) > MAX_NAME:
+        got = f"a name of {len(name)} chars, {name[:40]!r}..."
+    # "printable" already excludes every other whitespace (tabs, newlines, no-break spaces).
+    rule = f"a name of 1 to {MAX_NAME} printable chars without spaces"
+    return f"expected {field} to be {rule}, got {got}"
+
+
 def check_queue(queue: object, field: str = "queue") -> str:
     """A queue name as ``Config.queues`` takes it, so no job goes to a queue no node can run."""
     if not valid_queue_name(queue):
-        raise ValueError(
-            f"expected {field} to be a name of 1 to {MAX_NAME} printable chars without spaces, "
-            f"got {queue!r}"
-        )
+        raise ValueError(queue_name_error(queue, field))
     return queue
 
 

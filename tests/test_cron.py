@@ -58,6 +58,7 @@ def test_crontab_entries_are_parsed_and_checked() -> None:
         ([("* * * * *", echo, {"timezone": "Mars/Base"})], "unknown time zone 'Mars/Base'"),
         # Found when the Config is built, not logged and skipped every minute.
         ([("* * * * *", echo, {"meta": {"result": 1}})], "meta key 'result' is reserved"),
+        ([("* * * * *", "app.work\x00er")], "worker name to be text without the NUL"),
         ([("* * * * *", echo, {"meta": [1]})], "meta to be a dict"),
         ([("* * * * *",)], "expected (expression, worker[, options])"),
         ("* * * * *", "list of (expression, worker)"),

@@ -34,7 +34,7 @@ from . import _codec, telemetry
 from ._errors import ConfigError
 from ._job import Job
 from ._unique import STATE_GROUPS, Claim
-from ._validate import check_meta
+from ._validate import check_meta, check_text
 
 if TYPE_CHECKING:
     from ._leader import Leadership
@@ -158,6 +158,10 @@ def _entry(item: object, index: int, timezone: str) -> CronEntry:
     name = getattr(target, "name", target)
     if not isinstance(name, str) or "." not in name:
         raise ConfigError(field, f"expected a worker or its dotted name, got {target!r}")
+    try:
+        check_text(name, f"{field}'s worker name")
+    except ValueError as exc:
+        raise ConfigError(field, str(exc)) from None
     options = dict(item[2]) if len(item) == 3 and isinstance(item[2], Mapping) else None
     if len(item) == 3 and options is None:
         raise ConfigError(field, f"expected options as a mapping, got {item[2]!r}")

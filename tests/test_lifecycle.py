@@ -17,7 +17,7 @@ from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique, _ack
 
 from . import workers
 from .helpers import eventually
-from .workers import echo, flaky, interrupted, record, sleeper, steer, too_slow, wait_gate
+from .workers import echo, exits, flaky, interrupted, record, sleeper, steer, too_slow, wait_gate
 
 
 @asynccontextmanager
@@ -298,6 +298,17 @@ async def test_shutdown_leaves_overdue_jobs_executing(dsn: str) -> None:
             job = await oban.get_job(relay.job.id)
             assert job is not None
             assert job.state is JobState.EXECUTING
+
+
+async def test_a_job_calling_sys_exit_fails_and_the_node_keeps_running(dsn: str) -> None:
+    """SystemExit from job code (an argparse error) fails the attempt like an exception; it
+    doesn't stop the node, nor every node the job is retried on."""
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(exits.new({}))
+            with pytest.raises(RelayDiscard, match="SystemExit: 2"):
+                await relay.result(timeout=5)
+            assert await oban.relay(echo.new({"value": 1}), timeout=5) == 1
 
 
 async def test_unknown_worker_is_discarded_and_the_node_keeps_running(dsn: str) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
+import hmac
 import importlib
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import attrs
 import pytest
 import trio
 
@@ -120,6 +126,55 @@ async def _noop(job: trioban.Job) -> None:
     pass
 
 
+@attrs.frozen
+class _WithId:
+    ref: uuid.UUID
+
+
+@attrs.frozen
+class _Nested:
+    name: str
+    refs: list[_WithId] | None = None
+
+
+@dataclasses.dataclass
+class _Tree:
+    children: list[_Tree]
+    ref: uuid.UUID
+
+
+def test_field_types_the_converter_cant_handle_are_refused_at_decoration() -> None:
+    """Before, @worker took such a class and every new() failed, advising a cattrs hook on a
+    converter users can't reach."""
+    for cls, where in [(_WithId, "args.ref"), (_Nested, "args.refs.ref"), (_Tree, "args.ref")]:
+        with pytest.raises(TypeError, match=rf"args class {cls.__name__}: {where} is a UUID"):
+            trioban.worker(args=cls)(_noop)
+    with pytest.raises(TypeError, match=r"result class _WithId: result.ref is a UUID") as raised:
+        trioban.worker(result=_WithId)(_noop)
+    assert "keep it as a str" in str(raised.value)
+    assert "hook" not in str(raised.value)
+
+
+@attrs.frozen
+class _Booking:
+    ref: _Reference  # defined after the worker: not checked when it's declared
+
+
+@trioban.worker(queue="default", args=_Booking)
+async def _book(job: trioban.Job) -> None:
+    pass
+
+
+class _Reference:
+    pass
+
+
+def test_an_unsupported_field_type_found_in_new_is_named_without_cattrs_advice() -> None:
+    with pytest.raises(ValueError, match=r"args\.ref is a _Reference, which trioban can't") as e:
+        _book.new({"ref": "x"})
+    assert "structure hook" not in str(e.value)
+
+
 async def test_worker_gets_an_instance_and_relay_returns_the_result_class(dsn: str) -> None:
     with trio.fail_after(10):
         async with trioban.open(config(dsn)) as oban:
@@ -213,6 +268,22 @@ async def test_recorded_results_and_their_errors(dsn: str) -> None:
                 await oban.fetch_recorded(10**9)
 
 
+async def test_the_recorded_limit_counts_utf8_bytes(dsn: str) -> None:
+    """record_text records at most 64 bytes: 30 euro signs are 43 characters of JSON but 103
+    bytes (counted as characters before, so they passed)."""
+    with trio.fail_after(10):
+        async with trioban.open(config(dsn)) as oban:
+            euros = await oban.insert(record_text.new({"text": "€" * 30}, max_attempts=1))
+            accents = await oban.insert(record_text.new({"text": "é" * 25}))  # 63 bytes
+            assert (await _final(oban, euros.id)).state is JobState.DISCARDED
+            assert (await _final(oban, accents.id)).state is JobState.COMPLETED
+            discarded = await oban.get_job(euros.id or 0)
+            assert discarded is not None
+            error = discarded.errors[-1]["error"]
+            assert "is 103 bytes of JSON, over its recorded limit of 64" in error
+            assert await oban.fetch_recorded(accents) == "é" * 25
+
+
 # -- encrypted args ---------------------------------------------------------------------------
 
 
@@ -281,6 +352,40 @@ def test_encryption_keys_are_checked() -> None:
     with pytest.raises(TypeError, match="32 bytes"):
         trioban.Encrypted(key=[])
     assert "k" * 8 not in repr(trioban.Encrypted(key=b"k" * 32))
+
+
+_RAW = bytes(range(32))
+
+
+@pytest.mark.parametrize(
+    ("key", "advice"),
+    [
+        (base64.b64encode(_RAW).decode(), r"base64.b64decode\(...\)"),
+        (base64.b64encode(_RAW), r"base64.b64decode\(...\)"),
+        (base64.urlsafe_b64encode(b"\xff" * 32).decode(), r"base64.urlsafe_b64decode\(...\)"),
+        (base64.b64encode(_RAW).decode().rstrip("="), r"base64.b64decode\(...\) after app"),
+        (_RAW.hex() + "\n", r"bytes.fromhex\(...\)"),
+        ([_RAW, _RAW.hex()], r"bytes.fromhex\(...\)"),
+    ],
+)
+def test_an_encoded_key_is_told_to_be_decoded(key: object, advice: str) -> None:
+    """Before, a base64 or hex key got "32 bytes ... os.urandom(32)", no word of decoding."""
+    with pytest.raises((TypeError, ValueError), match=rf"decode it first \({advice}"):
+        trioban.Encrypted(key=key)  # type: ignore[arg-type]
+
+
+def test_a_key_callable_failing_in_new_names_the_worker(secrets: list[bytes]) -> None:
+    """Before, new() let the callable's bare KeyError (or the check's ValueError) through."""
+    secrets[:] = []
+    with pytest.raises(trioban.TriobanError, match=r"worker tests\.workers\.secret_echo") as e:
+        secret_echo.new({"secret": "x"})
+    assert "callable must return a 32-byte key or a list of them" in str(e.value)
+    secrets[:] = [base64.b64encode(_RAW)]
+    with pytest.raises(trioban.TriobanError, match=r"decode it first \(base64.b64decode"):
+        secret_echo.new({"secret": "x"})
+    missing = trioban.Encrypted(key=lambda: {}["APP_JOB_KEY"])  # type: ignore[index]
+    with pytest.raises(trioban.TriobanError, match=r"worker w \(KeyError: 'APP_JOB_KEY'\)"):
+        missing.encrypt("{}", "w")
 
 
 @pytest.mark.parametrize("token", ["", "AAAA", "A" * 36])
@@ -469,6 +574,46 @@ async def test_overlapping_unique_batches_inserted_at_once_both_succeed(dsn: str
             assert [job.id for job in forward] == [job.id for job in backward]
             assert [job.args for job in forward] == args  # in each caller's own order
             assert all(a.conflict != b.conflict for a, b in zip(forward, backward, strict=True))
+
+
+def _key_text(worker: str, args: object) -> bytes:
+    basis = {"worker": worker, "queue": "default", "args": args}
+    return json.dumps(basis, sort_keys=True, separators=(",", ":")).encode()
+
+
+async def test_unique_keys_of_encrypted_args_are_keyed_hashes(
+    dsn: str, secrets: list[bytes]
+) -> None:
+    """uniq_key held a plain SHA-256 of the args the encryption hides: anyone reading the table
+    could confirm a guess (a 4-digit PIN in milliseconds). It is an HMAC under a secret derived
+    from the current key; plain workers' keys are unchanged (existing jobs stay unique)."""
+    old, new = b"o" * 32, b"n" * 32
+    by_args = Unique(period=None)
+    by_meta = Unique(fields=[], meta_keys=["tenant"])
+    secrets[:] = [old]
+    async with trioban.open(config(dsn, queues={})) as oban:
+        first = await oban.insert(secret_echo.new({"pin": "7319"}, unique=by_args))
+        again = await oban.insert(secret_echo.new({"pin": "7319"}, unique=by_args))
+        tenant = await oban.insert(secret_echo.new({}, unique=by_meta, meta={"tenant": 1}))
+        plain = await oban.insert(echo.new({"pin": "7319"}, unique=by_args))
+        secrets[:] = [new, old]  # rotated
+        rotated = await oban.insert(secret_echo.new({"pin": "7319"}, unique=by_args))
+        same_tenant = await oban.insert(secret_echo.new({}, unique=by_meta, meta={"tenant": 1}))
+        stored, plain_key = [
+            await _one(oban, "SELECT uniq_key FROM oban_jobs WHERE id = %s", job.id)
+            for job in (first, plain)
+        ]
+    assert again.conflict
+    assert again.id == first.id
+    text = _key_text(secret_echo.name, {"pin": "7319"})
+    assert stored != hashlib.sha256(text).hexdigest()
+    secret = hmac.new(old, b"trioban unique key", hashlib.sha256).digest()
+    assert stored == hmac.new(secret, text, hashlib.sha256).hexdigest()
+    assert plain_key == hashlib.sha256(_key_text(echo.name, {"pin": "7319"})).hexdigest()
+    # Documented: a rotation changes keys over args, not keys over meta only (nothing hidden).
+    assert not rotated.conflict
+    assert same_tenant.conflict
+    assert same_tenant.id == tenant.id
 
 
 def test_bad_unique_options_say_what_to_do() -> None:

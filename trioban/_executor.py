@@ -23,6 +23,9 @@ from ._workflow import NAME, WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
 
+_JOB_ERRORS: Final = (Exception, SystemExit)
+"""What job code (or a worker module being imported) may raise that fails its attempt, not the
+node: an exception, or SystemExit (an argparse error, a script's sys.exit)."""
 # A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped. jsonb refuses it.
 _ESCAPED_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -53,14 +56,14 @@ async def resolve(name: str) -> Worker | None:
     module = name.rsplit(".", 1)[0]
     try:
         await trio.to_thread.run_sync(importlib.import_module, module)
-    except Exception as exc:
+    except _JOB_ERRORS as exc:
         log.warning("cannot import %s for worker %s: %r", module, name, exc)
         if not _is_missing(module, exc):
             raise
     return lookup(name)
 
 
-def _is_missing(module: str, exc: Exception) -> bool:
+def _is_missing(module: str, exc: BaseException) -> bool:
     """Whether ``exc`` says ``module`` (or a package above it) doesn't exist, rather than that
     something it imports is missing."""
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
@@ -115,7 +118,7 @@ async def _run(running: Running) -> Ack:
     job = running.job
     try:
         worker = await resolve(job.worker)
-    except Exception as exc:
+    except _JOB_ERRORS as exc:
         # Retried (with the default backoff): a fixed deployment or configuration runs it.
         module = job.worker.rsplit(".", 1)[0]
         text = f"cannot import module {module!r} of worker {job.worker!r} on this node: "
@@ -140,7 +143,7 @@ async def _run(running: Running) -> Ack:
     try:
         with running.scope:
             result = await worker.perform(prepared)
-    except Exception as exc:
+    except _JOB_ERRORS as exc:
         if running.reraise:
             raise
         job = running.job  # the latest claim (see Running.job)
@@ -206,11 +209,13 @@ def _stored_result(worker: Worker, result: Any) -> tuple[Any, str | None, str | 
     except Exception as exc:  # whatever the encoder raises is a reason, not a crash
         return None, None, f"is not JSON-serialisable: {exc}"
     problem, limit = _unstorable(meta), worker.recorded_limit
-    if problem is None and limit is not None and len(meta) > limit:
-        problem = (
-            f"is {len(meta)} bytes of JSON, over its recorded limit of {limit}; "
-            "return less or raise the limit with @worker(recorded=<bytes>)"
-        )
+    if problem is None and limit is not None:
+        size = len(meta) if meta.isascii() else len(meta.encode())  # bytes, as stored (UTF-8)
+        if size > limit:
+            problem = (
+                f"is {size} bytes of JSON, over its recorded limit of {limit}; "
+                "return less or raise the limit with @worker(recorded=<bytes>)"
+            )
     return data, meta, problem
 
 

@@ -5,11 +5,16 @@ The key is computed from the job as built (before any encryption) and stored in 
 decides which of several concurrent inserts wins. Period and states are applied when an insert
 meets an existing job: one outside the period or the states gives up its key (under a row lock),
 and the insert is tried again.
+
+The key is a SHA-256 of the fields it covers; for an encrypted worker's job keyed on its args,
+an HMAC under a secret derived from the encryption key, so nobody reading the table can confirm
+guesses of the args the encryption hides.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
@@ -145,9 +150,17 @@ class Unique:
             raise ValueError("expected Unique(fields=) to name at least one field")
 
     def claim(
-        self, *, worker: str, queue: str, args: Mapping[str, Any], meta: Mapping[str, Any]
+        self,
+        *,
+        worker: str,
+        queue: str,
+        args: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        secret: bytes | None = None,
     ) -> Claim:
-        """The key of a job with these values under this constraint."""
+        """The key of a job with these values under this constraint; keyed with ``secret`` (an
+        encrypted worker's) when it covers the args. Without args it hashes only what the table
+        shows anyway, so it stays unkeyed and survives a key rotation."""
         basis: dict[str, Any] = {}
         if "worker" in self.fields:
             basis["worker"] = worker
@@ -157,8 +170,11 @@ class Unique:
             basis["args"] = _pick(args, self.keys)
         if "meta" in self.fields or self.meta_keys:
             basis["meta"] = _pick(meta, self.meta_keys)
-        text = _codec.canonical_dumps(basis)
-        key = hashlib.sha256(text.encode()).hexdigest()
+        text = _codec.canonical_dumps(basis).encode()
+        if secret is not None and "args" in basis:
+            key = hmac.new(secret, text, hashlib.sha256).hexdigest()
+        else:
+            key = hashlib.sha256(text).hexdigest()
         return Claim(key=key, period=self.period, states=self.states, replace=self.replace)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Final, Protocol, final
 
 from . import _aio, _codec, _structured
 from ._cron import check_expression
-from ._crypto import Encrypted
+from ._crypto import Encrypted, unique_secret
 from ._errors import TriobanError
 from ._job import Job, JobState, evolve, utc_datetime
 from ._unique import Unique
@@ -177,11 +177,16 @@ class Worker:
             constraint = self.unique
         else:
             constraint = _check_unique(None if unique is False else unique)
+        # One call of a key callable gives the key that seals the args and keys their hash.
+        key = None if self.encrypted is None else self.encrypted.current_key(self.name)
         claim = None
         if constraint is not None:
-            claim = constraint.claim(worker=self.name, queue=queue, args=job_args, meta=job_meta)
+            secret = None if key is None else unique_secret(key)
+            claim = constraint.claim(
+                worker=self.name, queue=queue, args=job_args, meta=job_meta, secret=secret
+            )
         if self.encrypted is not None:
-            sealed = self.encrypted.encrypt(args_json, self.name)
+            sealed = self.encrypted.encrypt(args_json, self.name, key=key)
             job_args, args_json = check_json_object(sealed, "args")
         when = None
         if scheduled_at is not None or schedule_in is not None:

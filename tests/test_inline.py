@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 import trio
 
 import trioban
-from trioban import Config, JobState, RelayDiscard, Workflow
+from trioban import Config, JobState, NotRecorded, RelayDiscard, Workflow
+from trioban.testing import drain_queue
 
-from .workers import flaky, flow_step, steer
+from .workers import (
+    Address,
+    OrderArgs,
+    Receipt,
+    Size,
+    echo,
+    flaky,
+    flow_step,
+    place_order,
+    record_text,
+    steer,
+)
 
 
 @pytest.fixture
@@ -74,3 +87,48 @@ async def test_relay_workflow_inline_is_refused(inline: trioban.Oban) -> None:
         await inline.relay_workflow(wf)
     with pytest.raises(trioban.TriobanError, match="testing='manual'"):
         await inline.append_workflow("inline-run", lambda more: more.add("b", flow_step.new({})))
+
+
+async def test_a_failed_attempt_is_recorded_on_the_job_as_a_node_records_it(
+    inline: trioban.Oban, dsn: str
+) -> None:
+    """Nothing is raised or logged (nor is it on a node): the job carries the error, as Oban's
+    inline engine puts it on the job."""
+    with trio.fail_after(5):
+        failed = await inline.insert(steer.new({"kind": "raise"}))
+        async with trioban.open(Config(dsn=dsn, testing="manual")) as manual:
+            saved = await manual.insert(steer.new({"kind": "raise"}))
+            await drain_queue(manual, "default")
+            stored = await manual.get_job(saved.id or 0)
+        cancelled = await inline.insert(steer.new({"kind": "cancel"}))
+        done = await inline.insert(steer.new({"kind": "ok"}))
+    assert stored is not None
+    assert (failed.id, failed.state, failed.attempt) == (None, JobState.RETRYABLE, 1)
+    [error], [on_node] = failed.errors, stored.errors
+    assert {key: type(value) for key, value in error.items()} == {
+        key: type(value) for key, value in on_node.items()
+    }
+    assert error["attempt"] == on_node["attempt"] == 1
+    first_line = "RuntimeError: boom from the worker"
+    assert error["error"].splitlines()[0] == on_node["error"].splitlines()[0] == first_line
+    assert [entry["error"] for entry in cancelled.errors] == ["told to cancel"]
+    assert done.errors == ()
+
+
+async def test_fetch_recorded_reads_the_result_an_inline_job_carries(
+    inline: trioban.Oban,
+) -> None:
+    order = OrderArgs(1, Size.SMALL, datetime(2024, 1, 2, tzinfo=UTC), Address("Paris"))
+    with trio.fail_after(5):
+        placed = await inline.insert(place_order.new(order))
+        assert placed.id is None
+        receipt = Receipt(order_id=1, summary="1x small to Paris on 2024-01-02", total=9.5)
+        assert await inline.fetch_recorded(placed) == receipt
+        text = await inline.insert(record_text.new({"text": "hi"}))
+        assert await inline.fetch_recorded(text) == "hi"
+        with pytest.raises(NotRecorded, match=r"unsaved job has no .* completed but recorded"):
+            await inline.fetch_recorded(await inline.insert(echo.new({"value": 1})))
+        with pytest.raises(NotRecorded, match="it is retryable"):
+            await inline.fetch_recorded(await inline.insert(steer.new({"kind": "raise"})))
+        with pytest.raises(NotRecorded, match=r"\(never inserted\) has no recorded result"):
+            await inline.fetch_recorded(record_text.new({"text": "hi"}))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import psycopg
@@ -21,10 +23,12 @@ from trioban.testing import (
     all_enqueued,
     assert_enqueued,
     drain_queue,
+    perform_job,
     refute_enqueued,
 )
 
 from .conftest import ExistingServer
+from .workers import Address, OrderArgs, Receipt, Size, place_order
 
 USER_TESTS = """
 import pytest
@@ -286,3 +290,44 @@ def test_args_match_as_jsonb_containment(dsn: str) -> None:
             row = cur.fetchone()
             assert row is not None
             assert _contains(have, want) is row[0], (have, want)
+
+
+@worker(queue="perform")
+async def stamp(job: Job) -> datetime:
+    return datetime(2024, 1, 1, tzinfo=UTC)  # not JSON; nobody asks for it
+
+
+@worker(queue="perform")
+async def forwards_meta(job: Job) -> dict[str, Any]:
+    follow_up = stamp.new({}, meta=job.meta)  # keeps the trace id for the follow-up job
+    return {"seen": dict(job.meta), "follow_up": dict(follow_up.meta)}
+
+
+async def test_perform_job_runs_the_job_as_a_node_does(oban: trioban.Oban) -> None:
+    """The worker sees the job's own meta, and a result nobody records is not serialised: the
+    same jobs complete through drain_queue (a node's path)."""
+    with trio.fail_after(10):
+        stamped = await perform_job(stamp, {})
+        assert (stamped.state, stamped.error) == (JobState.COMPLETED, None)
+        assert stamped.result == datetime(2024, 1, 1, tzinfo=UTC)
+        forwarded = await perform_job(forwards_meta, {}, meta={"trace": "abc"})
+        assert (forwarded.state, forwarded.error) == (JobState.COMPLETED, None)
+        assert forwarded.result == {"seen": {"trace": "abc"}, "follow_up": {"trace": "abc"}}
+        assert forwarded.job.meta == {"trace": "abc"}
+        await oban.insert_all([stamp.new({}), forwards_meta.new({}, meta={"trace": "abc"})])
+        assert (await drain_queue(oban, "perform"))["completed"] == 2
+
+
+async def test_perform_job_gives_a_recorded_result_as_fetch_recorded_does() -> None:
+    """Through JSON and structured again; one that can't be recorded fails the job, as on a
+    node."""
+    order = OrderArgs(1, Size.SMALL, datetime(2024, 1, 2, tzinfo=UTC), Address("Paris"))
+    with trio.fail_after(10):
+        placed = await perform_job(place_order, order)
+        bad = await perform_job(place_order, attrs.evolve(order, order_id=0))
+    assert (placed.state, placed.error) == (JobState.COMPLETED, None)
+    assert placed.result == Receipt(
+        order_id=1, summary="1x small to Paris on 2024-01-02", total=9.5
+    )
+    assert (bad.state, bad.result) == (JobState.DISCARDED, None)
+    assert "the result of tests.workers.place_order" in (bad.error or "")

@@ -41,6 +41,7 @@ class Running:
     scope: trio.CancelScope
     cancel_reason: str | None = None
     reraise: bool = False  # testing: let the worker's exception out instead of recording it
+    returned: Any = None  # what the worker returned (testing: perform_job reports it)
 
 
 async def resolve(name: str) -> Worker | None:
@@ -91,11 +92,12 @@ async def execute(running: Running) -> Ack:
     return ack
 
 
-async def run_here(job: Job, *, reraise: bool = False) -> tuple[Job, Ack]:
+async def run_here(job: Job, *, reraise: bool = False) -> tuple[Running, Ack]:
     """Execute an unsaved job in this process, as a node would after claiming it.
 
-    The args make the same JSON round trip as through the database. Returns the job as it
-    ran (attempt, attempted_at set) and its ack. For testing and the inline mode.
+    The args make the same JSON round trip as through the database. Returns the run (its
+    ``job`` as it ran, attempt and attempted_at set; what the worker ``returned``) and its ack.
+    For testing and the inline mode.
     """
     claimed = attrs.evolve(
         job,
@@ -105,7 +107,8 @@ async def run_here(job: Job, *, reraise: bool = False) -> tuple[Job, Ack]:
         attempt=job.attempt + 1,
         attempted_at=datetime.now(UTC),
     )
-    return claimed, await execute(Running(claimed, trio.CancelScope(), reraise=reraise))
+    running = Running(claimed, trio.CancelScope(), reraise=reraise)
+    return running, await execute(running)
 
 
 def _queue_time(job: Job) -> float:
@@ -142,7 +145,7 @@ async def _run(running: Running) -> Ack:
         running.scope.deadline = trio.current_time() + worker.timeout
     try:
         with running.scope:
-            result = await worker.perform(prepared)
+            result = running.returned = await worker.perform(prepared)
     except _JOB_ERRORS as exc:
         if running.reraise:
             raise

@@ -18,7 +18,7 @@ import attrs
 import outcome
 import trio
 
-from . import _pg, _schema, _settle, _store
+from . import _codec, _pg, _schema, _settle, _store
 from ._ack import Ack
 from ._acker import Acker
 from ._batch import Batch
@@ -143,12 +143,16 @@ class Oban(WorkflowMethods, QueueMethods):
         return saved
 
     async def _run_inline(self, job: Job) -> Job:
-        """The inline testing mode: run ``job`` here now; deliver its outcome to its relay."""
-        ran, ack = await run_here(job)
+        """The inline testing mode: run ``job`` here now; deliver its outcome to its relay.
+
+        The job comes back unsaved (no id), as a node records its attempt: a failure's error in
+        ``errors``, a recorded result in ``meta`` (``fetch_recorded`` reads it there).
+        """
+        running, ack = await run_here(job)
         ref = job.meta.get(META_REF)
         if ref is not None:
             self._relays.offer(str(ref), _inline_notice(ack))
-        return attrs.evolve(ran, id=None, state=JobState(ack.state), meta=job.meta)
+        return _inline_job(running.job, ack)
 
     async def run_cron(self, at: datetime | None = None) -> int:
         """Enqueue the cron slots due in the minute of ``at`` (default: now), as the scheduler
@@ -168,20 +172,17 @@ class Oban(WorkflowMethods, QueueMethods):
         """The recorded result of a completed job (``@worker(recorded=True)``).
 
         Structured with the worker's ``result`` class when it declares one. Raises
-        ``NotRecorded`` when the job doesn't exist, hasn't completed or recorded nothing.
+        ``NotRecorded`` when the job doesn't exist, hasn't completed or recorded nothing. An
+        unsaved job is read as given: one the inline testing mode ran carries its result.
         """
+        if isinstance(job, Job) and job.id is None:
+            never = "" if job.attempt else " (never inserted)"
+            return await _recorded(job, f"the unsaved job{never}")
         job_id = check_id(job.id if isinstance(job, Job) else job)  # type: ignore[arg-type]
         found = await self.get_job(job_id)
         if found is None:
             raise NotRecorded(f"there is no job {job_id} (pruned, or never inserted)")
-        if found.state is not JobState.COMPLETED or META_RESULT not in found.meta:
-            raise NotRecorded(
-                f"job {job_id} has no recorded result: it is {found.state.value}"
-                + ("" if found.state is not JobState.COMPLETED else " but recorded nothing")
-            )
-        worker = await resolve(found.worker)  # its module may not be imported here yet
-        data = found.meta[META_RESULT]
-        return data if worker is None else worker.load_result(data)
+        return await _recorded(found, f"job {job_id}")
 
     async def retry_job(self, job_id: int) -> bool:
         """Make a finished or waiting job available now.
@@ -368,6 +369,32 @@ def current_instance() -> Oban:
         ) from None
     assert isinstance(instance, Oban)
     return instance
+
+
+def _inline_job(ran: Job, ack: Ack) -> Job:
+    """``ran`` as a node's write of ``ack`` would leave it (the error appended to ``errors``,
+    the recorded result merged into ``meta``), but unsaved: the inline mode stores nothing."""
+    written = _codec.loads(ack.json)
+    error, meta = written["error"], written["meta"]
+    return attrs.evolve(
+        ran,
+        id=None,
+        state=JobState(ack.state),
+        errors=ran.errors if error is None else (*ran.errors, error),
+        meta=ran.meta if meta is None else {**ran.meta, **meta},
+    )
+
+
+async def _recorded(job: Job, what: str) -> Any:
+    """The recorded result of ``job`` (called ``what`` in errors), structured by its worker."""
+    if job.state is not JobState.COMPLETED or META_RESULT not in job.meta:
+        raise NotRecorded(
+            f"{what} has no recorded result: it is {job.state.value}"
+            + ("" if job.state is not JobState.COMPLETED else " but recorded nothing")
+        )
+    worker = await resolve(job.worker)  # its module may not be imported here yet
+    data = job.meta[META_RESULT]
+    return data if worker is None else worker.load_result(data)
 
 
 def _inline_notice(ack: Ack) -> Notice:

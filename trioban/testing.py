@@ -29,7 +29,6 @@ from ._crypto import FIELD as SEALED_FIELD
 from ._executor import Running, execute, resolve, run_here
 from ._instance import Oban
 from ._job import Job, JobState
-from ._notice import META_REF
 from ._registry import lookup
 from ._sql import query
 from ._worker import CURRENT, Worker, WorkerNotFound
@@ -67,18 +66,24 @@ class Performed:
 
 
 async def perform_job(worker: Worker, args: Any = None, **opts: Any) -> Performed:
-    """Run ``worker`` for ``args`` here, as a node would: validation, JSON round trip,
-    structured args and result, result mapping (``Cancel``, ``Snooze``, ``Discard``,
+    """Run ``worker`` for ``args`` here, as a node would: validation, JSON round trip of the
+    args, structured args and result, result mapping (``Cancel``, ``Snooze``, ``Discard``,
     exceptions). Nothing is stored. A worker's exception is reported, not raised.
+
+    ``result`` is what a completed job returned: for a worker that records results, as
+    ``fetch_recorded`` would give it (through JSON, structured again); otherwise as returned,
+    unserialised, since a node keeps nothing of it (a relay's caller gets it through JSON).
     """
     if not isinstance(worker, Worker):
         raise TypeError(f"perform_job expects a worker (from @worker), got {worker!r}")
-    job = worker.new(args, **opts)
-    # A relay ref makes the executor serialise the result exactly as for a relay.
-    tagged = attrs.evolve(job, meta={**job.meta, META_REF: "perform_job"})
-    ran, ack = await run_here(tagged)
-    result = None if ack.result is None else worker.load_result(ack.result)
-    return Performed(JobState(ack.state), result, ack.error, attrs.evolve(ran, meta=job.meta))
+    # Run as inserted: the worker sees the job's own meta, and its result is serialised only
+    # if the worker records it, as on a node.
+    running, ack = await run_here(worker.new(args, **opts))
+    if ack.result is not None:
+        result = worker.load_result(ack.result)
+    else:
+        result = running.returned if ack.state == "completed" else None
+    return Performed(JobState(ack.state), result, ack.error, running.job)
 
 
 async def drain_queue(

@@ -5,7 +5,7 @@ contract in pyproject.toml lists every module):
   entry      _commands testing _demo _pytest_plugin
   instance   _open (open()) > _instance (Oban) > _queue_methods _workflow_methods
              > _queues _checks
-  services   _heartbeat _stager _producer > _acker _inserter _settle > _executor _relay
+  services   _heartbeat _stager _producer > _acker _inserter _settle _inline > _executor _relay
              _notifier _leader _lifeline _pruner
   database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
   acks       _ack

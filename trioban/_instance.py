@@ -18,8 +18,7 @@ import attrs
 import outcome
 import trio
 
-from . import _codec, _pg, _schema, _settle, _store
-from ._ack import Ack
+from . import _pg, _schema, _settle, _store
 from ._acker import Acker
 from ._batch import Batch
 from ._checks import (
@@ -33,11 +32,12 @@ from ._checks import (
 from ._config import Config
 from ._cron import CronEntry, Scheduler, minute_of
 from ._errors import NotRecorded, RelayTimeout, TriobanError
-from ._executor import resolve, run_here
+from ._executor import resolve
+from ._inline import run_inline
 from ._inserter import Inserter
 from ._job import Job, JobState, utc_datetime
 from ._leader import Leadership
-from ._notice import META_REF, META_RESULT, Notice
+from ._notice import META_RESULT
 from ._notifier import Notifier, check_channel
 from ._queue_methods import QueueMethods
 from ._queues import SIGNAL, Queues, settle_claims
@@ -115,7 +115,7 @@ class Oban(WorkflowMethods, QueueMethods):
         check_conn(conn)
         if self.config.testing == "inline":
             check_inline(batch)
-            return [await self._run_inline(job) for job in batch]
+            return [await run_inline(job, self._relays) for job in batch]
         if isinstance(jobs, Workflow) and not jobs._existing:  # not append_workflow's steps
             return await self._insert_new_workflow(jobs.workflow_id, batch, conn=conn)
         if isinstance(jobs, Batch):
@@ -141,18 +141,6 @@ class Oban(WorkflowMethods, QueueMethods):
             saved = await self._inserter.insert(batch, settle_claims(claims) if claims else None)
         self._queues.wake_for(saved)
         return saved
-
-    async def _run_inline(self, job: Job) -> Job:
-        """The inline testing mode: run ``job`` here now; deliver its outcome to its relay.
-
-        The job comes back unsaved (no id), as a node records its attempt: a failure's error in
-        ``errors``, a recorded result in ``meta`` (``fetch_recorded`` reads it there).
-        """
-        running, ack = await run_here(job)
-        ref = job.meta.get(META_REF)
-        if ref is not None:
-            self._relays.offer(str(ref), _inline_notice(ack))
-        return _inline_job(running.job, ack)
 
     async def run_cron(self, at: datetime | None = None) -> int:
         """Enqueue the cron slots due in the minute of ``at`` (default: now), as the scheduler
@@ -371,20 +359,6 @@ def current_instance() -> Oban:
     return instance
 
 
-def _inline_job(ran: Job, ack: Ack) -> Job:
-    """``ran`` as a node's write of ``ack`` would leave it (the error appended to ``errors``,
-    the recorded result merged into ``meta``), but unsaved: the inline mode stores nothing."""
-    written = _codec.loads(ack.json)
-    error, meta = written["error"], written["meta"]
-    return attrs.evolve(
-        ran,
-        id=None,
-        state=JobState(ack.state),
-        errors=ran.errors if error is None else (*ran.errors, error),
-        meta=ran.meta if meta is None else {**ran.meta, **meta},
-    )
-
-
 async def _recorded(job: Job, what: str) -> Any:
     """The recorded result of ``job`` (called ``what`` in errors), structured by its worker."""
     if job.state is not JobState.COMPLETED or META_RESULT not in job.meta:
@@ -395,18 +369,6 @@ async def _recorded(job: Job, what: str) -> Any:
     worker = await resolve(job.worker)  # its module may not be imported here yet
     data = job.meta[META_RESULT]
     return data if worker is None else worker.load_result(data)
-
-
-def _inline_notice(ack: Ack) -> Notice:
-    """The final outcome of an inline job for its relay: inline runs one attempt only, so a
-    failure that would be retried, or a snooze, ends the relay at once (``RelayDiscard``),
-    even ``with_retries=True``, instead of leaving it waiting for an attempt that never runs.
-    """
-    if ack.relay is not None:
-        notice = ack.relay[1]
-        return notice if ack.final else Notice("discarded", None, notice.reason)
-    # Only a snooze leaves a relayed job without a notice.
-    return Notice("discarded", None, "the job snoozed; the inline testing mode runs each job once")
 
 
 def cron_entries(conf: Config) -> list[CronEntry]:

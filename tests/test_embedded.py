@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -115,6 +116,22 @@ async def test_as_root_a_private_data_dir_is_refused(
         async with trioban.open(trioban.Config(dsn=None)):
             pass
     assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700  # left as it was
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs as this user when not root")
+def test_as_root_the_server_runs_with_its_users_group_only(data_dir: Path) -> None:
+    """Not with root's group (0), which would let it read root's group-readable files."""
+    os_user = _server_user()
+    assert os_user is not None
+    entry = pwd.getpwnam(os_user)
+    with _embedded.embedded_server():
+        pid = (data_dir / "postmaster.pid").read_text().split()[0]
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    assert status["Uid"].split() == [str(entry.pw_uid)] * 4
+    assert status["Gid"].split() == [str(entry.pw_gid)] * 4
+    assert status["Groups"].split() == []
 
 
 @pytest.mark.timeout(60)

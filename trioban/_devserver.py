@@ -1,10 +1,15 @@
 """A throwaway PostgreSQL server for tests and benchmarks.
 
 It finds PostgreSQL's binaries (installing Debian's package when running as root on a machine
-without them), initialises a private data directory in a fresh temp dir, and runs the server on
-127.0.0.1 and a free port. PostgreSQL refuses to run as root: as root, the server runs as the
-``postgres`` user, or a system user ``trioban-pg`` created for it. Nothing outside the temp dir
-has its ownership or permissions changed.
+without them), initialises a private data directory in a fresh temp dir, and runs the server
+on a unix socket in that dir only (mode 0700): its superuser logs in without a password, so
+only the dir's owner may reach it, never other local users over TCP. PostgreSQL refuses to run
+as root: as root, the server runs as the ``postgres`` user, or a system user ``trioban-pg``
+created for it, with that user's group only (not root's). Nothing outside the temp dir has its
+ownership or permissions changed.
+
+While it runs in the main thread, SIGTERM (a CI timeout) stops it cleanly: see
+``_terminate_as_interrupt``.
 """
 
 from __future__ import annotations
@@ -15,22 +20,31 @@ import os
 import pwd
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import quote
 
 import attrs
 import psycopg
 
 from ._errors import TriobanError
 
-_START_TIMEOUT = 60.0
+_START_TIMEOUT = 60  # for pg_ctl start, which waits until the server accepts connections
+_CONNECT_TIMEOUT = 10.0  # for the check that follows it, through the DSN handed out
 _LOG_LINES = 20  # of the server's log, in a start failure's message
-_START_ATTEMPTS = 3  # a throwaway server's port can be taken before it binds it
+_PROGRAMS = ("initdb", "pg_ctl", "postgres")
+# A unix socket's path is at most sizeof(sockaddr_un.sun_path) - 1 bytes.
+_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
+_SOCKET_NAME = "/.s.PGSQL.65535"  # the longest name PostgreSQL gives its socket
 
 
 class ServerError(TriobanError):
@@ -55,6 +69,14 @@ def _say(message: str) -> None:
 def _search() -> Path | None:
     explicit = os.environ.get("TRIOBAN_PG_BIN")
     if explicit:
+        missing = [name for name in _PROGRAMS if not (Path(explicit) / name).exists()]
+        if missing:
+            raise ServerError(
+                f"TRIOBAN_PG_BIN is {explicit}, which has no {', '.join(missing)}: set it to "
+                "the bin directory of a PostgreSQL installation (the one holding initdb, pg_ctl "
+                "and postgres, e.g. /usr/lib/postgresql/16/bin), or unset it to search the usual "
+                "places"
+            )
         return Path(explicit)
     pg_config = shutil.which("pg_config")
     if pg_config:
@@ -126,13 +148,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+def _as_user(os_user: str | None) -> dict[str, Any]:
+    """``subprocess`` arguments that run a program as ``os_user`` (None: as this process): its
+    uid and primary group, and no supplementary groups. ``user=`` alone would keep root's gid
+    and groups, letting the server read root's group-readable files."""
+    if os_user is None:
+        return {}
+    entry = pwd.getpwnam(os_user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def _run_pg(
@@ -141,12 +164,12 @@ def _run_pg(
     """Run one of PostgreSQL's programs, as ``os_user`` when running as root."""
     return subprocess.run(
         [str(bindir / args[0]), *args[1:]],
-        user=os_user,
         capture_output=True,
         text=True,
         check=False,
         cwd=cwd,
         env=None if env is None else {**os.environ, **env},
+        **_as_user(os_user),
     )
 
 
@@ -179,22 +202,33 @@ def _start_failure(message: str, log: Path, offset: int) -> ServerError:
 
 @attrs.define
 class TempServer:
-    """A running throwaway server; ``dsn(dbname)`` connects to one of its databases."""
+    """A running throwaway server; ``dsn(dbname)`` connects to one of its databases.
+
+    It listens on a unix socket in ``root`` only: ``port`` just names the socket.
+    """
 
     bindir: Path
     root: Path
     port: int
     os_user: str | None
     durable: bool
-    host: str = "127.0.0.1"
     user: str = "postgres"
 
     @property
     def datadir(self) -> Path:
         return self.root / "data"
 
+    @property
+    def host(self) -> str:
+        """The socket's directory, which libpq takes as the host."""
+        return str(self.root)
+
     def dsn(self, dbname: str = "postgres") -> str:
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
+        # No sslmode: libpq ignores it on a unix socket, so an inherited PGSSLMODE=require
+        # is harmless (sslmode=disable would clash with PGSSLNEGOTIATION=direct). The path is
+        # percent-encoded: TMPDIR may hold spaces or '&'.
+        host = quote(self.host, safe="/")
+        return f"postgresql://{self.user}@/{dbname}?host={host}&port={self.port}"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = _run_pg(self.bindir, self.os_user, list(args), cwd=self.root, env=None)
@@ -204,9 +238,10 @@ class TempServer:
 
     def _settings(self) -> dict[str, str]:
         settings = {
-            "listen_addresses": self.host,
+            "listen_addresses": "",
             "port": str(self.port),
-            "unix_socket_directories": str(self.root),
+            "unix_socket_directories": '"' + self.host.replace('"', '""') + '"',
+            "unix_socket_permissions": "0700",  # as its directory
             "max_connections": "300",
             "shared_buffers": "128MB",
         }
@@ -215,39 +250,35 @@ class TempServer:
         return settings
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections (ServerError if it won't)."""
+        """Start the server and wait until it accepts connections (ServerError if it won't).
+        A server that started but fails the check (or a pg_ctl that gave up waiting on one
+        still starting) is stopped again: nothing is left running on a failure."""
         log = self.root / "server.log"
         offset = _log_size(log)
         options = _pg_options(self._settings())
-        result = self._run(
-            "pg_ctl", "-D", str(self.datadir), "-l", str(log), "-o", options, "-w", "start",
-            check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise _start_failure(f"PostgreSQL did not start: {_output(result)}", log, offset)
-        deadline = time.monotonic() + _START_TIMEOUT
+        try:
+            result = self._run(
+                "pg_ctl", "-D", str(self.datadir), "-l", str(log), "-o", options, "-w",
+                "-t", str(_START_TIMEOUT), "start", check=False,
+            )  # fmt: skip
+            if result.returncode != 0:
+                raise _start_failure(f"PostgreSQL did not start: {_output(result)}", log, offset)
+            self._wait_connectable(log, offset)
+        except BaseException:
+            self.stop("immediate")  # on a KeyboardInterrupt too; a no-op without a server
+            raise
+
+    def _wait_connectable(self, log: Path, offset: int) -> None:
+        deadline = time.monotonic() + _CONNECT_TIMEOUT
         while True:
             try:
                 psycopg.connect(self.dsn(), connect_timeout=2).close()
                 return
-            except psycopg.OperationalError:
+            except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
-                    raise _start_failure(
-                        "PostgreSQL did not accept connections", log, offset
-                    ) from None
+                    message = f"PostgreSQL did not accept connections at {self.dsn()}: {exc}"
+                    raise _start_failure(message, log, offset) from None
                 time.sleep(0.1)
-
-    def _start_on_a_free_port(self) -> None:
-        """Start, on another free port if this one was taken since it was picked."""
-        for attempt in range(_START_ATTEMPTS):
-            try:
-                self.start()
-                return
-            except ServerError as exc:
-                taken = "already in use" in exc.log_tail or not _port_free(self.port)
-                if not taken or attempt == _START_ATTEMPTS - 1:
-                    raise
-                self.port = _free_port()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``mode``: smart, fast or immediate)."""
@@ -268,21 +299,63 @@ def temp_postgres(*, durable: bool = False) -> Iterator[TempServer]:
     """
     bindir = find_binaries()
     os_user = _server_user()
-    root = Path(tempfile.mkdtemp(prefix="trioban-pg-"))
-    try:
-        if os_user is not None:
-            entry = pwd.getpwnam(os_user)
-            os.chown(root, entry.pw_uid, entry.pw_gid)
-        root.chmod(0o700)
-        server = TempServer(bindir, root, _free_port(), os_user, durable)
-        server._run(
-            "initdb", "-D", str(server.datadir), "-A", "trust", "-U", "postgres",
-            "--no-sync", "-E", "UTF8",
-        )  # fmt: skip
-        server._start_on_a_free_port()
+    with _terminate_as_interrupt():
+        root = _private_dir(os_user)
         try:
-            yield server
+            # Any number would do (the socket's dir is private): a free one tells servers apart.
+            server = TempServer(bindir, root, _free_port(), os_user, durable)
+            server._run(
+                "initdb", "-D", str(server.datadir), "-U", "postgres", "--auth-local", "trust",
+                "--auth-host", "reject", "--no-sync", "-E", "UTF8",
+            )  # fmt: skip
+            server.start()
+            try:
+                yield server
+            finally:
+                server.stop("immediate")
         finally:
-            server.stop("immediate")
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _private_dir(os_user: str | None) -> Path:
+    """A fresh temp dir, of the server's user and mode 0700: its socket goes there."""
+    longest = len(os.fsencode(tempfile.gettempdir())) + len("/trioban-pg-12345678" + _SOCKET_NAME)
+    if longest > _SOCKET_PATH_MAX:
+        raise ServerError(
+            f"the temp directory {tempfile.gettempdir()} is too long a path for the throwaway "
+            "PostgreSQL's unix socket: set TMPDIR to a shorter one (e.g. /tmp)"
+        )
+    root = Path(tempfile.mkdtemp(prefix="trioban-pg-"))  # mode 0700
+    if os_user is not None:
+        entry = pwd.getpwnam(os_user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+    return root
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a CI timeout, a supervisor) interrupts like Ctrl-C, so the
+    ``finally`` clauses run: pytest tears its fixtures down on a KeyboardInterrupt, stopping
+    the server and removing its temp dir, where the default SIGTERM would leave both. Only in
+    the main thread and when SIGTERM has no handler already; a second SIGTERM kills at once."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if not callable(on_interrupt):
+            raise KeyboardInterrupt
+        # Within trio.run this is Trio's handler, which raises only where it is safe to.
+        on_interrupt(signal.SIGINT, frame)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if signal.getsignal(signal.SIGTERM) is interrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -11,11 +11,11 @@ unless other clients are still connected, so the last one out stops it (also a s
 running by a process that was killed).
 
 PostgreSQL refuses to run as root. As root, the server runs as an unprivileged user
-(``postgres``, or a system user ``trioban-pg``) with a private data directory
-(``/var/tmp/trioban-postgres``, mode 0700) and trioban says so in one log line. No directory
-of the user's has its owner or permissions changed (missing parents of the data directory are
-created, open to that user); if the binaries are out of that user's reach, trioban refuses
-with a message saying what to do.
+(``postgres``, or a system user ``trioban-pg``; with that user's group only, not root's) with
+a private data directory (``/var/tmp/trioban-postgres``, mode 0700) and trioban says so in one
+log line. No directory of the user's has its owner or permissions changed (missing parents of
+the data directory are created, open to that user); if the binaries are out of that user's
+reach, trioban refuses with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import re
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,10 @@ from urllib.parse import quote
 import psycopg
 
 from ._devserver import (
+    _SOCKET_NAME,
+    _SOCKET_PATH_MAX,
     ServerError,
+    _as_user,
     _free_port,
     _log_size,
     _output,
@@ -56,9 +58,6 @@ log = logging.getLogger("trioban.embedded")
 # Checked before use: not a symlink, owned by root or the server's user (see _prepare).
 ROOT_DATA_DIR = Path("/var/tmp/trioban-postgres")  # noqa: S108
 _START_TIMEOUT = 60
-# A unix socket's path is at most sizeof(sockaddr_un.sun_path) - 1 bytes.
-_SOCKET_PATH_MAX = 103 if sys.platform == "darwin" else 107
-_SOCKET_NAME = "/.s.PGSQL.65535"  # the longest name PostgreSQL gives its socket
 
 
 def binaries() -> Path:
@@ -256,10 +255,9 @@ def _prepare(datadir: Path, os_user: str | None) -> None:
 
 def _check_reach(bindir: Path, datadir: Path, os_user: str) -> None:
     for path, test, what in ((bindir / "postgres", "-x", "binaries"), (datadir, "-w", "data")):
+        # With the identity the server gets: its user and group, no supplementary groups.
         probe = subprocess.run(
-            ["runuser", "-u", os_user, "--", "test", test, str(path)],
-            check=False,
-            capture_output=True,
+            ["test", test, str(path)], check=False, capture_output=True, **_as_user(os_user)
         )
         if probe.returncode != 0:
             raise ServerError(

@@ -168,7 +168,7 @@ def test_parse_queues() -> None:
 
 
 def test_a_prefix_leaves_room_for_channel_names() -> None:
-    from trioban._config import MAX_PREFIX
+    from trioban._config_rules import MAX_PREFIX
     from trioban._sql import channel
 
     assert Config(prefix="p" * MAX_PREFIX).prefix == "p" * MAX_PREFIX

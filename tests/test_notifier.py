@@ -209,7 +209,7 @@ async def test_a_server_that_keeps_dropping_the_connection_is_not_hammered(dsn: 
 
 
 async def test_every_channel_fits_under_the_longest_prefix(dsn: str) -> None:
-    from trioban._config import MAX_PREFIX
+    from trioban._config_rules import MAX_PREFIX
 
     from .workers import echo
 

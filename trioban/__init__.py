@@ -9,8 +9,8 @@ contract in pyproject.toml lists every module):
              _notifier _leader _lifeline _pruner
   database   _store _schema > _bulk > _pg (_pool > _driver) > _sql
   acks       _ack
-  pure       _batch _workflow _registry > _worker > _config _cron _crypto _structured _aio _backoff
-             _validate
+  pure       _batch _workflow _registry > _worker > _config > _config_rules > _cron _crypto
+             _structured _aio _backoff _validate
              > _unique _notice > _job > _codec _errors telemetry _embedded _devserver
 """
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from . import _codec, _pg, telemetry
-from ._config import IDENTIFIER, IDENTIFIER_RULE
+from ._config_rules import IDENTIFIER, IDENTIFIER_RULE
 from ._errors import TriobanError
 from ._sql import channel
 

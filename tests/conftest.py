@@ -7,7 +7,6 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -72,7 +71,7 @@ def template(pg_server: TempServer | ExistingServer) -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _create(server: TempServer | ExistingServer, template: str) -> str:
+def _database(server: TempServer | ExistingServer, template: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex}"
     with _admin(server) as conn:
         conn.execute(
@@ -80,63 +79,23 @@ def _create(server: TempServer | ExistingServer, template: str) -> str:
                 sql.Identifier(name), sql.Identifier(template)
             )
         )
-    return name
-
-
-def _drop(server: TempServer | ExistingServer, name: str) -> None:
-    with _admin(server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-class _Clones:
-    """Databases cloned from a template, each made in a thread while the test before runs: a
-    clone costs the server about 0.2 s, more than most tests take."""
-
-    def __init__(self, server: TempServer | ExistingServer, template: str) -> None:
-        self._server = server
-        self._template = template
-        self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clone")
-        self._next = self._maker.submit(_create, server, template)
-
-    def take(self) -> str:
-        """A fresh clone; the next one starts now."""
-        try:
-            return self._next.result()
-        finally:
-            self._next = self._maker.submit(_create, self._server, self._template)
-
-    def close(self) -> None:
-        self._maker.shutdown(wait=True)
-        if self._next.exception() is None:
-            _drop(self._server, self._next.result())
-
-
-def _database(server: TempServer | ExistingServer, name: str) -> Iterator[str]:
     try:
         yield server.dsn(name)
     finally:
-        _drop(server, name)
-
-
-@pytest.fixture(scope="session")
-def clones(pg_server: TempServer | ExistingServer, template: str) -> Iterator[_Clones]:
-    made = _Clones(pg_server, template)
-    try:
-        yield made
-    finally:
-        made.close()
+        with _admin(server) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
-def dsn(pg_server: TempServer | ExistingServer, clones: _Clones) -> Iterator[str]:
+def dsn(pg_server: TempServer | ExistingServer, template: str) -> Iterator[str]:
     """A fresh database with the trioban schema installed in the ``public`` prefix."""
-    yield from _database(pg_server, clones.take())
+    yield from _database(pg_server, template)
 
 
 @pytest.fixture
 def empty_dsn(pg_server: TempServer | ExistingServer) -> Iterator[str]:
     """A fresh database without the schema."""
-    yield from _database(pg_server, _create(pg_server, "template1"))
+    yield from _database(pg_server, "template1")
 
 
 pytest_plugins = ["pytester"]

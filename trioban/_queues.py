@@ -178,6 +178,7 @@ class Queues:
             # running jobs until its run returns.
             del self.producers[queue]
             self.producers.draining.add(target)
+            target.stop()  # now: no job starts once stop_queue() has returned
             self._nursery.start_soon(stop, [target], self._grace)
 
     def _on_insert(self, payload: Any) -> None:

@@ -1,22 +1,18 @@
-"""A real PostgreSQL for the suite: a throwaway server (or TRIOBAN_TEST_DSN), one database per
-test cloned from a template that already has the schema."""
+"""A real PostgreSQL for the suite: a throwaway server (or TRIOBAN_TEST_DSN), and a database per
+test, cloned from a template that already has the schema (or reset to it, see _scratch)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from trioban._devserver import ServerError, TempServer, find_binaries, temp_postgres
+from trioban._scratch import ScratchDatabases, scratch_databases
 from trioban._sql import schema_sql
-
-TEMPLATE = "trioban_template"
 
 
 def pytest_report_header() -> str:
@@ -51,51 +47,39 @@ def pg_server() -> Iterator[TempServer | ExistingServer]:
         yield server
 
 
-def _admin(server: TempServer | ExistingServer) -> psycopg.Connection[tuple[object, ...]]:
-    return psycopg.connect(server.dsn("postgres"), autocommit=True)
+@pytest.fixture(scope="session")
+def databases(pg_server: TempServer | ExistingServer) -> Iterator[ScratchDatabases]:
+    """Databases with the schema in the ``public`` prefix, lent to one test at a time."""
+    setup = schema_sql("public").encode()
+    with scratch_databases(pg_server.dsn(), stem="suite", setup=setup) as pool:
+        yield pool
 
 
 @pytest.fixture(scope="session")
-def template(pg_server: TempServer | ExistingServer) -> Iterator[str]:
-    """A database with the schema, cloned for each test; dropped at the end of the session (a
-    server at TRIOBAN_TEST_DSN would otherwise keep one per session)."""
-    name = f"{TEMPLATE}_{uuid.uuid4().hex[:8]}"
-    with _admin(pg_server) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        with psycopg.connect(pg_server.dsn(name), autocommit=True) as conn:
-            conn.execute(schema_sql("public").encode())
-        yield name
-    finally:
-        with _admin(pg_server) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+def empty_databases(pg_server: TempServer | ExistingServer) -> Iterator[ScratchDatabases]:
+    """Databases without the schema, lent to one test at a time."""
+    with scratch_databases(pg_server.dsn(), stem="suite_empty") as pool:
+        yield pool
 
 
-def _database(server: TempServer | ExistingServer, template: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex}"
-    with _admin(server) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
+def _lend(pool: ScratchDatabases) -> Iterator[str]:
+    dsn = pool.take()
     try:
-        yield server.dsn(name)
+        yield dsn
     finally:
-        with _admin(server) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        pool.give_back(dsn)
 
 
 @pytest.fixture
-def dsn(pg_server: TempServer | ExistingServer, template: str) -> Iterator[str]:
-    """A fresh database with the trioban schema installed in the ``public`` prefix."""
-    yield from _database(pg_server, template)
+def dsn(databases: ScratchDatabases) -> Iterator[str]:
+    """A database with the trioban schema installed in the ``public`` prefix and no jobs."""
+    yield from _lend(databases)
 
 
 @pytest.fixture
-def empty_dsn(pg_server: TempServer | ExistingServer) -> Iterator[str]:
-    """A fresh database without the schema."""
-    yield from _database(pg_server, "template1")
+def empty_dsn(empty_databases: ScratchDatabases) -> Iterator[str]:
+    """A database without the schema."""
+    yield from _lend(empty_databases)
 
 
 pytest_plugins = ["pytester"]

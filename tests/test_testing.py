@@ -140,16 +140,16 @@ def test_the_plugin_in_a_user_project(
     pytester.makeini("[pytest]\ntrio_mode = true\n")
     pytester.makepyfile(test_user=USER_TESTS)
     pytester._monkeypatch.setenv("TRIOBAN_TEST_DSN", pg_server.dsn("postgres"))
-    before = _template_databases(pg_server)
+    before = _plugin_databases(pg_server)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7)
-    # The session's template database is dropped too: a long-lived server keeps none.
-    assert _template_databases(pg_server) == before
+    # The session's databases, its template too, are dropped: a long-lived server keeps none.
+    assert _plugin_databases(pg_server) == before
 
 
-def _template_databases(server: TempServer | ExistingServer) -> set[str]:
+def _plugin_databases(server: TempServer | ExistingServer) -> set[str]:
     with psycopg.connect(server.dsn("postgres")) as conn:
-        cur = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'trioban_tpl_%'")
+        cur = conn.execute(r"SELECT datname FROM pg_database WHERE datname LIKE 'trioban\_%'")
         return {row[0] for row in cur.fetchall()}
 
 

@@ -12,6 +12,7 @@ contract in pyproject.toml lists every module):
   pure       _batch _workflow _registry > _worker > _config > _config_rules > _cron _crypto
              _structured _aio _backoff _validate
              > _unique _notice > _job > _codec _errors telemetry _embedded _devserver
+             _scratch
 """
 
 from __future__ import annotations

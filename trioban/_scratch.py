@@ -1,0 +1,228 @@
+"""Scratch databases for tests: copies of a template, each lent to one test at a time.
+
+Cloning a database costs the server 60-250 ms, more than most tests take. So a database goes
+back to the pool when its test left nothing behind but rows: they are reset to the template's
+and the next test gets it. When the test changed anything else (a table, a schema, a function:
+any catalog row), left connections that won't end, or wrote many rows, the database is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+_Conn = psycopg.Connection[tuple[object, ...]]
+
+# A database whose tables grew by more than this (dead rows a reset leaves) is dropped.
+_MAX_GROWTH = 1 << 20
+# How long the connections a test left may take to end once terminated.
+_END_WAIT = 2.0
+
+# The catalogs a test changes when it changes a database's schema: creating almost any object
+# adds a pg_depend row, and each ALTER updates a row of the object's own catalog. (Scanning
+# them all, pg_description and the operator classes too, would take 16 ms rather than 5.)
+_CATALOGS = [
+    *("pg_namespace", "pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index"),
+    *("pg_trigger", "pg_proc", "pg_type", "pg_enum", "pg_depend", "pg_sequence", "pg_rewrite"),
+    *("pg_policy", "pg_default_acl", "pg_extension", "pg_event_trigger", "pg_publication"),
+]
+_USER_RELATIONS = """
+SELECT c.oid, n.nspname, c.relname, c.relkind = 'S'
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'S') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY c.oid
+"""
+_SIZE = "SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM unnest(%s::oid[]) AS oid"
+_OTHER_BACKENDS = """
+SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""
+
+
+@dataclass(frozen=True)
+class _Table:
+    name: sql.Identifier
+    rows: str | None  # as JSON; None: empty
+
+
+@dataclass(frozen=True)
+class _Template:
+    """What a clone of the template holds, to tell whether a used one can be reset."""
+
+    fingerprint_sql: sql.Composed
+    fingerprint: object
+    tables: list[_Table]
+    sequences: list[tuple[int, object, object]]  # oid, last_value, is_called
+    relations: list[int]  # the oids of the tables and sequences (a clone keeps them)
+    size: int  # their bytes on disk
+
+
+class ScratchDatabases:
+    """Lends out databases cloned from one template, each to one test at a time."""
+
+    def __init__(self, server_dsn: str, stem: str, template: str, state: _Template) -> None:
+        self._server_dsn = server_dsn
+        self._stem = stem
+        self.template = template
+        self._state = state
+        self._free: list[str] = []
+        self._lent: set[str] = set()
+        self.clones = 0  # how many were cloned (the others were reused)
+
+    def take(self) -> str:
+        """The DSN of a database that holds what the template holds, and nothing else."""
+        if self._free:
+            name = self._free.pop()
+        else:
+            name = f"{self._stem}_t_{uuid.uuid4().hex}"
+            with self._admin() as conn:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                        sql.Identifier(name), sql.Identifier(self.template)
+                    )
+                )
+            self.clones += 1
+        self._lent.add(name)
+        return self._dsn(name)
+
+    def give_back(self, dsn: str) -> None:
+        """Reset the database at ``dsn`` for the next test, or drop it if it can't be."""
+        name = str(conninfo_to_dict(dsn)["dbname"])
+        self._lent.remove(name)  # KeyError: not one of this pool's, or given back already
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                reusable = _reset(conn, self._state)
+        except psycopg.Error:
+            reusable = False  # e.g. the test made it refuse connections
+        if reusable:
+            self._free.append(name)
+        else:
+            self._drop(name)
+
+    def close(self) -> None:
+        """Drop the databases, lent ones too, and the template."""
+        for name in [*self._free, *self._lent]:
+            self._drop(name)
+        self._free.clear()
+        self._lent.clear()
+        self._drop(self.template)
+
+    def _drop(self, name: str) -> None:
+        with self._admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+    def _admin(self) -> _Conn:
+        return psycopg.connect(self._server_dsn, autocommit=True)
+
+    def _dsn(self, name: str) -> str:
+        return make_conninfo("", **{**conninfo_to_dict(self._server_dsn), "dbname": name})
+
+
+@contextmanager
+def scratch_databases(
+    server_dsn: str, *, stem: str, setup: bytes | None = None
+) -> Iterator[ScratchDatabases]:
+    """Databases cloned from a template made on the server at ``server_dsn`` (a superuser's,
+    to terminate what a test left connected) and set up with the ``setup`` SQL; the pool and
+    the template are dropped on exit. Their names start with ``stem``."""
+    template = f"{stem}_tpl_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
+    databases = None
+    try:
+        template_dsn = make_conninfo("", **{**conninfo_to_dict(server_dsn), "dbname": template})
+        with psycopg.connect(template_dsn, autocommit=True) as conn:
+            if setup:
+                conn.execute(setup)
+            state = _describe(conn)
+        databases = ScratchDatabases(server_dsn, stem, template, state)
+        yield databases
+    finally:
+        if databases is not None:
+            databases.close()
+        else:
+            with psycopg.connect(server_dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(template)))
+
+
+def _describe(conn: _Conn) -> _Template:
+    """The template's catalog fingerprint, its tables' rows and its sequences' positions."""
+    # Each changed catalog row gets a newer xmin, and each dropped one lowers a count.
+    parts = [
+        sql.SQL("SELECT {}, count(*), max(xmin::text::bigint) FROM {}").format(
+            sql.Literal(catalog), sql.Identifier("pg_catalog", str(catalog))
+        )
+        for catalog in _CATALOGS
+    ]
+    fingerprint_sql = sql.SQL("SELECT array_agg(f::text ORDER BY f::text) FROM ({}) AS f").format(
+        sql.SQL(" UNION ALL ").join(parts)
+    )
+    tables: list[_Table] = []
+    sequences: list[tuple[int, object, object]] = []
+    relations: list[int] = []
+    for oid, schema, relation, is_sequence in conn.execute(_USER_RELATIONS).fetchall():
+        name = sql.Identifier(str(schema), str(relation))
+        relations.append(int(str(oid)))
+        if is_sequence:
+            query = sql.SQL("SELECT last_value, is_called FROM {}").format(name)
+            last_value, is_called = _one(conn, query)
+            sequences.append((int(str(oid)), last_value, is_called))
+        else:
+            query = sql.SQL("SELECT json_agg(t)::text FROM {} AS t").format(name)
+            rows = _one(conn, query)[0]
+            tables.append(_Table(name, None if rows is None else str(rows)))
+    size = int(str(_one(conn, _SIZE, (relations,))[0]))
+    return _Template(
+        fingerprint_sql, _one(conn, fingerprint_sql), tables, sequences, relations, size
+    )
+
+
+def _one(
+    conn: _Conn, query: sql.Composed | str, params: tuple[object, ...] = ()
+) -> tuple[object, ...]:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None  # an aggregate, or a sequence's one row
+    return row
+
+
+def _reset(conn: _Conn, template: _Template) -> bool:
+    """Put the template's rows back; False if the database needs more than that."""
+    if not _end_other_connections(conn):
+        return False
+    if _one(conn, template.fingerprint_sql) != template.fingerprint:
+        return False
+    if int(str(_one(conn, _SIZE, (template.relations,))[0])) > template.size + _MAX_GROWTH:
+        return False  # dead rows a reset wouldn't clear
+    with conn.transaction():
+        for table in template.tables:
+            conn.execute(sql.SQL("DELETE FROM {}").format(table.name))
+            if table.rows is not None:
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {0} SELECT * FROM json_populate_recordset(NULL::{0}, %s)"
+                    ).format(table.name),
+                    (table.rows,),
+                )
+        for oid, last_value, is_called in template.sequences:
+            conn.execute("SELECT setval(%s::oid, %s, %s)", (oid, last_value, is_called))
+    return True
+
+
+def _end_other_connections(conn: _Conn) -> bool:
+    """Terminate the connections a test left, and wait for them to end."""
+    deadline = time.monotonic() + _END_WAIT
+    while pids := [pid for (pid,) in conn.execute(_OTHER_BACKENDS).fetchall()]:
+        if time.monotonic() > deadline:
+            return False
+        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+        time.sleep(0.01)
+    return True

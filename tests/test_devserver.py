@@ -106,17 +106,20 @@ def test_another_os_user_cannot_connect(temp_server: TempServer) -> None:
 def test_as_root_the_server_runs_with_its_users_group_only(temp_server: TempServer) -> None:
     assert temp_server.os_user is not None
     entry = pwd.getpwnam(temp_server.os_user)
-    with psycopg.connect(temp_server.dsn()) as conn:
-        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert backend is not None
     postmaster = (temp_server.datadir / "postmaster.pid").read_text().split()[0]
-    for pid in (postmaster, backend[0]):
-        status = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
+    with psycopg.connect(temp_server.dsn()) as conn:  # its backend ends with it: read it now
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert backend is not None
+        statuses = [_proc_status(pid) for pid in (postmaster, backend[0])]
+    for status in statuses:
         assert status["Uid"].split() == [str(entry.pw_uid)] * 4
         assert status["Gid"].split() == [str(entry.pw_gid)] * 4  # not root's 0
         assert status["Groups"].split() == []
+
+
+def _proc_status(pid: object) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":", 1) for line in lines)
 
 
 def test_an_inherited_pgsslmode_require_does_not_break_it(

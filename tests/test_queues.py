@@ -11,7 +11,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import Config, JobState, RelayCancelled
+from trioban import Config, JobState, RelayCancelled, _pg, _store
 from trioban._queues import settle_claims
 
 from . import workers
@@ -94,13 +94,17 @@ async def test_start_and_stop_queues(dsn: str) -> None:
 
 async def test_queue_signals_with_a_bad_queue_or_limit_are_ignored(dsn: str) -> None:
     """Signals come from any process that can notify: a node checks them as its own queue
-    methods would, so none starts a queue named 'None' or scales past the limit."""
-    bad = [
+    methods would, so none starts a queue named 'None', scales past the limit or fails on a
+    malformed cancel signal."""
+    bad: list[dict[str, object]] = [
         {"action": "start", "limit": 5},  # no queue
         {"action": "start", "queue": "x y", "limit": 2},
         {"action": "start", "queue": "big", "limit": 10**9},
         {"action": "start", "queue": "flag", "limit": True},
         {"action": "scale", "queue": "default", "limit": 10**6},
+        {"action": "pkill", "job_ids": 5},
+        {"action": "pkill", "job_ids": [1], "claims": ["not a time"]},
+        {"action": "pkill", "job_ids": [1, 2], "claims": [1]},
     ]
     with trio.fail_after(20):
         async with (
@@ -382,3 +386,44 @@ async def test_a_job_claimed_on_insert_does_not_see_the_inserters_context(dsn: s
             await oban.relay(echo.new({"value": 0}), timeout=5)  # the queue is drained
             tenant.set("request-42")
             assert await oban.relay(read_tenant.new({}), timeout=5) is None
+
+
+async def test_a_cancel_that_overtakes_its_jobs_claim_stops_the_job(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that waited on the fetch's row lock returns with it: its signal can reach the
+    producer before the fetch's result does. The job must still not run."""
+    workers.seen.clear()
+    fetch = _store.fetch
+    cancelled: list[bool] = []
+
+    async def fetch_then_cancel(
+        pool: _pg.Pool, prefix: str, queue: str, demand: int, node: str, producer: str
+    ) -> list[trioban.Job]:
+        jobs = await fetch(pool, prefix, queue, demand, node, producer)
+        for job in jobs:
+            if job.args.get("tag") == "overtaken":
+                assert job.id is not None
+                cancelled.append(await oban.cancel_job(job.id, reason="overtaken"))
+        return jobs
+
+    monkeypatch.setattr(_store, "fetch", fetch_then_cancel)
+    with trio.fail_after(10):
+        async with (
+            trioban.open(_conf(dsn, queues={"default": 1})) as oban,
+            trioban.open(_conf(dsn, queues={}, node="inserter")) as inserter,
+        ):
+            # Inserted elsewhere, so this node fetches it (its own insert would claim it).
+            job = await inserter.insert(record.new({"tag": "overtaken"}))
+            assert job.id is not None
+            await eventually(lambda: _true(bool(cancelled)))
+            assert cancelled == [True]
+            await inserter.insert(record.new({"tag": "after"}))
+            await eventually(lambda: _true("after" in workers.seen))  # the slot is free
+            stored = await reaches(oban, job.id, JobState.CANCELLED)
+            assert stored.errors[-1]["error"] == "overtaken"
+    assert workers.seen == ["after"]  # the cancelled job never ran
+
+
+async def _true(value: bool) -> bool:
+    return value

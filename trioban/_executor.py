@@ -141,6 +141,8 @@ async def _run(running: Running) -> Ack:
         return failed(job, f"{exc}; the job was inserted with args its worker rejects", final=True)
     except Exception as exc:  # not expected: fail the job, not the node
         return failed(job, exception_text(exc), worker=worker)
+    if running.scope.cancel_called and running.cancel_reason is not None:
+        return ended(running.job, "cancelled", running.cancel_reason)  # before it ran a line
     if worker.timeout is not None:
         running.scope.deadline = trio.current_time() + worker.timeout
     try:

@@ -51,8 +51,9 @@ from ._workflow_methods import WorkflowMethods
 
 log = logging.getLogger("trioban")
 
-PKILL_CHUNK: Final = 200
-"""Executing jobs named per cancel signal (a notification holds at most 8,000 bytes)."""
+PKILL_CHUNK: Final = 100
+"""Executing jobs named per cancel signal, each with its claim's time (a notification holds
+at most 8,000 bytes)."""
 
 
 @final
@@ -193,18 +194,15 @@ class Oban(WorkflowMethods, QueueMethods):
         ids = [check_id(job_id) for job_id in job_ids]
         check_text(reason, "the cancel reason")
         touched = await _store.cancel_jobs(self._pool, self.config.prefix, ids, reason)
-        executing = [job_id for job_id, state in touched if state == "executing"]
-        # In chunks, with the reason cut: each signal must fit in a notification.
-        messages = [
-            {"action": "pkill", "job_ids": executing[i : i + PKILL_CHUNK], "reason": reason[:500]}
-            for i in range(0, len(executing), PKILL_CHUNK)
-        ]
+        executing = [(job_id, at) for job_id, state, at in touched if state == "executing"]
+        chunks = [executing[i : i + PKILL_CHUNK] for i in range(0, len(executing), PKILL_CHUNK)]
+        messages = [_pkill(chunk, reason) for chunk in chunks]
         for message in messages:
             self._queues.apply(message)  # here at once; other nodes through the notifier
         if messages:
             await self.notify(SIGNAL, [{**m, "origin": self._origin} for m in messages])
         if touched:
-            await self._settle_cancelled([job_id for job_id, _ in touched])
+            await self._settle_cancelled([job_id for job_id, _, _ in touched])
         return len(touched)
 
     async def _settle_cancelled(self, job_ids: list[int]) -> None:
@@ -392,3 +390,14 @@ def _cron_job(found: Worker, args: Any, *, meta: Mapping[str, Any], **options: A
     job = found.new(args, meta={k: v for k, v in meta.items() if k not in CRON_META}, **options)
     cron = {k: v for k, v in meta.items() if k in CRON_META}
     return attrs.evolve(job, meta={**job.meta, **cron})
+
+
+def _pkill(runs: list[tuple[int, datetime | None]], reason: str) -> dict[str, Any]:
+    """The signal cancelling these runs (job id, claimed at), its reason cut to fit in a
+    notification. The claim times stop a run whose fetch the signal overtook."""
+    return {
+        "action": "pkill",
+        "job_ids": [job_id for job_id, _ in runs],
+        "claims": [at and at.isoformat() for _, at in runs],
+        "reason": reason[:500],
+    }

@@ -12,6 +12,7 @@ import contextvars
 import logging
 import time
 import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from ._worker import Relayer
 
 log = logging.getLogger("trioban.producer")
+
+OVERTAKEN_KEPT: Final = 1_000
+"""Cancel signals kept for runs not started here (yet): a cancel that waited on a fetch's row
+lock can reach the producer before that fetch's result does."""
 
 FETCH_TIMEOUT: Final = 10.0
 """Seconds a fetch may take. Once sent, a fetch is shielded: the server may already have
@@ -83,6 +88,8 @@ class Producer:
         self._context = contextvars.Context()  # run()'s, where its jobs start
         self._cut_off: list[int] = []  # jobs cancelled from outside, unacked: left executing
         self._reserved = 0  # slots promised to jobs being inserted here (claim on insert)
+        # Reasons of cancel signals for runs (job id, claimed at) not running here, oldest first.
+        self._overtaken: dict[tuple[int, datetime], str] = {}
 
     def info(self) -> QueueInfo:
         """This queue's limit, pause state and running job ids."""
@@ -117,10 +124,18 @@ class Producer:
         self.limit = limit
         self.wake()
 
-    def cancel_job(self, job_id: int, reason: str) -> bool:
-        """Cancel a running job through its scope; False if it isn't running here."""
+    def cancel_job(self, job_id: int, reason: str, claimed_at: datetime | None = None) -> bool:
+        """Cancel a running job through its scope; False if it isn't running here.
+
+        The run claimed at ``claimed_at`` that isn't running yet is cancelled as it starts:
+        its fetch may still be on its way.
+        """
         running = self.running.get(job_id)
         if running is None:
+            if claimed_at is not None:
+                self._overtaken[(job_id, claimed_at)] = reason
+                if len(self._overtaken) > OVERTAKEN_KEPT:
+                    del self._overtaken[next(iter(self._overtaken))]
             return False
         running.cancel_reason = reason
         running.scope.cancel()
@@ -251,6 +266,11 @@ class Producer:
             already.job = job
             return
         running = self.running[job.id] = Running(job, trio.CancelScope())
+        if job.attempted_at is not None:
+            reason = self._overtaken.pop((job.id, job.attempted_at), None)
+            if reason is not None:  # cancelled before its fetch came back: it never runs
+                running.cancel_reason = reason
+                running.scope.cancel()
         self._busy()
         self._context.run(jobs.start_soon, self._execute, running)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any, Final, TypeAlias, final
 
 import outcome
@@ -144,9 +145,13 @@ class Queues:
             return
         if message.get("action") == "pkill":
             reason = str(message.get("reason", "cancelled"))
-            for job_id in message.get("job_ids", ()):
+            job_ids = message.get("job_ids")
+            if not isinstance(job_ids, list):
+                log.warning("ignored a cancel signal without a list of job ids: %.200r", message)
+                return
+            for job_id, claimed_at in zip(job_ids, _claims(message, len(job_ids)), strict=True):
                 for producer in self.producers.beating():  # a stopped queue's jobs too
-                    producer.cancel_job(job_id, reason)
+                    producer.cancel_job(job_id, reason, claimed_at)
             return
         queue, limit = message.get("queue"), message.get("limit")
         if not valid_queue_name(queue) or (limit is not None and not valid_queue_limit(limit)):
@@ -249,3 +254,19 @@ async def stop(producers: Iterable[Producer], grace: float) -> None:
             await producer.wait_idle()
     for producer in stopping:
         producer.abandon()
+
+
+def _claims(message: dict[str, Any], count: int) -> list[datetime | None]:
+    """When each job a cancel signal names was claimed; None where the signal doesn't say
+    (one from an older release) or says something else."""
+    claims = message.get("claims")
+    if not isinstance(claims, list) or len(claims) != count:
+        return [None] * count
+    return [_timestamp(claim) for claim in claims]
+
+
+def _timestamp(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None

@@ -291,12 +291,14 @@ async def retry_job(pool: Pool, prefix: str, job_id: int) -> bool:
 
 async def cancel_jobs(
     pool: Pool, prefix: str, ids: list[int], reason: str
-) -> list[tuple[int, str]]:
-    """Cancel unfinished jobs; returns ``(id, state before)`` of each job it cancelled."""
+) -> list[tuple[int, str, datetime | None]]:
+    """Cancel unfinished jobs; returns ``(id, state before, attempted_at)`` of each job it
+    cancelled."""
     params = {"ids": ids, "reason": reason, "relay_channel": channel(prefix, "relay")}
     async with pool.connection() as conn:
         cur = await conn.execute(query("cancel_jobs", prefix), params)
-        return [(int(id_), str(state)) for id_, state in await cur.fetchall()]
+        rows = await cur.fetchall()
+    return [(int(id_), str(state), _utc(at)) for id_, state, at in rows]
 
 
 async def notify(conn: Connection, prefix: str, name: str, payloads: Sequence[str]) -> None:

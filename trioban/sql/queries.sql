@@ -242,9 +242,10 @@ SELECT count(*) FROM retried WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: cancel_jobs
 -- Cancel unfinished jobs, executing ones included (their nodes are signalled to stop them, and
--- their late acks are fenced out). Relayed jobs' waiters are told in the same statement.
+-- their late acks are fenced out; the claim's attempted_at names the run to stop). Relayed
+-- jobs' waiters are told in the same statement.
 WITH target AS (
-  SELECT id, state FROM {prefix}.oban_jobs
+  SELECT id, state, attempted_at FROM {prefix}.oban_jobs
   WHERE id = ANY(%(ids)s::bigint[]) AND state NOT IN ('completed', 'discarded', 'cancelled')
   FOR UPDATE
 ), cancelled AS (
@@ -263,7 +264,7 @@ WITH target AS (
     'reason', left(%(reason)s::text, 1000))::text)
   FROM cancelled WHERE meta ? 'relay'
 )
-SELECT t.id, t.state::text FROM target AS t
+SELECT t.id, t.state::text, t.attempted_at FROM target AS t
 WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: workflow_batch_ids

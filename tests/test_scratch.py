@@ -58,6 +58,9 @@ def test_a_database_left_with_rows_only_is_reset_and_lent_again(pool: ScratchDat
     assert _count(again, "SELECT version FROM trioban_schema") == version  # the template's rows
 
 
+_ALTER_DATABASE = "DO $$BEGIN EXECUTE format('ALTER DATABASE %I {}', current_database()); END$$"
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -69,6 +72,8 @@ def test_a_database_left_with_rows_only_is_reset_and_lent_again(pool: ScratchDat
         "CREATE INDEX extra ON oban_jobs (queue)",
         "DROP TABLE trioban_producers",
         "CREATE TEMP TABLE extra (id int)",
+        _ALTER_DATABASE.format("SET work_mem = ''8MB''"),
+        _ALTER_DATABASE.format("CONNECTION LIMIT 5"),
     ],
 )
 def test_a_database_whose_schema_changed_is_dropped(

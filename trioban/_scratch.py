@@ -33,6 +33,12 @@ _CATALOGS = [
     *("pg_trigger", "pg_proc", "pg_type", "pg_enum", "pg_depend", "pg_sequence", "pg_rewrite"),
     *("pg_policy", "pg_default_acl", "pg_extension", "pg_event_trigger", "pg_publication"),
 ]
+# ALTER DATABASE's settings (shared catalogs: the same in the template and its clones).
+_DATABASE_SETTINGS = """
+SELECT 'pg_database', d.datconnlimit::bigint, (
+  SELECT count(*) FROM pg_db_role_setting AS s WHERE s.setdatabase = d.oid)
+FROM pg_database AS d WHERE d.datname = current_database()
+"""
 _USER_RELATIONS = """
 SELECT c.oid, n.nspname, c.relname, c.relkind = 'S'
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -157,12 +163,13 @@ def scratch_databases(
 def _describe(conn: _Conn) -> _Template:
     """The template's catalog fingerprint, its tables' rows and its sequences' positions."""
     # Each changed catalog row gets a newer xmin, and each dropped one lowers a count.
-    parts = [
+    parts: list[sql.Composable] = [
         sql.SQL("SELECT {}, count(*), max(xmin::text::bigint) FROM {}").format(
             sql.Literal(catalog), sql.Identifier("pg_catalog", str(catalog))
         )
         for catalog in _CATALOGS
     ]
+    parts.append(sql.SQL(_DATABASE_SETTINGS))
     fingerprint_sql = sql.SQL("SELECT array_agg(f::text ORDER BY f::text) FROM ({}) AS f").format(
         sql.SQL(" UNION ALL ").join(parts)
     )

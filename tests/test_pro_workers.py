@@ -455,6 +455,14 @@ async def test_keys_meta_keys_fields_and_period(dsn: str) -> None:
         q1 = await oban.insert(echo.new({"z": 1}, queue="q1", unique=across_queues))
         q2 = await oban.insert(echo.new({"z": 1}, queue="q2", unique=across_queues))
         assert q2.id == q1.id
+        # keys imply args, as meta_keys imply meta: each user has a job of their own.
+        by_user = Unique(fields=["worker"], keys=["user"])
+        u1 = await oban.insert(echo.new({"user": 1, "n": 1}, unique=by_user))
+        u2 = await oban.insert(echo.new({"user": 2, "n": 1}, unique=by_user))
+        u1_again = await oban.insert(echo.new({"user": 1, "n": 2}, unique=by_user))
+        assert not u2.conflict
+        assert u1_again.conflict
+        assert u1_again.id == u1.id
 
 
 async def test_states_decide_what_blocks(dsn: str) -> None:

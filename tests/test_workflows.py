@@ -139,6 +139,30 @@ async def test_bad_workflow_and_batch_ids_are_refused(oban: trioban.Oban) -> Non
     assert await oban.workflow_status("no-such-workflow") == {}
 
 
+async def test_bad_append_callbacks_deps_and_batch_jobs_are_refused_clearly(
+    quiet: trioban.Oban,
+) -> None:
+    wf = Workflow().add("a", later())
+    await quiet.insert_workflow(wf)
+
+    async def add_later(more: Workflow) -> None:
+        more.add("b", step())
+
+    with pytest.raises(TypeError, match="not an async one"):
+        await quiet.append_workflow(wf.workflow_id, add_later)
+    with pytest.raises(ValueError, match="extend added no steps"):
+        await quiet.append_workflow(wf.workflow_id, lambda more: None)
+    with pytest.raises(TypeError, match="expected extend to be a function"):
+        await quiet.append_workflow(wf.workflow_id, "b")  # type: ignore[arg-type]
+    assert await quiet.workflow_status(wf.workflow_id) == {"a": JobState.SCHEDULED}
+    for deps in ({"a": 1}, None, 3):
+        with pytest.raises(TypeError, match="expected deps of 'b' to be a list of step names"):
+            Workflow().add("a", step()).add("b", step(), deps=deps)  # type: ignore[arg-type]
+    for jobs in (step(), None):
+        with pytest.raises(TypeError, match=r"expected Batch\(jobs=\) to be a list"):
+            Batch(jobs)  # type: ignore[arg-type]
+
+
 async def test_linear_workflow_relays_its_final_result(oban: trioban.Oban) -> None:
     wf = (
         Workflow()
@@ -451,6 +475,30 @@ async def test_retrying_a_waiting_step_leaves_it_to_its_deps(quiet: trioban.Oban
     }
     assert await quiet.retry_job(a.id or 0) is True  # any other waiting job: available now
     assert (await quiet.workflow_status(wf.workflow_id))["a"] is JobState.AVAILABLE
+
+
+async def test_retrying_a_cancelled_step_waits_for_its_deps_again(quiet: trioban.Oban) -> None:
+    """Retried, a cancelled step with deps doesn't run ahead of them: it waits, runs once
+    they are done, and is cancelled again if one of them failed."""
+    wf = Workflow().add("a", later()).add("b", step(), deps=["a"])
+    a, b = await quiet.insert_workflow(wf)
+    assert await quiet.cancel_job(b.id or 0)
+    assert await quiet.retry_job(b.id or 0) is True
+    assert await quiet.workflow_status(wf.workflow_id) == {
+        "a": JobState.SCHEDULED,
+        "b": JobState.SUSPENDED,
+    }
+    assert await quiet.cancel_job(b.id or 0)
+    await _rows(quiet, "UPDATE oban_jobs SET state = 'completed' WHERE id = %s RETURNING id", a.id)
+    assert await quiet.retry_job(b.id or 0) is True  # its dep is done: it runs now
+    assert (await quiet.workflow_status(wf.workflow_id))["b"] is JobState.AVAILABLE
+    await _rows(quiet, "UPDATE oban_jobs SET state = 'discarded' WHERE id = %s RETURNING id", a.id)
+    assert await quiet.cancel_job(b.id or 0)
+    assert await quiet.retry_job(b.id or 0) is True
+    retried = await quiet.get_job(b.id or 0)
+    assert retried is not None
+    assert retried.state is JobState.CANCELLED
+    assert retried.errors[-1]["error"] == "upstream failed: a discarded"
 
 
 def _nightly(run: str) -> Workflow:

@@ -98,6 +98,8 @@ class Batch:
             self._stored_args = check_json_object(callback_args or {}, "callback_args")[0]
         self.callback_args: Any = {} if callback_args is None else callback_args
         self._jobs: list[Job] = []
+        if isinstance(jobs, Job) or not isinstance(jobs, Iterable):
+            raise TypeError(f"expected Batch(jobs=) to be a list of unsaved Jobs, got {jobs!r}")
         for job in jobs:
             self.add(job)
 

@@ -174,11 +174,20 @@ class Oban(WorkflowMethods, QueueMethods):
         return await _recorded(found, f"job {job_id}")
 
     async def retry_job(self, job_id: int) -> bool:
-        """Make a finished or waiting job available now.
+        """Make a finished or waiting job available now. A workflow step with deps waits for
+        them again: it runs once they are done, or is cancelled again if one of them failed.
 
         False if it was available or executing, or is a workflow step waiting on its deps.
         """
-        return await _store.retry_job(self._pool, self.config.prefix, check_id(job_id))
+        prefix = self.config.prefix
+        retried, waiting_in = await _store.retry_job(self._pool, prefix, check_id(job_id))
+        if waiting_in is not None:
+            try:
+                await _settle.release(self._pool, prefix, [waiting_in])
+            except Exception as exc:
+                # The step waits for its deps; the leader's sweep releases it later.
+                log.warning("releasing a retried workflow step failed (%s)", exc)
+        return retried
 
     async def cancel_job(self, job_id: int, reason: str = "cancelled") -> bool:
         """Cancel a job; one executing on any node is stopped through its cancel scope.

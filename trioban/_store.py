@@ -280,13 +280,15 @@ async def batch_counts(pool: Pool, prefix: str, batch_id: str) -> dict[str, int]
         return {state: int(count) for state, count in await cur.fetchall()}
 
 
-async def retry_job(pool: Pool, prefix: str, job_id: int) -> bool:
-    """Make a job available again; False if it is already available or executing."""
+async def retry_job(pool: Pool, prefix: str, job_id: int) -> tuple[bool, str | None]:
+    """Make a job available again (a workflow step with deps: waiting for them); returns
+    whether it was retried (not if already available, executing or waiting for its deps)
+    and, for a step now waiting, its workflow (to release)."""
     params = {"id": job_id, "channel": channel(prefix, "insert")}
     async with pool.connection() as conn:
         cur = await conn.execute(query("retry_job", prefix), params)
         row = await cur.fetchone()
-    return bool(row and row[0])
+    return row is not None, None if row is None or row[0] is None else str(row[0])
 
 
 async def cancel_jobs(

@@ -127,7 +127,8 @@ class Unique:
         period: seconds a job blocks its duplicates after it was inserted (at most 100
             years); ``None``: forever.
         fields: which of ``worker``, ``queue``, ``args``, ``meta`` make jobs duplicates.
-        keys: only these args keys count (default: all of the args).
+        keys: only these args keys count (implies ``args``; default: all of the args when
+            ``fields`` has ``args``).
         meta_keys: these meta keys count (implies ``meta``; default: all of meta when
             ``fields`` has ``meta``).
         states: states of an existing job that block a new one: a group (``"successful"``,
@@ -146,7 +147,7 @@ class Unique:
     replace: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, converter=_replace)
 
     def __attrs_post_init__(self) -> None:
-        if not self.fields and not self.meta_keys:
+        if not self.fields and not self.keys and not self.meta_keys:
             raise ValueError("expected Unique(fields=) to name at least one field")
 
     def claim(
@@ -166,7 +167,7 @@ class Unique:
             basis["worker"] = worker
         if "queue" in self.fields:
             basis["queue"] = queue
-        if "args" in self.fields:
+        if "args" in self.fields or self.keys:
             basis["args"] = _pick(args, self.keys)
         if "meta" in self.fields or self.meta_keys:
             basis["meta"] = _pick(meta, self.meta_keys)

@@ -105,7 +105,7 @@ class Workflow:
                 f"step {name!r} is a unique job ({job.worker}); a workflow step can't be "
                 "unique: build it with new(..., unique=False)"
             )
-        if isinstance(deps, str):
+        if isinstance(deps, str | Mapping) or not isinstance(deps, Iterable):
             raise TypeError(f"expected deps of {name!r} to be a list of step names, got {deps!r}")
         dep_names = tuple(deps)
         for dep in dep_names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from functools import partial
@@ -77,6 +78,8 @@ class WorkflowMethods:
         at once. They inherit the workflow's ``ignore_cancelled``/``ignore_discarded``.
         """
         check_key(workflow_id, "a workflow id")
+        if not callable(extend):
+            raise TypeError(f"expected extend to be a function calling wf.add(...), got {extend!r}")
         if self.config.testing == "inline":
             raise inline_refusal("workflow")
         prefix = self.config.prefix
@@ -90,7 +93,7 @@ class WorkflowMethods:
             cur = await conn.execute(query("workflow_options", prefix), params)
             row = await cur.fetchone()
             appended = Workflow._appending(workflow_id, steps, row[0] if row else None)
-            extend(appended)
+            _extend(extend, appended)
             saved = await self.insert_all(appended, conn=conn)
         await _settle.release(self._pool, prefix, [workflow_id])
         return saved
@@ -178,3 +181,19 @@ def _duplicates_only(batch_id: str, saved: list[Job]) -> str:
         f"outside it (ids {ids}), so, as for an empty batch, none of its callbacks could ever "
         "run; nothing was inserted"
     )
+
+
+def _extend(extend: Callable[[Workflow], object], appended: Workflow) -> None:
+    """Run an ``append_workflow`` callback, which must add steps, and synchronously."""
+    returned = extend(appended)
+    if inspect.isawaitable(returned):
+        if inspect.iscoroutine(returned):
+            returned.close()  # never awaited, on purpose: no warning
+        raise TypeError(
+            "extend must be a plain function that calls wf.add(...), not an async one: "
+            "the steps must be added before the append's transaction commits"
+        )
+    if not len(appended):
+        raise ValueError(
+            f"extend added no steps to workflow {appended.workflow_id}; call wf.add(...) in it"
+        )

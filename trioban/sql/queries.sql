@@ -226,19 +226,23 @@ SELECT id, state::text, errors, meta FROM {prefix}.oban_jobs WHERE id = ANY(%(id
 
 -- name: retry_job
 -- Make a finished or waiting job available again, granting one more attempt if needed. A
--- suspended workflow step is left waiting for its deps: the workflow releases it.
+-- workflow step with deps goes back to waiting for them (suspended), and its workflow is
+-- returned for the caller to release it; a suspended step is left waiting.
 WITH retried AS (
   UPDATE {prefix}.oban_jobs AS j SET
-    state = 'available',
+    state = (CASE WHEN j.meta ? 'workflow_id' AND j.meta->'deps' <> '[]'::jsonb
+                  THEN 'suspended' ELSE 'available' END)::{prefix}.oban_job_state,
     scheduled_at = timezone('UTC', now()),
     max_attempts = greatest(j.max_attempts, j.attempt + 1),
     completed_at = NULL, discarded_at = NULL, cancelled_at = NULL
   WHERE j.id = %(id)s AND j.state NOT IN ('available', 'executing', 'suspended')
-  RETURNING j.queue
+  RETURNING j.queue, j.state, j.meta->>'workflow_id' AS workflow_id
 ), notified AS (
-  SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM retried
+  SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text)
+  FROM retried WHERE state = 'available'
 )
-SELECT count(*) FROM retried WHERE (SELECT count(*) FROM notified) >= 0
+SELECT CASE WHEN state = 'suspended' THEN workflow_id END FROM retried
+WHERE (SELECT count(*) FROM notified) >= 0
 
 -- name: cancel_jobs
 -- Cancel unfinished jobs, executing ones included (their nodes are signalled to stop them, and

@@ -42,6 +42,7 @@ async def _count_jobs(oban: trioban.Oban) -> int:
         ({"queue": "zz", "limit": "abc", "node": "B"}, ValueError, "expected limit"),
         ({"queue": "zz", "limit": 1, "node": ""}, ValueError, "expected node"),
         ({"queue": "zz", "limit": 1, "local_only": "yes"}, TypeError, "local_only"),
+        ({"queue": "zz", "limit": 1, "local_only": True, "node": "B"}, ValueError, "this node"),
     ],
 )
 async def test_start_queue_checks_everything_before_it_starts_or_signals(
@@ -58,7 +59,7 @@ async def test_start_queue_checks_everything_before_it_starts_or_signals(
     assert oban.check_queue("default").limit == 2
 
 
-async def test_the_other_queue_methods_check_the_queue_name(oban: trioban.Oban) -> None:
+async def test_the_other_queue_methods_check_their_arguments(oban: trioban.Oban) -> None:
     for bad in (123, "", "x y", "tab\there"):
         for action in (oban.pause_queue, oban.resume_queue, oban.stop_queue):
             with pytest.raises(ValueError, match="expected queue"):
@@ -67,6 +68,12 @@ async def test_the_other_queue_methods_check_the_queue_name(oban: trioban.Oban) 
             await oban.scale_queue(bad, limit=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected limit"):
         await oban.scale_queue("default", limit=0)
+    for action in (oban.pause_queue, oban.resume_queue, oban.stop_queue):
+        with pytest.raises(ValueError, match=r"local_only=True acts on this node \('"):
+            await action("default", local_only=True, node="another")
+    await oban.pause_queue("default", local_only=True, node=oban.config.node)  # this one: fine
+    assert oban.check_queue("default").paused
+    await oban.resume_queue("default", local_only=True)
     assert oban.check_queue("default").limit == 2
     assert not oban.check_queue("default").paused
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import trio
@@ -11,7 +13,7 @@ import trio.testing
 from psycopg import sql
 
 import trioban
-from trioban import Batch, JobState, Workflow, _lifeline, _pg
+from trioban import Batch, JobState, Workflow, _lifeline, _pg, telemetry
 from trioban._leader import Leadership, while_leading
 from trioban._pruner import Pruner, prune
 
@@ -195,6 +197,24 @@ async def test_pruner_deletes_old_finished_jobs_only(dsn: str) -> None:
             kept = await oban.get_job(waiting.id or 0)
             assert kept is not None
             assert kept.state is JobState.SCHEDULED
+
+
+async def test_a_tiny_prune_max_age_prunes_at_most_once_a_second(dsn: str) -> None:
+    """Each run reads the table: a prune_max_age of a microsecond must not run it back to
+    back (thousands of times a second)."""
+    runs = 0
+
+    def count(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+        nonlocal runs
+        runs += 1
+
+    telemetry.attach("count-prunes", ["pruner.prune"], count)
+    try:
+        async with trioban.open(fast(dsn, queues={}, prune_max_age=1e-6)):
+            await trio.sleep(2.5)
+    finally:
+        telemetry.detach("count-prunes")
+    assert 1 <= runs <= 4
 
 
 async def test_a_job_whose_ack_was_lost_on_a_live_node_is_rescued(dsn: str) -> None:

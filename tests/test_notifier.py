@@ -74,11 +74,14 @@ async def test_every_payload_form_is_read_and_bad_ones_skipped(
             with caplog.at_level(logging.WARNING, logger="trioban.notifier"):
                 await _raw_notify(oban, channel, "Z:not base64 at all!")
                 await _raw_notify(oban, channel, "{broken")
+                await _raw_notify(oban, channel, "[" * 3000)  # nested past the recursion limit
+                deep = gzip.compress(("[" * 100_000 + "]" * 100_000).encode())
+                await _raw_notify(oban, channel, "Z:" + base64.b64encode(deep).decode())
                 await _raw_notify(oban, channel, json.dumps({"after": "bad ones"}))
                 for _ in range(3):
                     assert await messages.receive() == ("gossip", body)
                 assert await messages.receive() == ("gossip", {"after": "bad ones"})
-            assert caplog.text.count("skipping a message") == 2
+            assert caplog.text.count("skipping a message") == 4
 
 
 @pytest.mark.parametrize("name", ["gossip\n", "gossip\n\n", "\ngossip", "gossip x", ""])

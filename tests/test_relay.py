@@ -553,3 +553,44 @@ def test_a_stored_notice_gives_way_only_to_the_final_outcome_from_the_row() -> N
     assert waiter.notice == Notice("completed", result={"big": True})
     waiter.offer(Notice("discarded", reason="late"))  # a final outcome read from the row stays
     assert waiter.notice == Notice("completed", result={"big": True})
+
+
+async def test_closing_wakes_a_relay_whose_stored_result_is_still_being_read() -> None:
+    """The notice that a result is in the job row gives way to the instance's close: a relay
+    whose poll of that row hasn't come back raises at once rather than wait out its timeout."""
+
+    async def poll_that_hangs(pool: object, ids: list[int]) -> list[tuple[Any, ...]]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    registry = _relay.Registry(None, poll_that_hangs)  # type: ignore[arg-type]
+    waiter = registry.register("ref")
+    running_registry = trio.CancelScope()  # cancelled: the instance closes
+
+    async def run_registry() -> None:
+        with running_registry:
+            await registry.run()
+
+    async def close_soon() -> None:
+        await trio.sleep(0.1)  # the relay is waiting on the poll by then
+        running_registry.cancel()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_registry)
+            waiter.offer(Notice("completed", stored=True))
+            nursery.start_soon(close_soon)
+            with pytest.raises(trioban.RelayError, match="has closed"):
+                await registry.wait(waiter, 1, with_retries=False)
+
+
+async def test_a_relay_whose_job_row_is_gone_raises_at_once(dsn: str) -> None:
+    """A second result() reads the row: once it is pruned, that read can't find it."""
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(echo.new({"value": 7}))
+            assert await relay.result(timeout=5) == 7
+            async with oban.transaction() as conn:
+                await conn.execute("DELETE FROM oban_jobs WHERE id = %s", (relay.job.id,))
+            with trio.fail_after(2), pytest.raises(trioban.RelayError, match="no job"):
+                await relay.result(timeout=5)

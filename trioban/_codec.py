@@ -147,5 +147,6 @@ def decode_payload(payload: str) -> Any:
         if text.startswith("Z:"):
             text = text[2:]
         return json.loads(gzip.decompress(base64.b64decode(text, validate=True)))
-    except (ValueError, binascii.Error, OSError, EOFError) as exc:
+    except (ValueError, binascii.Error, OSError, EOFError, RecursionError) as exc:
+        # RecursionError: JSON nested too deeply (any session may NOTIFY a channel).
         raise PayloadError(f"undecodable notifier payload {payload[:80]!r}: {exc}") from exc

@@ -378,11 +378,17 @@ async def _list_jobs(oban: Oban, args: argparse.Namespace) -> int:
     for column in ("id", "state", "queue", "worker", "attempt", "scheduled_at", "last error"):
         table.add_column(column)
     for j in jobs:
-        error = str(j.errors[-1].get("error", "")).splitlines()[0][:60] if j.errors else ""
+        error = _first_line(j.errors[-1])[:60] if j.errors else ""
         table.add_row(str(j.id), j.state.value, j.queue, j.worker,
                       f"{j.attempt}/{j.max_attempts}", str(j.scheduled_at), error)  # fmt: skip
     _console(args).print(table)
     return 0
+
+
+def _first_line(error: object) -> str:
+    """The first line of an entry of a job's errors (empty, or written by another tool too)."""
+    text = str(error.get("error", "")) if isinstance(error, dict) else str(error)
+    return next(iter(text.splitlines()), "")
 
 
 async def _demo_command(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Final, NoReturn
 
 import psycopg
@@ -159,8 +159,11 @@ class Notifier:
         while True:
             try:
                 with trio.CancelScope() as self._read_scope:
-                    async for note in conn.notifies():
-                        self._dispatch(note.channel, note.payload)
+                    # Closed here when cut off: left to the garbage collector, psycopg's
+                    # generator would release the connection's lock from another task.
+                    async with aclosing(conn.notifies()) as notes:
+                        async for note in notes:
+                            self._dispatch(note.channel, note.payload)
             finally:
                 self._read_scope = None
             await self._listen(conn)

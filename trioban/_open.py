@@ -20,7 +20,9 @@ from ._registry import asyncio_queues
 from ._worker import CURRENT
 
 PRUNE_INTERVAL: Final = 30.0
-"""Seconds between pruner runs (sooner when ``prune_max_age`` is shorter)."""
+"""Seconds between pruner runs (sooner when ``prune_max_age`` is shorter, but never less
+than ``MIN_PRUNE_INTERVAL``: each run reads the table)."""
+MIN_PRUNE_INTERVAL: Final = 1.0
 
 
 @asynccontextmanager
@@ -170,7 +172,7 @@ async def _start_maintenance(services: trio.Nursery, oban: Oban) -> None:
         await services.start(
             while_leading,
             leadership,
-            min(PRUNE_INTERVAL, conf.prune_max_age),
+            max(MIN_PRUNE_INTERVAL, min(PRUNE_INTERVAL, conf.prune_max_age)),
             "pruner",
             _pruner.Pruner(pool, conf.prefix, conf.prune_max_age, conf.prune_limit),
         )

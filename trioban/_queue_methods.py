@@ -87,7 +87,7 @@ class QueueMethods:
         self, queue: str, *, limit: int, local_only: bool = False, node: str | None = None
     ) -> None:
         """Start running ``queue`` with ``limit`` on every node (or one) not running it yet."""
-        message = _queue_message("start", queue, local_only, node, limit=check_limit(limit))
+        message = self._queue_message("start", queue, local_only, node, limit=check_limit(limit))
         if queue not in self._queues.producers and node in (None, self.config.node):
             await self._queues.start(queue, limit)
         await self._send(message, local_only)
@@ -98,10 +98,25 @@ class QueueMethods:
         """Stop running ``queue`` on every node (or one): running jobs get the shutdown grace."""
         await self._queue_action("stop", queue, local_only, node)
 
+    def _queue_message(
+        self, action: str, queue: object, local_only: object, node: object, **extra: Any
+    ) -> dict[str, Any]:
+        """A queue signal, its arguments checked first: nothing is done with bad ones."""
+        check_queue(queue)
+        check_type(local_only, bool, "local_only to be True or False")
+        if node is not None and (not isinstance(node, str) or not node):
+            raise ValueError(f"expected node to be a node name or None, got {node!r}")
+        if local_only and node not in (None, self.config.node):
+            raise ValueError(
+                f"local_only=True acts on this node ({self.config.node!r}) only, not on node "
+                f"{node!r}: pass node={node!r} without local_only to reach that node"
+            )
+        return {"action": action, "queue": queue, "node": node, **extra}
+
     async def _queue_action(
         self, action: str, queue: str, local_only: bool, node: str | None, **extra: Any
     ) -> None:
-        await self._send(_queue_message(action, queue, local_only, node, **extra), local_only)
+        await self._send(self._queue_message(action, queue, local_only, node, **extra), local_only)
 
     async def _send(self, message: dict[str, Any], local_only: bool) -> None:
         """Apply a queue signal here, then send it to the other nodes unless ``local_only``."""
@@ -117,14 +132,3 @@ class QueueMethods:
     def _on_signal(self, message: Any) -> None:
         if isinstance(message, dict) and message.get("origin") != self._origin:
             self._queues.apply(message)
-
-
-def _queue_message(
-    action: str, queue: object, local_only: object, node: object, **extra: Any
-) -> dict[str, Any]:
-    """A queue signal, its arguments checked first: nothing is done with bad ones."""
-    check_queue(queue)
-    check_type(local_only, bool, "local_only to be True or False")
-    if node is not None and (not isinstance(node, str) or not node):
-        raise ValueError(f"expected node to be a node name or None, got {node!r}")
-    return {"action": action, "queue": queue, "node": node, **extra}

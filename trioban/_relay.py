@@ -35,6 +35,8 @@ POLL_INTERVAL: Final = 1.0
 
 _CLOSED: Final = "closed"
 """The state of the notice every waiter gets when the instance closes: no outcome can come."""
+_GONE: Final = "gone"
+"""The state of the notice a poll gives a waiter whose job has no row (any more)."""
 
 
 def _keeps(held: Notice | None, new: Notice) -> bool:
@@ -43,7 +45,7 @@ def _keeps(held: Notice | None, new: Notice) -> bool:
     not to a stale poll that saw the job still retrying."""
     if held is None or held.state not in FINAL:
         return False
-    return not held.stored or new.state not in FINAL
+    return not held.stored or new.state not in (*FINAL, _CLOSED, _GONE)
 
 
 class _Waiter:
@@ -192,23 +194,28 @@ class Registry:
         """The instance is closing: relays still waiting, or awaited from now on, can get no
         outcome (a final one already received is kept)."""
         self._closed = True
-        for waiter in self._waiters.values():
+        # A copy: a Relay collected meanwhile (a weakref callback) discards its waiter.
+        for waiter in list(self._waiters.values()):
             waiter.offer(Notice(_CLOSED))
 
     async def _poll(self) -> None:
         # Relays share a job id when they joined one unique job: each gets the outcome.
         pending: dict[int, list[_Waiter]] = {}
-        for waiter in self._waiters.values():
+        for waiter in list(self._waiters.values()):  # a copy: see _close
             if waiter.job_id is not None:
                 pending.setdefault(waiter.job_id, []).append(waiter)
         if not pending:
             return
         rows = await self._get_state(self._pool, list(pending))
         for job_id, state, errors, meta in rows:
+            waiters = pending.pop(job_id)
             if state in FINAL or state == "retryable":
                 notice = notice_from_row(state, errors, meta)
-                for waiter in pending[job_id]:
+                for waiter in waiters:
                     waiter.offer(notice)
+        for waiters in pending.values():  # no row: deleted (pruned) since
+            for waiter in waiters:
+                waiter.offer(Notice(_GONE))
 
     async def wait(self, waiter: _Waiter, job_id: int | None, with_retries: bool) -> Notice:
         """Wait for the notice that ends the relay's wait: a final outcome, or (without
@@ -225,6 +232,11 @@ class Registry:
                     f"the trioban instance that dispatched job {job_id} has closed, so its "
                     "outcome can't reach this relay; await relays inside the `async with "
                     "trioban.open(conf)` block (the job itself goes on)"
+                )
+            if notice.state == _GONE:
+                raise RelayError(
+                    f"there is no job {job_id} any more (pruned or deleted), so its outcome "
+                    "can't be read; await relays before the pruner's max age passes"
                 )
             if notice.stored:
                 self.poll_soon()  # the row holds the result; the poller reads it

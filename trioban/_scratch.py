@@ -1,9 +1,10 @@
 """Scratch databases for tests: copies of a template, each lent to one test at a time.
 
-Cloning a database costs the server 60-250 ms, more than most tests take. So a database goes
+Cloning a database costs the server 0.06-0.45 s, more than most tests take. So a database goes
 back to the pool when its test left nothing behind but rows: they are reset to the template's
-and the next test gets it. When the test changed anything else (a table, a schema, a function:
-any catalog row), left connections that won't end, or wrote many rows, the database is dropped.
+and the next test gets it (about 30 ms). When the test changed anything else (created, altered
+or dropped a table, a schema, a function; set a database setting), left connections that won't
+end, or wrote many rows, the database is dropped.
 """
 
 from __future__ import annotations

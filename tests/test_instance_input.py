@@ -181,6 +181,20 @@ async def test_a_cancelled_transaction_rolls_back_and_keeps_its_connection(
     assert "rollback" not in caplog.text
 
 
+async def test_a_transactions_connection_is_refused_once_its_block_has_ended(
+    oban: trioban.Oban,
+) -> None:
+    """Back in the pool, it is idle or in another task's transaction: nothing would commit
+    the insert, or another task's rollback would undo it."""
+    async with oban.transaction() as conn:
+        await oban.insert(echo.new({}), conn=conn)
+    with pytest.raises(ValueError, match="conn is not in a transaction: its `async with"):
+        await oban.insert(echo.new({}), conn=conn)
+    with pytest.raises(ValueError, match="conn is not in a transaction"):
+        await oban.notify("gossip", {"late": True}, conn=conn)
+    assert await _count_jobs(oban) == 1
+
+
 async def test_cancel_reasons_postgresql_cant_store_are_refused(oban: trioban.Oban) -> None:
     """A NUL or a lone surrogate in the reason raised psycopg's DataError (or a
     UnicodeEncodeError) from the query, not a ValueError naming the reason."""

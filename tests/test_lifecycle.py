@@ -670,3 +670,49 @@ async def test_a_queue_started_on_an_insert_only_node_gets_its_jobs_staged(dsn: 
             job = await oban.insert(echo.new({"value": 1}, schedule_in=0.2))
             assert job.state is JobState.SCHEDULED
             await wait_for_state(oban, job.id or 0, JobState.COMPLETED)
+
+
+async def test_inserts_racing_the_close_end_and_later_ones_are_refused(dsn: str) -> None:
+    """Tasks outside the block keep inserting while it exits: each insert is written or fails
+    with a clear error; none waits for ever on a writer that has stopped."""
+    outcomes: list[str] = []
+
+    async def keep_inserting(oban: trioban.Oban) -> None:
+        while True:
+            try:
+                await oban.insert(echo.new({"value": 1}))
+            except trioban.TriobanError as exc:
+                outcomes.append(str(exc))
+                return
+
+    with trio.fail_after(20):
+        async with (
+            trio.open_nursery() as outside,
+            trioban.open(Config(dsn=dsn, queues={})) as oban,
+        ):
+            for _ in range(8):
+                outside.start_soon(keep_inserting, oban)
+            await trio.sleep(0.3)
+        assert len(outcomes) == 8
+        assert all("closed" in outcome for outcome in outcomes)
+        with pytest.raises(trioban.TriobanError, match="cannot insert: this trioban instance"):
+            await oban.insert(echo.new({"value": 2}))
+
+
+async def test_a_cancelled_exit_while_jobs_are_claimed_on_insert_is_a_plain_cancel(
+    dsn: str,
+) -> None:
+    """Cancelling the scope around open() closes each producer's nursery before its queue
+    stops: jobs claimed on insert from then on are handed back, not started there."""
+
+    async def keep_inserting(oban: trioban.Oban) -> None:
+        while True:
+            await oban.insert(sleeper.new({"seconds": 0.01}))
+
+    conf = Config(dsn=dsn, queues={"default": 1000}, shutdown_grace=1)
+    for attempt in range(8):
+        with trio.fail_after(30), trio.move_on_after(0.4 + attempt * 0.037) as scope:
+            async with trioban.open(conf) as oban, trio.open_nursery() as nursery:
+                for _ in range(30):
+                    nursery.start_soon(keep_inserting, oban)
+        assert scope.cancelled_caught

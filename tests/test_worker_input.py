@@ -8,7 +8,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -246,10 +246,18 @@ async def test_the_longest_names_and_periods_accepted_are_stored(dsn: str) -> No
     assert first.worker == longest.name
 
 
-@pytest.mark.parametrize("period", [MAX_PERIOD + 1, 1e12, 1e300])
+@pytest.mark.parametrize("period", [MAX_PERIOD + 1, 1e12, 1e300, 10**400])
 def test_unique_period_is_at_most_100_years(period: float) -> None:
     with pytest.raises(ValueError, match=r"at most 100 years .* period=None blocks"):
         Unique(period=period)
+
+
+def _nested(levels: int, leaf: object = 0) -> object:
+    """``leaf`` inside ``levels - 1`` lists (``levels`` deep in args, an object itself)."""
+    value = leaf
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 class _Color(enum.StrEnum):
@@ -278,6 +286,20 @@ class _Color(enum.StrEnum):
         ({"meta": ""}, TypeError, "meta to be a dict"),
         ({"schedule_in": 1e12}, ValueError, "schedule_in to fall before the year 10000"),
         ({"schedule_in": 1e300}, ValueError, "schedule_in to fall before the year 10000"),
+        ({"schedule_in": 10**400}, ValueError, "schedule_in"),
+        (
+            {"scheduled_at": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))},
+            ValueError,
+            "scheduled_at",
+        ),
+        (
+            {"scheduled_at": datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5)))},
+            ValueError,
+            "scheduled_at",
+        ),
+        ({"args": {"a": _nested(257)}}, ValueError, "args to nest .* at most 256 levels"),
+        ({"args": {"a": _nested(5000)}}, ValueError, "args to nest .* at most 256 levels"),
+        ({"meta": {"a": _nested(300, {})}}, ValueError, "meta to nest .* at most 256 levels"),
     ],
 )
 def test_new_rejects_what_postgresql_or_json_would_mangle(
@@ -286,6 +308,10 @@ def test_new_rejects_what_postgresql_or_json_would_mangle(
     args = kwargs.pop("args", {})
     with pytest.raises(error, match=words):
         keep.new(args, **kwargs)
+
+
+def test_args_nested_to_the_limit_are_accepted() -> None:
+    assert keep.new({"a": _nested(255)}).args["a"] == _nested(255)
 
 
 def test_nested_mixed_keys_with_a_unique_worker_name_the_field() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from psycopg.pq import TransactionStatus
+
 from . import _codec, _pg
 from ._batch import BATCH_ID, Batch
 from ._errors import TriobanError
@@ -53,10 +55,18 @@ def inline_refusal(group: str) -> TriobanError:
 
 
 def check_conn(conn: object) -> None:
-    if conn is not None and not isinstance(conn, _pg.Connection):
+    if conn is None:
+        return
+    if not isinstance(conn, _pg.Connection):
         raise TypeError(
             "expected conn to be a connection from `async with oban.transaction() as conn`, "
             f"got a {type(conn).__module__}.{type(conn).__qualname__}"
+        )
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        # Back in its pool: another task may be using it, or nobody would commit.
+        raise ValueError(
+            "conn is not in a transaction: its `async with oban.transaction() as conn` block "
+            "has ended; insert inside that block"
         )
 
 

@@ -18,6 +18,7 @@ import outcome
 import trio
 
 from . import _store
+from ._errors import TriobanError
 from ._pg import transient
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class Inserter:
         self._queue: deque[_Request] = deque()
         self._idle_writers = trio.lowlevel.ParkingLot()  # writers waiting for requests
         self._inline = False  # a caller is writing its own request
+        self._closed = False  # the writers have stopped: nothing queued would be written
 
     async def insert(self, jobs: Sequence[Job], settle: Settle | None = None) -> list[Job]:
         """Insert ``jobs`` (in a statement shared with concurrent callers); return them saved.
@@ -71,6 +73,10 @@ class Inserter:
         every case (by the writer even when the caller was cancelled), with None when
         nothing is known to be inserted.
         """
+        if self._closed:
+            if settle is not None:
+                settle(None)
+            raise _closed_error()
         if not self._queue and not self._inline:
             return await self._write_own(jobs, settle)
         request = _Request(jobs, settle)
@@ -111,11 +117,17 @@ class Inserter:
         return saved
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the writers until cancelled."""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self._writers):
-                nursery.start_soon(self._write_loop)
-            task_status.started()
+        """Run the writers until cancelled; then the requests still queued fail (nothing of
+        them was written), and so does every later insert."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self._writers):
+                    nursery.start_soon(self._write_loop)
+                task_status.started()
+        finally:
+            self._closed = True
+            while self._queue:
+                self._queue.popleft().finish(outcome.Error(_closed_error()))
 
     async def _write_loop(self) -> None:
         while True:
@@ -159,3 +171,10 @@ class Inserter:
             end = start + len(request.jobs)
             request.finish(outcome.Value(saved[start:end]))
             start = end
+
+
+def _closed_error() -> TriobanError:
+    return TriobanError(
+        "cannot insert: this trioban instance has closed; insert inside "
+        "`async with trioban.open(conf) as oban:`"
+    )

@@ -173,7 +173,12 @@ def utc_datetime(value: datetime, field: str) -> datetime:
             f"expected {field} to be timezone-aware, got naive {value.isoformat()}; "
             "pass e.g. datetime.now(UTC) + timedelta(...)"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(
+            f"expected {field} to fall within the years 1 to 9999 in UTC, got {value.isoformat()}"
+        ) from None
 
 
 def as_str_tuple(value: Sequence[str], field: str) -> tuple[str, ...]:

@@ -195,6 +195,8 @@ class Producer:
                     await self._fetch(jobs)
                 await self.wait_idle()
         finally:
+            self._stopping = True  # jobs claimed on insert from now on are handed back
+            self._jobs = None
             if self._cut_off:  # past the grace (abandon), or the instance's exit was cancelled
                 ids = sorted(self._cut_off)
                 log.warning(
@@ -265,14 +267,21 @@ class Producer:
             # Still running here, claimed again after a crash lost the first claim.
             already.job = job
             return
-        running = self.running[job.id] = Running(job, trio.CancelScope())
+        running = Running(job, trio.CancelScope())
         if job.attempted_at is not None:
             reason = self._overtaken.pop((job.id, job.attempted_at), None)
             if reason is not None:  # cancelled before its fetch came back: it never runs
                 running.cancel_reason = reason
                 running.scope.cancel()
+        try:
+            self._context.run(jobs.start_soon, self._execute, running)
+        except RuntimeError:
+            # The nursery has closed (a cancelled exit) before run() could say it stopped:
+            # the job never started, so it is handed back.
+            self._acker.send_nowait(handed_back(job))
+            return
+        self.running[job.id] = running
         self._busy()
-        self._context.run(jobs.start_soon, self._execute, running)
 
     async def _execute(self, running: Running) -> None:
         if self._instance is not None:

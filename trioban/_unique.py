@@ -55,7 +55,7 @@ def _period(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected Unique(period=) to be seconds or None (forever), got {value!r}")
-    if not math.isfinite(value) or value <= 0:
+    if (isinstance(value, float) and not math.isfinite(value)) or value <= 0:
         raise ValueError(f"expected Unique(period=) to be a finite number > 0, got {value}")
     if value > MAX_PERIOD:
         # PostgreSQL can't subtract much longer periods from now(): the insert would fail.

@@ -129,10 +129,16 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
             raise TypeError(f"expected the keys of {field} to be str, got {key!r}")
     try:
         encoded = _codec.dumps(copy)
+    except RecursionError:
+        raise ValueError(_too_deep_error(field)) from None
     except (TypeError, ValueError) as exc:
         if isinstance(exc, TypeError):
             _check_nested_keys(copy, field)  # name the place of a bad key, if that is it
+        elif _nests_deeper(copy):  # the encoder's "nesting too deep"
+            raise ValueError(_too_deep_error(field)) from None
         raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
+    if encoded.count("[") + encoded.count("{") > MAX_NESTING and _nests_deeper(copy):
+        raise ValueError(_too_deep_error(field))
     if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
         raise ValueError(
             f"{field} contains the NUL character (\\u0000), which PostgreSQL's jsonb can't "
@@ -144,6 +150,32 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
         _check_nested_keys(copy, field)
     # Read-only, so the encoding cached for insert can't go stale.
     return MappingProxyType(copy), encoded
+
+
+MAX_NESTING: Final = 256
+"""How deep args and meta may nest: decoding them again where jobs are fetched (deeper in the
+stack than where they were built) must stay well within Python's recursion limit."""
+
+
+def _nests_deeper(value: object, limit: int = MAX_NESTING) -> bool:
+    """Whether lists and objects nest in ``value`` more than ``limit`` levels deep."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _too_deep_error(field: str) -> str:
+    return f"expected {field} to nest lists and objects at most {MAX_NESTING} levels deep"
 
 
 CRON_META: Final = frozenset({"cron", "cron_expr"})

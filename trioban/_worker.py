@@ -313,7 +313,7 @@ def _schedule(
         schedule_in = schedule_in.total_seconds()
     if isinstance(schedule_in, bool) or not isinstance(schedule_in, int | float):
         raise TypeError(f"expected schedule_in to be seconds or a timedelta, got {schedule_in!r}")
-    if not math.isfinite(schedule_in) or schedule_in < 0:
+    if (isinstance(schedule_in, float) and not math.isfinite(schedule_in)) or schedule_in < 0:
         raise ValueError(f"expected schedule_in to be a finite number >= 0, got {schedule_in}")
     try:
         return datetime.now(UTC) + timedelta(seconds=schedule_in)

@@ -12,12 +12,13 @@ import pytest
 import trio
 
 import trioban
+import trioban.testing
 from trioban import JobState
 from trioban._registry import lookup
 
 from . import workers
 from .helpers import eventually
-from .workers import aio_fetch, aio_slow, has_asyncio_loop
+from .workers import aio_fails, aio_fetch, aio_slow, has_asyncio_loop
 
 
 async def _echo_server(stream: trio.SocketStream) -> None:
@@ -69,6 +70,28 @@ async def test_timeout_and_remote_cancel_reach_asyncio_code(dsn: str) -> None:
 
             await eventually(cancelled)
     assert len(workers.aio_cancelled) == 2  # the asyncio task saw CancelledError both times
+
+
+async def test_a_system_exit_in_asyncio_code_fails_its_job_not_the_node(dsn: str) -> None:
+    """Raised inside the asyncio task, it would stop the trio-asyncio loop: the instance
+    was cancelled, and its shutdown hung."""
+    conf = trioban.Config(dsn=dsn, queues={"aio": 2}, shutdown_grace=1)
+    with trio.fail_after(20):
+        async with trioban.open(conf) as oban:
+            with pytest.raises(trioban.RelayDiscard, match="SystemExit: 2"):
+                await oban.relay(aio_fails.new({"kind": "exit"}), timeout=10)
+            with pytest.raises(trioban.RelayDiscard, match="ValueError: boom"):
+                await oban.relay(aio_fails.new({"kind": "raise"}), timeout=10)
+
+
+async def test_asyncio_job_errors_read_the_same_on_a_loop_of_their_own() -> None:
+    """perform_job (and a job whose worker was imported after open()) opens a loop for the
+    job alone: its nursery's exception group must not show in the job's error."""
+    for kind, words in (("raise", "ValueError: boom"), ("exit", "SystemExit: 2")):
+        done = await trioban.testing.perform_job(aio_fails, {"kind": kind})
+        assert done.state is JobState.DISCARDED
+        assert done.error is not None
+        assert done.error.startswith(words)
 
 
 async def test_the_loop_opens_only_for_queues_with_asyncio_workers(dsn: str) -> None:

@@ -363,6 +363,15 @@ async def aio_slow(job: Job) -> str:
 aio_cancelled: list[int | None] = []
 
 
+@worker(queue="aio", flavor="asyncio", max_attempts=1)
+async def aio_fails(job: Job) -> None:
+    """Raises what args ask for in asyncio code: a ValueError, or a SystemExit."""
+    await asyncio.sleep(0)
+    if job.args["kind"] == "exit":
+        raise SystemExit(2)  # an argparse error in job code, say
+    raise ValueError("boom")
+
+
 @worker(queue="default")
 async def has_asyncio_loop(job: Job) -> bool:
     """Whether a trio-asyncio loop is open around this (Trio) job."""

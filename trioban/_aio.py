@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from ._errors import TriobanError
+from ._errors import TriobanError, sole_error
 
 FLAVORS = ("trio", "asyncio")
 
@@ -49,9 +49,13 @@ async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
 
     try:
         if trio_asyncio.current_loop.get() is None:
-            async with trio_asyncio.open_loop():
-                return await trio_asyncio.aio_as_trio(function)(*args)
-        return await trio_asyncio.aio_as_trio(function)(*args)
+            try:
+                async with trio_asyncio.open_loop():
+                    result = await trio_asyncio.aio_as_trio(_guarded)(function, *args)
+            except BaseExceptionGroup as group:  # the loop's nursery wraps the job's error
+                raise sole_error(group) from None
+        else:
+            result = await trio_asyncio.aio_as_trio(_guarded)(function, *args)
     except asyncio.CancelledError as exc:
         # trio-asyncio turns the cancellation Trio asks for into trio.Cancelled, so this one is
         # the code's own; as a BaseException it would pass the executor and stop the node.
@@ -60,8 +64,29 @@ async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
             "task or future cancelled elsewhere?)"
         )
         error.__cause__ = exc
+    else:
+        if isinstance(result, _Escaped):
+            raise result.error  # in Trio: the executor fails the attempt (a SystemExit)
+        return result
     await trio.lowlevel.checkpoint_if_cancelled()  # a Trio cancellation pending all the same wins
     raise error
+
+
+class _Escaped:
+    """A ``SystemExit`` or ``KeyboardInterrupt`` raised by asyncio job code, carried out of
+    the asyncio task: raised inside it, it would stop the trio-asyncio loop itself."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+async def _guarded(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    try:
+        return await function(*args)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Escaped(exc)
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ from rich.table import Table
 from . import _demo, _pg, _schema
 from ._checks import MAX_JOB_ID
 from ._config import Config, parse_queues
-from ._errors import ConfigError, TriobanError
+from ._errors import ConfigError, TriobanError, sole_error
 from ._instance import Oban
 from ._job import JobState
 from ._open import _embedded_dsn, open
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = _fail(exc)
     except BaseExceptionGroup as group:
         # A nursery (start, status --watch) wraps the error: it is still the user's one line.
-        error = _single(group)
+        error = sole_error(group)
         if not isinstance(error, _USER_ERRORS):
             raise
         code = _fail(error)
@@ -69,14 +69,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 _USER_ERRORS: Final = (TriobanError, psycopg.Error, ValueError, TypeError, OSError)
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one exception inside nested groups of one (else the group itself)."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
 
 
 def _fail(exc: BaseException) -> int:

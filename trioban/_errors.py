@@ -52,3 +52,11 @@ class RelayCancelled(RelayError):
 
 class NotRecorded(TriobanError, LookupError):
     """Raised by ``fetch_recorded`` for a job without a recorded result."""
+
+
+def sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside nested groups of one (else the group itself)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error

@@ -17,6 +17,7 @@ import trio
 import trio.lowlevel
 
 from . import _store, telemetry
+from ._pg import TICK_TIMEOUT
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -50,10 +51,15 @@ async def run(
 
 
 async def _stage(pool: Pool, prefix: str) -> int:
-    try:
-        staged = await _store.stage(pool, prefix, LIMIT)
-    except Exception as exc:
-        log.warning("staging failed (%s); retrying next tick", exc)
+    staged = 0
+    with trio.move_on_after(TICK_TIMEOUT) as attempt:
+        try:
+            staged = await _store.stage(pool, prefix, LIMIT)
+        except Exception as exc:
+            log.warning("staging failed (%s); retrying next tick", exc)
+            return 0
+    if attempt.cancelled_caught:
+        log.warning("staging cut off after %gs; retrying next tick", TICK_TIMEOUT)
         return 0
     telemetry.emit("stager.stage", {"count": staged}, {})
     return staged

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 
+import psycopg
 import pytest
 import trio
 
@@ -201,3 +203,42 @@ def _count_tasks() -> int:
         count += 1
         stack.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
     return count
+
+
+async def test_a_node_whose_connections_hang_keeps_heartbeating(dsn: str) -> None:
+    """Its connections hang (half-open TCP, here: its backends stopped with SIGSTOP). Each
+    heartbeat is cut off and the next goes over another connection, so the node still vouches
+    for its jobs: the lifeline would otherwise rescue a job it is still running."""
+    conf = fast(dsn, queues={"default": 2}, rescue_after=60)
+    frozen: list[int] = []
+
+    def latest_beat() -> object:
+        with psycopg.connect(dsn, autocommit=True) as conn:  # a new backend: not stopped
+            return conn.execute("SELECT max(updated_at) FROM trioban_producers").fetchone()
+
+    def stop_backends() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            query = (
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            for (pid,) in conn.execute(query).fetchall():
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+
+    async def beaten_since(last: object) -> bool:
+        return await trio.to_thread.run_sync(latest_beat) != last
+
+    async with trioban.open(conf):
+        try:
+            with trio.fail_after(60):
+                await eventually(partial(beaten_since, (None,)))
+                try:
+                    await trio.to_thread.run_sync(stop_backends)
+                except PermissionError:
+                    pytest.skip("the server's processes belong to another user")
+                before = await trio.to_thread.run_sync(latest_beat)
+                await eventually(partial(beaten_since, before), interval=0.5)
+        finally:
+            for pid in frozen:  # before the instance closes: its exit uses them too
+                os.kill(pid, signal.SIGCONT)

@@ -11,6 +11,7 @@ from ._driver import connect as connect
 from ._driver import transient as transient
 from ._driver import with_options as with_options
 from ._pool import CHECKOUT_TIMEOUT as CHECKOUT_TIMEOUT
+from ._pool import TICK_TIMEOUT as TICK_TIMEOUT
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import PoolTimeout as PoolTimeout

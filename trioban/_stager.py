@@ -17,7 +17,6 @@ import trio
 import trio.lowlevel
 
 from . import _store, telemetry
-from ._pg import TICK_TIMEOUT
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -27,6 +26,10 @@ log = logging.getLogger("trioban.stager")
 
 LIMIT: Final = 5_000
 """Jobs staged per statement; a backlog larger than this is staged over several ticks."""
+STAGE_TIMEOUT: Final = 30.0
+"""Seconds a staging statement may take, its checkout included: on a connection that hung
+(half-open TCP) it would wait for ever. Longer than the heartbeat's bound (``TICK_TIMEOUT``):
+staging a full batch on a busy server takes a while, and one cut off stages nothing."""
 
 
 async def run(
@@ -52,14 +55,14 @@ async def run(
 
 async def _stage(pool: Pool, prefix: str) -> int:
     staged = 0
-    with trio.move_on_after(TICK_TIMEOUT) as attempt:
+    with trio.move_on_after(STAGE_TIMEOUT) as attempt:
         try:
             staged = await _store.stage(pool, prefix, LIMIT)
         except Exception as exc:
             log.warning("staging failed (%s); retrying next tick", exc)
             return 0
     if attempt.cancelled_caught:
-        log.warning("staging cut off after %gs; retrying next tick", TICK_TIMEOUT)
+        log.warning("staging cut off after %gs; retrying next tick", STAGE_TIMEOUT)
         return 0
     telemetry.emit("stager.stage", {"count": staged}, {})
     return staged

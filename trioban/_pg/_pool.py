@@ -24,9 +24,9 @@ _ROLLBACK_TIMEOUT: Final = 5.0
 CHECKOUT_TIMEOUT: Final = 30.0
 """Seconds a checkout waits for a connection to come free before raising ``PoolTimeout``."""
 TICK_TIMEOUT: Final = 5.0
-"""Seconds a periodic statement (a heartbeat, an election, staging) may take, its checkout
-included. On a connection that hung (half-open TCP: the server gone without a word) it would
-wait for ever; cut off, the connection is closed and the next tick gets another."""
+"""Seconds a periodic statement (a heartbeat, an election) may take, its checkout included.
+On a connection that hung (half-open TCP: the server gone without a word) it would wait for
+ever; cut off, the connection is closed and the next tick gets another."""
 
 
 class PoolTimeout(DatabaseUnavailable):

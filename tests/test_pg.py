@@ -409,3 +409,17 @@ async def test_at_the_server_connection_limit_the_pool_shares_what_it_has(dsn: s
                 for n in range(4):
                     nursery.start_soon(use, n)
     assert sorted(done) == [0, 1, 2, 3]
+
+
+async def test_connections_get_tcp_keepalives_unless_the_dsn_sets_them(dsn: str) -> None:
+    """A server gone without a word (a half-open TCP connection) is noticed in about a minute,
+    not the system's two hours: the notifier's connection waits in silence."""
+    for conninfo, idle in ((dsn, b"30"), (make_conninfo(dsn, keepalives_idle="5"), b"5")):
+        conn = await _pg.connect(conninfo)
+        try:
+            options = {option.keyword: option.val for option in conn.pgconn.info}
+        finally:
+            await conn.close()
+        assert options[b"keepalives_idle"] == idle
+        assert options[b"keepalives_interval"] == b"10"
+        assert options[b"keepalives_count"] == b"3"

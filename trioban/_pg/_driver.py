@@ -50,6 +50,11 @@ _ROLLBACK_TIMEOUT: Final = 5.0
 CONNECT_TIMEOUT: Final = 10
 """Seconds to connect when neither the DSN nor PGCONNECT_TIMEOUT sets ``connect_timeout``
 (libpq would wait for the system's TCP timeout, minutes when packets are dropped)."""
+KEEPALIVES: Final = {"keepalives_idle": "30", "keepalives_interval": "10", "keepalives_count": "3"}
+"""TCP keepalive settings for connections whose DSN sets none: a server gone without a word
+(a half-open connection) is noticed after about a minute of silence rather than the system's
+two hours. The notifier's connection waits in silence for notifications. Unix sockets ignore
+them."""
 _IS_PREPARED: Final = b"SELECT 1 FROM pg_prepared_statements WHERE name = $1"
 
 
@@ -265,7 +270,7 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
     @classmethod
     async def connect_trio(cls, conninfo: str, *, autocommit: bool = True) -> Connection:
         """Open a connection, trying each host the conninfo names in turn."""
-        params = await cls._get_connection_params(conninfo)
+        params = {**KEEPALIVES, **await cls._get_connection_params(conninfo)}
         timeout = timeout_from_conninfo(params)
         if params.get("connect_timeout") is None and "PGCONNECT_TIMEOUT" not in os.environ:
             timeout = CONNECT_TIMEOUT

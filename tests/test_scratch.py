@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from trioban._devserver import TempServer
 from trioban._scratch import ScratchDatabases, scratch_databases
@@ -58,7 +59,8 @@ def test_a_database_left_with_rows_only_is_reset_and_lent_again(pool: ScratchDat
     assert _count(again, "SELECT version FROM trioban_schema") == version  # the template's rows
 
 
-_ALTER_DATABASE = "DO $$BEGIN EXECUTE format('ALTER DATABASE %I {}', current_database()); END$$"
+_ON_DATABASE = "DO $$BEGIN EXECUTE format('{}', current_database()); END$$"
+_ALTER_DATABASE = _ON_DATABASE.replace("{}", "ALTER DATABASE %I {}")
 
 
 @pytest.mark.parametrize(
@@ -74,18 +76,40 @@ _ALTER_DATABASE = "DO $$BEGIN EXECUTE format('ALTER DATABASE %I {}', current_dat
         "CREATE TEMP TABLE extra (id int)",
         _ALTER_DATABASE.format("SET work_mem = ''8MB''"),
         _ALTER_DATABASE.format("CONNECTION LIMIT 5"),
+        "COMMENT ON TABLE oban_jobs IS 'left'",
+        "SELECT lo_from_bytea(0, 'left')",
+        "CREATE ROLE scratch_leaky; GRANT SELECT ON oban_jobs TO scratch_leaky",
+        _ON_DATABASE.format("COMMENT ON DATABASE %I IS ''left''"),
+        "CREATE ROLE scratch_leaky; "
+        + _ON_DATABASE.format("GRANT CREATE ON DATABASE %I TO scratch_leaky"),
     ],
 )
 def test_a_database_whose_schema_changed_is_dropped(
     pool: ScratchDatabases, pg_server: TempServer | ExistingServer, change: str
 ) -> None:
     first = pool.take()
+    try:
+        with psycopg.connect(first, autocommit=True) as conn:
+            conn.execute(change)
+        pool.give_back(first)
+        assert _databases(pg_server) == {pool.template}
+        assert pool.take() != first
+        assert pool.clones == 2
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            admin.execute("DROP ROLE IF EXISTS scratch_leaky")
+
+
+def test_planner_statistics_a_test_wrote_are_cleared(pool: ScratchDatabases) -> None:
+    first = pool.take()
+    _insert_jobs(first, 100)
     with psycopg.connect(first, autocommit=True) as conn:
-        conn.execute(change)
+        conn.execute("ANALYZE oban_jobs")
+    stats = "SELECT count(*) FROM pg_stats WHERE tablename = 'oban_jobs'"
+    assert _count(first, stats) != 0
     pool.give_back(first)
-    assert _databases(pg_server) == {pool.template}
-    assert pool.take() != first
-    assert pool.clones == 2
+    assert pool.take() == first
+    assert _count(first, stats) == 0
 
 
 def test_a_database_that_grew_is_dropped(
@@ -97,15 +121,29 @@ def test_a_database_that_grew_is_dropped(
     assert _databases(pg_server) == {pool.template}
 
 
-def test_connections_a_test_left_are_ended(pool: ScratchDatabases) -> None:
+def test_a_database_whose_connections_stay_open_is_dropped(
+    pool: ScratchDatabases, pg_server: TempServer | ExistingServer
+) -> None:
+    """They are ended; a process the test left running might connect again, so the database
+    isn't lent again."""
     first = pool.take()
     with psycopg.connect(first, autocommit=True) as left_open:
         left_open.execute("SELECT pg_advisory_lock(1)")
         pool.give_back(first)
         with pytest.raises(psycopg.OperationalError):
             left_open.execute("SELECT 1")
-    assert pool.take() == first
-    assert _count(first, "SELECT pg_try_advisory_lock(1)") is True
+    assert _databases(pg_server) == {pool.template}
+
+
+def test_a_database_the_test_renamed_is_dropped_all_the_same(
+    pool: ScratchDatabases, pg_server: TempServer | ExistingServer
+) -> None:
+    first = pool.take()
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        name = conninfo_to_dict(first)["dbname"]
+        admin.execute(f'ALTER DATABASE "{name}" RENAME TO scratch_renamed')
+    pool.give_back(first)
+    assert _databases(pg_server) == {pool.template}
 
 
 def test_the_pool_and_its_template_are_dropped_on_exit(

@@ -3,8 +3,11 @@
 Cloning a database costs the server 0.06-0.45 s, more than most tests take. So a database goes
 back to the pool when its test left nothing behind but rows: they are reset to the template's
 and the next test gets it (about 30 ms). When the test changed anything else (created, altered
-or dropped a table, a schema, a function; set a database setting), left connections that won't
-end, or wrote many rows, the database is dropped.
+or dropped a table, a schema, a function, a comment, a grant; set a database setting), left
+connections open or a prepared transaction, or wrote many rows, the database is dropped.
+
+The server's user should be a superuser (as the throwaway test servers' is): it terminates what
+a test left connected, and clears the planner statistics a test's ANALYZE wrote.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import psycopg
@@ -23,8 +26,8 @@ _Conn = psycopg.Connection[tuple[object, ...]]
 
 # A database whose tables grew by more than this (dead rows a reset leaves) is dropped.
 _MAX_GROWTH = 1 << 20
-# How long the connections a test left may take to end once terminated.
-_END_WAIT = 2.0
+# How long the connections a test closed may take to end (a backend exits just after).
+_END_WAIT = 1.0
 
 # The catalogs a test changes when it changes a database's schema: creating almost any object
 # adds a pg_depend row, and each ALTER updates a row of the object's own catalog. (Scanning
@@ -33,13 +36,18 @@ _CATALOGS = [
     *("pg_namespace", "pg_class", "pg_attribute", "pg_attrdef", "pg_constraint", "pg_index"),
     *("pg_trigger", "pg_proc", "pg_type", "pg_enum", "pg_depend", "pg_sequence", "pg_rewrite"),
     *("pg_policy", "pg_default_acl", "pg_extension", "pg_event_trigger", "pg_publication"),
+    *("pg_description", "pg_largeobject_metadata", "pg_language", "pg_foreign_data_wrapper"),
+    *("pg_foreign_server", "pg_user_mapping"),
 ]
-# ALTER DATABASE's settings (shared catalogs: the same in the template and its clones).
+# The database's own row and settings (shared catalogs: the same in the template and its
+# clones): ALTER DATABASE, GRANT ... ON DATABASE, COMMENT ON DATABASE.
 _DATABASE_SETTINGS = """
-SELECT 'pg_database', d.datconnlimit::bigint, (
-  SELECT count(*) FROM pg_db_role_setting AS s WHERE s.setdatabase = d.oid)
+SELECT 'pg_database', concat_ws(':', d.datconnlimit, d.datdba, d.datacl::text,
+  (SELECT count(*) FROM pg_db_role_setting AS s WHERE s.setdatabase = d.oid),
+  (SELECT count(*) FROM pg_shdescription AS c WHERE c.objoid = d.oid))
 FROM pg_database AS d WHERE d.datname = current_database()
 """
+_PREPARED = "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
 _USER_RELATIONS = """
 SELECT c.oid, n.nspname, c.relname, c.relkind = 'S'
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -51,6 +59,7 @@ _SIZE = "SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM unnes
 _OTHER_BACKENDS = """
 SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
 """
+_TERMINATE = "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid"
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class ScratchDatabases:
         self._state = state
         self._free: list[str] = []
         self._lent: set[str] = set()
+        self._oids: dict[str, int] = {}  # each clone's: a test may rename its database
+        self._undropped: set[str] = set()  # a drop failed: close() tries again
         self.clones = 0  # how many were cloned (the others were reused)
 
     def take(self) -> str:
@@ -95,6 +106,8 @@ class ScratchDatabases:
                         sql.Identifier(name), sql.Identifier(self.template)
                     )
                 )
+                oid = _one(conn, "SELECT oid FROM pg_database WHERE datname = %s", (name,))[0]
+            self._oids[name] = int(str(oid))
             self.clones += 1
         self._lent.add(name)
         return self._dsn(name)
@@ -107,25 +120,44 @@ class ScratchDatabases:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 reusable = _reset(conn, self._state)
         except psycopg.Error:
-            reusable = False  # e.g. the test made it refuse connections
+            reusable = False  # e.g. the test renamed it, or made it refuse connections
         if reusable:
             self._free.append(name)
         else:
             self._drop(name)
 
     def close(self) -> None:
-        """Drop the databases, lent ones too, and the template."""
-        for name in [*self._free, *self._lent]:
-            self._drop(name)
+        """Drop the databases, lent ones too, and the template; every drop is tried, and
+        those that fail are named in one error."""
+        names = [*self._free, *self._lent, *self._undropped]
         self._free.clear()
         self._lent.clear()
-        self._drop(self.template)
-
-    def _drop(self, name: str) -> None:
+        self._undropped.clear()
+        for name in names:
+            with suppress(psycopg.Error):  # kept in _undropped: named below
+                self._drop(name)
         with self._admin() as conn:
             conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.template))
             )
+        if self._undropped:
+            raise RuntimeError(f"could not drop the test databases {sorted(self._undropped)}")
+
+    def _drop(self, name: str) -> None:
+        """Drop a clone, under the name it has now; kept for ``close()`` if that fails."""
+        try:
+            with self._admin() as conn:
+                found = conn.execute(
+                    "SELECT datname FROM pg_database WHERE oid = %s", (self._oids[name],)
+                ).fetchone()
+                if found is not None:
+                    drop = sql.SQL("DROP DATABASE {} WITH (FORCE)")
+                    conn.execute(drop.format(sql.Identifier(str(found[0]))))
+        except psycopg.Error:
+            self._undropped.add(name)
+            raise
+        self._oids.pop(name, None)
+        self._undropped.discard(name)
 
     def _admin(self) -> _Conn:
         return psycopg.connect(self._server_dsn, autocommit=True)
@@ -165,7 +197,7 @@ def _describe(conn: _Conn) -> _Template:
     """The template's catalog fingerprint, its tables' rows and its sequences' positions."""
     # Each changed catalog row gets a newer xmin, and each dropped one lowers a count.
     parts: list[sql.Composable] = [
-        sql.SQL("SELECT {}, count(*), max(xmin::text::bigint) FROM {}").format(
+        sql.SQL("SELECT {}, concat_ws(':', count(*), max(xmin::text::bigint)) FROM {}").format(
             sql.Literal(catalog), sql.Identifier("pg_catalog", str(catalog))
         )
         for catalog in _CATALOGS
@@ -204,7 +236,8 @@ def _one(
 
 def _reset(conn: _Conn, template: _Template) -> bool:
     """Put the template's rows back; False if the database needs more than that."""
-    if not _end_other_connections(conn):
+    conn.execute("SET lock_timeout = '2s'")  # a lock a test left can't hold the reset
+    if _rolled_back_prepared(conn) or not _others_gone(conn):
         return False
     if _one(conn, template.fingerprint_sql) != template.fingerprint:
         return False
@@ -222,15 +255,32 @@ def _reset(conn: _Conn, template: _Template) -> bool:
                 )
         for oid, last_value, is_called in template.sequences:
             conn.execute("SELECT setval(%s::oid, %s, %s)", (oid, last_value, is_called))
+        if conn.info.parameter_status("is_superuser") == "on":
+            # The planner statistics an ANALYZE (a test's, or autovacuum's) wrote.
+            conn.execute(
+                "DELETE FROM pg_catalog.pg_statistic WHERE starelid = ANY(%s::oid[])",
+                (template.relations,),
+            )
     return True
 
 
-def _end_other_connections(conn: _Conn) -> bool:
-    """Terminate the connections a test left, and wait for them to end."""
+def _rolled_back_prepared(conn: _Conn) -> bool:
+    """Roll back the prepared transactions a test left (they outlive its connections, hold
+    their locks, and keep the database from being dropped); whether there were any."""
+    gids = [str(gid) for (gid,) in conn.execute(_PREPARED).fetchall()]
+    for gid in gids:
+        conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+    return bool(gids)
+
+
+def _others_gone(conn: _Conn) -> bool:
+    """Whether the connections the test closed have ended (a backend exits just after its
+    client closes). One still there after ``_END_WAIT`` is terminated, and False returned:
+    a process the test left running might connect again, so its database isn't lent again."""
     deadline = time.monotonic() + _END_WAIT
     while pids := [pid for (pid,) in conn.execute(_OTHER_BACKENDS).fetchall()]:
         if time.monotonic() > deadline:
+            conn.execute(_TERMINATE, (pids,))
             return False
-        conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
         time.sleep(0.01)
     return True

@@ -56,8 +56,10 @@ WHERE c.relkind IN ('r', 'S') AND n.nspname NOT IN ('pg_catalog', 'information_s
 ORDER BY c.oid
 """
 _SIZE = "SELECT coalesce(sum(pg_total_relation_size(oid)), 0)::bigint FROM unnest(%s::oid[]) AS oid"
+# Clients only: an autovacuum worker busy in the database neither writes rows nor blocks a reset.
 _OTHER_BACKENDS = """
-SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
 """
 _TERMINATE = "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid"
 

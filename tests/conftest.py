@@ -62,24 +62,18 @@ def empty_databases(pg_server: TempServer | ExistingServer) -> Iterator[ScratchD
         yield pool
 
 
-def _lend(pool: ScratchDatabases) -> Iterator[str]:
-    dsn = pool.take()
-    try:
-        yield dsn
-    finally:
-        pool.give_back(dsn)
-
-
 @pytest.fixture
 def dsn(databases: ScratchDatabases) -> Iterator[str]:
     """A database with the trioban schema installed in the ``public`` prefix and no jobs."""
-    yield from _lend(databases)
+    with databases.lent() as lent:
+        yield lent
 
 
 @pytest.fixture
 def empty_dsn(empty_databases: ScratchDatabases) -> Iterator[str]:
     """A database without the schema."""
-    yield from _lend(empty_databases)
+    with empty_databases.lent() as lent:
+        yield lent
 
 
 pytest_plugins = ["pytester"]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._pg import TICK_TIMEOUT
+from ._pg import TICK_TIMEOUT, bounded
 from ._sql import query
 
 if TYPE_CHECKING:
@@ -50,15 +50,13 @@ async def run(
     try:
         while True:
             live = producers.beating()
-            with trio.move_on_after(TICK_TIMEOUT) as attempt:
-                try:
+            try:
+                with bounded(TICK_TIMEOUT):
                     await beat(pool, prefix, live, rescue_after, sorted(unwritten()))
                     await _delete(pool, prefix, written - {p.uuid for p in live})
-                    written = {p.uuid for p in live}
-                except Exception as exc:
-                    log.warning("heartbeat failed (%s); retrying", exc)
-            if attempt.cancelled_caught:
-                log.warning("heartbeat cut off after %gs; retrying", TICK_TIMEOUT)
+                written = {p.uuid for p in live}
+            except Exception as exc:
+                log.warning("heartbeat failed (%s); retrying", exc)
             if not started:
                 started = True
                 task_status.started()

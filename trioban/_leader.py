@@ -81,21 +81,18 @@ class Leadership:
         asked = trio.current_time()
         ttl = self._interval * LEASE_INTERVALS
         params = {"name": self._name, "node": self.peer, "ttl": ttl}
-        won = False
-        with trio.move_on_after(_pg.TICK_TIMEOUT) as attempt:
-            try:
+        try:
+            with _pg.bounded(_pg.TICK_TIMEOUT):
                 async with self._pool.connection() as conn:
                     cur = await conn.execute(query("elect_leader", self._prefix), params)
                     won = await cur.fetchone() is not None
-            except Exception as exc:
-                log.warning("leader election failed (%s); acting as a follower", exc)
-                self.unsteady()
-            else:
-                if self._steady_since is None:  # now, not "asked": it may have waited
-                    self._steady_since = trio.current_time()
-        if attempt.cancelled_caught:
-            log.warning("leader election cut off after %gs; acting as a follower", _pg.TICK_TIMEOUT)
+        except Exception as exc:
+            log.warning("leader election failed (%s); acting as a follower", exc)
             self.unsteady()
+            won = False
+        else:
+            if self._steady_since is None:  # now, not "asked": it may have waited for PostgreSQL
+                self._steady_since = trio.current_time()
         was_leader = self.is_leader
         # Trust the lease one interval less than the database does.
         self._until = asked + ttl - self._interval if won else float("-inf")

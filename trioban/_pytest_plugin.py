@@ -43,11 +43,8 @@ def _trioban_databases(trioban_server_dsn: str) -> Iterator[ScratchDatabases]:
 @pytest.fixture
 def trioban_dsn(_trioban_databases: ScratchDatabases) -> Iterator[str]:
     """A database with the trioban schema and no jobs, for this test alone."""
-    dsn = _trioban_databases.take()
-    try:
+    with _trioban_databases.lent() as dsn:
         yield dsn
-    finally:
-        _trioban_databases.give_back(dsn)
 
 
 @pytest.fixture

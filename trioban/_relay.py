@@ -37,6 +37,8 @@ _CLOSED: Final = "closed"
 """The state of the notice every waiter gets when the instance closes: no outcome can come."""
 _GONE: Final = "gone"
 """The state of the notice a poll gives a waiter whose job has no row (any more)."""
+_ENDS_STORED_WAIT: Final = (*FINAL, _CLOSED, _GONE)
+"""The notices a "stored" one gives way to: the outcome read from the row, or no outcome."""
 
 
 def _keeps(held: Notice | None, new: Notice) -> bool:
@@ -45,7 +47,7 @@ def _keeps(held: Notice | None, new: Notice) -> bool:
     not to a stale poll that saw the job still retrying."""
     if held is None or held.state not in FINAL:
         return False
-    return not held.stored or new.state not in (*FINAL, _CLOSED, _GONE)
+    return not held.stored or new.state not in _ENDS_STORED_WAIT
 
 
 class _Waiter:

@@ -114,6 +114,15 @@ class ScratchDatabases:
         self._lent.add(name)
         return self._dsn(name)
 
+    @contextmanager
+    def lent(self) -> Iterator[str]:
+        """``take()`` for the block, then ``give_back()``."""
+        dsn = self.take()
+        try:
+            yield dsn
+        finally:
+            self.give_back(dsn)
+
     def give_back(self, dsn: str) -> None:
         """Reset the database at ``dsn`` for the next test, or drop it if it can't be."""
         name = str(conninfo_to_dict(dsn)["dbname"])

@@ -17,6 +17,7 @@ import trio
 import trio.lowlevel
 
 from . import _store, telemetry
+from ._pg import bounded
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -54,15 +55,11 @@ async def run(
 
 
 async def _stage(pool: Pool, prefix: str) -> int:
-    staged = 0
-    with trio.move_on_after(STAGE_TIMEOUT) as attempt:
-        try:
+    try:
+        with bounded(STAGE_TIMEOUT):
             staged = await _store.stage(pool, prefix, LIMIT)
-        except Exception as exc:
-            log.warning("staging failed (%s); retrying next tick", exc)
-            return 0
-    if attempt.cancelled_caught:
-        log.warning("staging cut off after %gs; retrying next tick", STAGE_TIMEOUT)
+    except Exception as exc:
+        log.warning("staging failed (%s); retrying next tick", exc)
         return 0
     telemetry.emit("stager.stage", {"count": staged}, {})
     return staged

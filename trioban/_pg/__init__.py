@@ -15,4 +15,5 @@ from ._pool import TICK_TIMEOUT as TICK_TIMEOUT
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import PoolTimeout as PoolTimeout
+from ._pool import bounded as bounded
 from ._pool import open_pool as open_pool

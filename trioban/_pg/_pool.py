@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Final
 
 import attrs
@@ -27,6 +27,17 @@ TICK_TIMEOUT: Final = 5.0
 """Seconds a periodic statement (a heartbeat, an election) may take, its checkout included.
 On a connection that hung (half-open TCP: the server gone without a word) it would wait for
 ever; cut off, the connection is closed and the next tick gets another."""
+
+
+@contextmanager
+def bounded(seconds: float) -> Iterator[None]:
+    """Cut the block off after ``seconds`` with a ``TimeoutError``: for periodic work, whose
+    callers already log a failure and retry at the next tick."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise TimeoutError(f"cut off after {seconds:g}s (a hung connection?)") from None
 
 
 class PoolTimeout(DatabaseUnavailable):

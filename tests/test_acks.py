@@ -3,6 +3,7 @@ holds up the others (nor gets its job rescued and run again on a live node)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,8 @@ BACKOFF: dict[str, Callable[[int], Any]] = {}
 
 # Text PostgreSQL refuses: jsonb has no NUL, and UTF-8 has no lone surrogate.
 ERRORS = {"nul": "bad byte \x00 in input", "surrogate": f"no file {SURROGATE}"}
-RESULTS = {"nul": {"text": "a\x00b"}, "surrogate": [SURROGATE], "key": {"\x00": 1}}
+RESULTS: dict[str, Any] = {"nul": {"text": "a\x00b"}, "surrogate": [SURROGATE], "key": {"\x00": 1}}
+RESULTS["deep"] = functools.reduce(lambda inner, _: [inner], range(300), 0)  # reads fail
 
 
 @worker(queue="default", max_attempts=1)
@@ -84,13 +86,22 @@ async def test_an_error_text_postgres_refuses_is_recorded_escaped(
             assert job.attempt == 1  # ran once: not rescued and run again
 
 
-@pytest.mark.parametrize("kind", ["nul", "surrogate", "key"])
-async def test_a_result_postgres_refuses_fails_the_job_saying_why(dsn: str, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("nul", "NUL character"),
+        ("surrogate", "UTF-8 can't encode"),
+        ("key", "NUL character"),
+        ("deep", "nests lists and objects more than 256 levels deep"),
+    ],
+)
+async def test_a_result_postgres_refuses_fails_the_job_saying_why(
+    dsn: str, kind: str, reason: str
+) -> None:
     """A result isn't silently altered: the job fails, and a relay's caller learns why."""
     with trio.fail_after(10):
         async with running(dsn) as oban:
             relay = await oban.dispatch(returns_unstorable.new({"kind": kind}))
-            reason = "NUL character" if kind != "surrogate" else "UTF-8 can't encode"
             with pytest.raises(RelayDiscard, match=reason):
                 await relay.result(timeout=5)
             job = await settled(oban, relay.job.id)

@@ -26,7 +26,7 @@ from trioban._validate import RESERVED_META
 from trioban._workflow import STEP_KEYS
 
 from . import workers
-from .helpers import eventually
+from .helpers import eventually, waiting_on_a_lock
 from .nodes import ROOT
 from .workers import (
     Address,
@@ -582,6 +582,45 @@ async def test_overlapping_unique_batches_inserted_at_once_both_succeed(dsn: str
             assert [job.id for job in forward] == [job.id for job in backward]
             assert [job.args for job in forward] == args  # in each caller's own order
             assert all(a.conflict != b.conflict for a, b in zip(forward, backward, strict=True))
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+async def test_a_unique_insert_that_a_deadlock_fails_runs_again(
+    dsn: str, in_transaction: bool
+) -> None:
+    """Holders are locked in key order; a writer locking them in the other order (as the acker
+    may) closes a cycle, and PostgreSQL fails the insert's transaction (or savepoint, in the
+    caller's transaction) to break it."""
+    once = Unique(period=None)
+    async with trioban.open(config(dsn, queues={})) as oban:
+        jobs = sorted((echo.new({"n": n}, unique=once) for n in range(2)), key=_unique_key)
+        first, second = await oban.insert_all(jobs)
+        again: list[trioban.Job] = []
+
+        async def insert_again() -> None:
+            if not in_transaction:
+                again.extend(await oban.insert_all(jobs))
+                return
+            async with oban.transaction() as conn:
+                await conn.execute("SELECT 1")  # the transaction has begun before the savepoint
+                again.extend(await oban.insert_all(jobs, conn=conn))
+
+        async def holds_first_waits_for_second() -> bool:
+            return await waiting_on_a_lock(oban, "%oban_jobs%") == 1
+
+        touch = "UPDATE oban_jobs SET priority = 1 WHERE id = %s"
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery, oban.transaction() as other:
+                await other.execute(touch, [second.id])
+                nursery.start_soon(insert_again)
+                await eventually(holds_first_waits_for_second)
+                await other.execute(touch, [first.id])  # waits for the insert: a cycle
+        assert [(job.id, job.conflict) for job in again] == [(first.id, True), (second.id, True)]
+
+
+def _unique_key(job: trioban.Job) -> str:
+    assert job._unique is not None
+    return job._unique.key
 
 
 def _key_text(worker: str, args: object) -> bytes:

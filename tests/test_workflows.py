@@ -13,7 +13,7 @@ import trio
 
 import trioban
 import trioban.testing
-from trioban import Batch, JobState, Workflow, _lifeline, _settle
+from trioban import Batch, JobState, Workflow, _lifeline, _pruner, _settle, _store
 
 from .helpers import eventually
 from .nodes import node_processes
@@ -611,6 +611,32 @@ async def test_a_pruned_dep_counts_as_finished(quiet: trioban.Oban) -> None:
     await _rows(quiet, "DELETE FROM oban_jobs WHERE id = %s RETURNING id", jobs[1].id)
     assert await _settle.release(quiet._pool, "public", [wf.workflow_id]) == 1
     assert await quiet.workflow_status(wf.workflow_id) == {"c": JobState.AVAILABLE}
+
+
+async def test_the_pruner_leaves_the_steps_of_a_workflow_being_appended_to(
+    quiet: trioban.Oban, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The dep was cancelled: pruned under the append, it would count as finished, and the new
+    # step would be released instead of cancelled.
+    (a,) = await quiet.insert_workflow(Workflow().add("a", later()))
+    assert a.id is not None
+    workflow_id = a.meta["workflow_id"]
+    await quiet.cancel_job(a.id)
+    read_steps, pruned = _store.workflow_steps, []
+
+    async def read_then_prune(*args: object) -> dict[str, JobState]:
+        steps = await read_steps(*args)  # type: ignore[arg-type]
+        pruned.append(await _pruner.prune(quiet._pool, "public", max_age=0, limit=100))
+        return steps
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_store, "workflow_steps", read_then_prune)
+        await quiet.append_workflow(workflow_id, lambda wf: wf.add("b", step(), deps=["a"]))
+    assert pruned == [0]
+    status = await quiet.workflow_status(workflow_id)
+    assert status == {"a": JobState.CANCELLED, "b": JobState.CANCELLED}
+    # Once the append has committed, the finished workflow is pruned whole.
+    assert await _pruner.prune(quiet._pool, "public", max_age=0, limit=100) == 2
 
 
 # -- batches -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ._crypto import DecryptionError
 from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._notice import META_REF, META_RESULT
 from ._registry import lookup
+from ._validate import MAX_NESTING, nests_too_deep
 from ._worker import Worker, args_json
 from ._workflow import NAME, WORKFLOW_ID
 
@@ -214,6 +215,11 @@ def _stored_result(worker: Worker, result: Any) -> tuple[Any, str | None, str | 
     except Exception as exc:  # whatever the encoder raises is a reason, not a crash
         return None, None, f"is not JSON-serialisable: {exc}"
     problem, limit = _unstorable(meta), worker.recorded_limit
+    if problem is None and nests_too_deep(data, meta):
+        problem = (
+            f"nests lists and objects more than {MAX_NESTING} levels deep, which reading it "
+            "back can't take; return a flatter value"
+        )
     if problem is None and limit is not None:
         size = len(meta) if meta.isascii() else len(meta.encode())  # bytes, as stored (UTF-8)
         if size > limit:

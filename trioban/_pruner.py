@@ -3,9 +3,12 @@
 A batch (its jobs and its callback jobs) is pruned whole, once all of its rows are finished and
 old enough: which callbacks fire is decided by counting the batch's rows, and the callback rows
 hold the unique keys that enqueue each callback once. A workflow is pruned whole too: a step
-still to run reads its deps' results. A run judges a page of batch rows and a page of workflow
-rows, so its cost doesn't grow with the batches and workflows kept. A cron job is kept at least
-``CRON_MIN_AGE``: its row holds the unique key that lets its slot run once.
+still to run reads its deps' results. A workflow being appended to is skipped: its new steps
+may depend on finished ones (the append holds the workflow's bucket, one of 16, until it
+commits, and a run prunes only the buckets it could take). A run judges a page of batch rows
+and a page of workflow rows, so its cost doesn't grow with the batches and workflows kept. A
+cron job is kept at least ``CRON_MIN_AGE``: its row holds the unique key that lets its slot
+run once.
 """
 
 from __future__ import annotations
@@ -43,14 +46,19 @@ class Pruner:
         ``limit`` outside batches and workflows, the whole batches among the next page of
         ``limit`` batch jobs, and the whole workflows among the next page of ``limit`` workflow
         jobs (a batch or workflow the page ends within goes whole, past ``limit``)."""
-        params = {
+        params: dict[str, object] = {
             "max_age": self._max_age,
             "cron_max_age": max(self._max_age, CRON_MIN_AGE),
             "limit": self._limit,
             "batch_after": self.batch_after,
             "workflow_after": self.workflow_after,
         }
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
+            # The buckets of workflows being appended to are skipped (see the module doc).
+            lock = {"prefix": self._prefix}
+            cur = await conn.execute(query("lock_prunable_workflows", self._prefix), lock)
+            free = await cur.fetchone()
+            params["workflow_buckets"] = free[0] if free else []
             cur = await conn.execute(query("prune_jobs", self._prefix), params)
             row = await cur.fetchone()
         count, last_batch, batches, last_workflow, workflows = row or (0, None, 0, None, 0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import psycopg
 
 from . import _bulk, _codec
 from ._batch import BATCH_ID, JOB_KEYS
@@ -20,6 +22,8 @@ from ._workflow import STEP_KEYS, WORKFLOW_ID
 
 if TYPE_CHECKING:
     from ._pg import Connection, Pool
+
+log = logging.getLogger("trioban.store")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -99,6 +103,7 @@ async def insert(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job
 
 
 _UNIQUE_ROUNDS = 5
+_DEADLOCK_ROUNDS = 3
 
 
 async def insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
@@ -109,23 +114,37 @@ async def insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job])
     then read under a row lock. A holder outside the period or the states gives up its key
     and the insert is retried; otherwise it comes back with ``conflict=True`` (``replace``
     applied).
+
+    Holders are locked in key order, other writers (the acker) lock rows in theirs: when
+    PostgreSQL breaks a deadlock by failing this transaction (a savepoint inside a caller's
+    one), it is run again, up to ``_DEADLOCK_ROUNDS`` times in all.
     """
+    for _ in range(_DEADLOCK_ROUNDS - 1):
+        try:
+            async with conn.transaction():
+                return await _insert_with_unique(conn, prefix, jobs)
+        except psycopg.errors.DeadlockDetected:
+            log.info("a unique insert was chosen to break a deadlock; running it again")
     async with conn.transaction():
-        plain = iter(await insert(conn, prefix, [job for job in jobs if job._unique is None]))
-        results = [next(plain) if job._unique is None else job for job in jobs]
-        # In key order: every transaction then waits on the keys in the same order, so two
-        # calls sharing keys queue up instead of deadlocking.
-        keyed = [i for i, job in enumerate(jobs) if job._unique is not None]
-        keyed.sort(key=lambda i: jobs[i]._unique.key)  # type: ignore[union-attr]
-        latest: dict[int | None, Job] = {}
-        for i in keyed:
-            unique = await _insert_unique(conn, prefix, jobs[i])
-            results[i] = latest[unique.id] = unique
-        # A key given twice: each copy comes back as the row ended (with the later replace).
-        for i in keyed:
-            results[i] = attrs.evolve(latest[results[i].id], conflict=results[i].conflict)
-        await _notify_inserted(conn, prefix, list(latest.values()))
-        return results
+        return await _insert_with_unique(conn, prefix, jobs)
+
+
+async def _insert_with_unique(conn: Connection, prefix: str, jobs: Sequence[Job]) -> list[Job]:
+    plain = iter(await insert(conn, prefix, [job for job in jobs if job._unique is None]))
+    results = [next(plain) if job._unique is None else job for job in jobs]
+    # In key order: every transaction then waits on the keys in the same order, so two
+    # calls sharing keys queue up instead of deadlocking.
+    keyed = [i for i, job in enumerate(jobs) if job._unique is not None]
+    keyed.sort(key=lambda i: jobs[i]._unique.key)  # type: ignore[union-attr]
+    latest: dict[int | None, Job] = {}
+    for i in keyed:
+        unique = await _insert_unique(conn, prefix, jobs[i])
+        results[i] = latest[unique.id] = unique
+    # A key given twice: each copy comes back as the row ended (with the later replace).
+    for i in keyed:
+        results[i] = attrs.evolve(latest[results[i].id], conflict=results[i].conflict)
+    await _notify_inserted(conn, prefix, list(latest.values()))
+    return results
 
 
 async def _notify_inserted(conn: Connection, prefix: str, saved: Sequence[Job]) -> None:

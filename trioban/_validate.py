@@ -137,7 +137,7 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
         elif _nests_deeper(copy):  # the encoder's "nesting too deep"
             raise ValueError(_too_deep_error(field)) from None
         raise type(exc)(f"expected {field} to be JSON-serialisable: {exc}") from None
-    if encoded.count("[") + encoded.count("{") > MAX_NESTING and _nests_deeper(copy):
+    if nests_too_deep(copy, encoded):
         raise ValueError(_too_deep_error(field))
     if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
         raise ValueError(
@@ -153,8 +153,14 @@ def check_json_object(value: object, field: str) -> tuple[Mapping[str, Any], str
 
 
 MAX_NESTING: Final = 256
-"""How deep args and meta may nest: decoding them again where jobs are fetched (deeper in the
-stack than where they were built) must stay well within Python's recursion limit."""
+"""How deep args, meta and recorded results may nest: decoding them again where jobs are
+fetched (deeper in the stack than where they were built) must stay well within Python's
+recursion limit."""
+
+
+def nests_too_deep(value: object, encoded: str) -> bool:
+    """Whether ``value`` (encoded as the JSON ``encoded``) nests deeper than ``MAX_NESTING``."""
+    return encoded.count("[") + encoded.count("{") > MAX_NESTING and _nests_deeper(value)
 
 
 def _nests_deeper(value: object, limit: int = MAX_NESTING) -> bool:

@@ -85,8 +85,10 @@ class WorkflowMethods:
         prefix = self.config.prefix
         params = {"workflow_id": workflow_id, "prefix": prefix}
         async with self.transaction() as conn:
-            # Held until the steps are in: concurrent appends see each other's names.
+            # Held until the steps are in: concurrent appends see each other's names, and
+            # the pruner leaves the workflow's steps alone (new ones may depend on them).
             await conn.execute(query("lock_workflow_id", prefix), params)
+            await conn.execute(query("hold_workflow_steps", prefix), params)
             steps = await _store.workflow_steps(conn, prefix, workflow_id)
             if not steps:
                 raise ValueError(f"there is no workflow {workflow_id!r} to append to")

@@ -434,6 +434,7 @@ WITH cutoff AS (
     LIMIT 1
   ) AS unfinished ON true
   WHERE unfinished.found IS NULL
+    AND hashtext(w.workflow_id) & 15 = ANY(%(workflow_buckets)s::int[])
 ), loose_deleted AS (
   DELETE FROM {prefix}.oban_jobs AS j
   WHERE j.id = ANY(ARRAY(SELECT id FROM loose))
@@ -546,6 +547,20 @@ ORDER BY j.id
 -- of the same id can't both find it free (workflow_exists runs next, with a fresh snapshot).
 SELECT pg_advisory_xact_lock(hashtextextended('trioban workflow ' || %(prefix)s || ' '
                                               || %(workflow_id)s, 0))
+
+-- name: hold_workflow_steps
+-- Before steps are appended to a workflow: hold its bucket (one of 16, by the id's hash,
+-- shared) until the transaction ends. The pruner skips the workflows of a bucket held
+-- (lock_prunable_workflows), so no step goes while an append reads it as a dep.
+SELECT pg_advisory_xact_lock_shared(hashtext('trioban workflows ' || %(prefix)s),
+                                    hashtext(%(workflow_id)s) & 15)
+
+-- name: lock_prunable_workflows
+-- The pruner takes the workflow buckets no append holds (see hold_workflow_steps) until its
+-- transaction ends, and prunes only their workflows: an append then waits for the prune, and
+-- reads the steps it left. Never waits: a bucket held is skipped this run.
+SELECT coalesce(array_agg(b), '{}'::int[]) FROM generate_series(0, 15) AS b
+WHERE pg_try_advisory_xact_lock(hashtext('trioban workflows ' || %(prefix)s), b)
 
 -- name: workflow_exists
 -- Whether a workflow id is in use: a new workflow under it would mix its steps with those.

@@ -300,13 +300,20 @@ async def test_shutdown_leaves_overdue_jobs_executing(dsn: str) -> None:
             assert job.state is JobState.EXECUTING
 
 
-async def test_a_job_calling_sys_exit_fails_and_the_node_keeps_running(dsn: str) -> None:
-    """SystemExit from job code (an argparse error) fails the attempt like an exception; it
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [("exit", "SystemExit: 2"), ("asyncio", "CancelledError: its own"), ("other", "Unusual: odd")],
+)
+async def test_a_job_raising_a_base_exception_fails_and_the_node_keeps_running(
+    dsn: str, kind: str, error: str
+) -> None:
+    """A BaseException from job code (SystemExit from an argparse error, an asyncio
+    CancelledError of its own, a library's own) fails the attempt like an exception; it
     doesn't stop the node, nor every node the job is retried on."""
     with trio.fail_after(10):
         async with running(dsn) as oban:
-            relay = await oban.dispatch(exits.new({}))
-            with pytest.raises(RelayDiscard, match="SystemExit: 2"):
+            relay = await oban.dispatch(exits.new({"kind": kind}))
+            with pytest.raises(RelayDiscard, match=error):
                 await relay.result(timeout=5)
             assert await oban.relay(echo.new({"value": 1}), timeout=5) == 1
 

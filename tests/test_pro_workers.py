@@ -250,7 +250,7 @@ async def test_recorded_results_and_their_errors(dsn: str) -> None:
     with trio.fail_after(10):
         async with trioban.open(config(dsn)) as oban:
             small = await oban.insert(record_text.new({"text": "hello"}))
-            too_big = await oban.insert(record_text.new({"text": "x" * 100}, max_attempts=1))
+            too_big = await oban.insert(record_text.new({"text": "x" * 100}))
             later = await oban.insert(record_text.new({"text": "later"}, schedule_in=3600))
             plain = await oban.insert(echo.new({"value": 1}))
             for job in (small, too_big, plain):
@@ -259,7 +259,12 @@ async def test_recorded_results_and_their_errors(dsn: str) -> None:
             assert await oban.fetch_recorded(small.id or 0) == "hello"
             discarded = await oban.get_job(too_big.id or 0)
             assert discarded is not None
-            assert "over its recorded limit of 64" in discarded.errors[-1]["error"]
+            assert (
+                "is 102 bytes of JSON, over its recorded limit of 64"
+                in discarded.errors[-1]["error"]
+            )
+            # For good: run again, it would repeat its work for the same result.
+            assert (discarded.state, discarded.attempt) == (JobState.DISCARDED, 1)
             with pytest.raises(trioban.NotRecorded, match="it is scheduled"):
                 await oban.fetch_recorded(later)
             with pytest.raises(trioban.NotRecorded, match="recorded nothing"):
@@ -269,19 +274,19 @@ async def test_recorded_results_and_their_errors(dsn: str) -> None:
 
 
 async def test_the_recorded_limit_counts_utf8_bytes(dsn: str) -> None:
-    """record_text records at most 64 bytes: 30 euro signs are 43 characters of JSON but 103
+    """record_text records at most 64 bytes: 30 euro signs are 32 characters of JSON but 92
     bytes (counted as characters before, so they passed)."""
     with trio.fail_after(10):
         async with trioban.open(config(dsn)) as oban:
             euros = await oban.insert(record_text.new({"text": "€" * 30}, max_attempts=1))
-            accents = await oban.insert(record_text.new({"text": "é" * 25}))  # 63 bytes
+            accents = await oban.insert(record_text.new({"text": "é" * 31}))  # 64 bytes
             assert (await _final(oban, euros.id)).state is JobState.DISCARDED
             assert (await _final(oban, accents.id)).state is JobState.COMPLETED
             discarded = await oban.get_job(euros.id or 0)
             assert discarded is not None
             error = discarded.errors[-1]["error"]
-            assert "is 103 bytes of JSON, over its recorded limit of 64" in error
-            assert await oban.fetch_recorded(accents) == "é" * 25
+            assert "is 92 bytes of JSON, over its recorded limit of 64" in error
+            assert await oban.fetch_recorded(accents) == "é" * 31
 
 
 # -- encrypted args ---------------------------------------------------------------------------

@@ -389,10 +389,18 @@ async def read_tenant(job: Job) -> str | None:
     return tenant.get()
 
 
+class Unusual(BaseException):
+    """A library's own BaseException subclass."""
+
+
 @worker(queue="default", max_attempts=1)
 async def exits(job: Job) -> None:
-    """Job code calling sys.exit (an argparse error, say)."""
-    raise SystemExit(2)
+    """Job code raising a BaseException: sys.exit (an argparse error, say), an asyncio
+    CancelledError of its own, or an ``Unusual``."""
+    kind = job.args.get("kind", "exit")
+    raise {"exit": SystemExit(2), "asyncio": asyncio.CancelledError("its own")}.get(
+        kind, Unusual("odd")
+    )
 
 
 @worker(queue="default")

@@ -24,9 +24,20 @@ from ._workflow import NAME, WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
 
-_JOB_ERRORS: Final = (Exception, SystemExit)
-"""What job code (or a worker module being imported) may raise that fails its attempt, not the
-node: an exception, or SystemExit (an argparse error, a script's sys.exit)."""
+_NODE_STOPS: Final = (trio.Cancelled, KeyboardInterrupt)
+"""What passes through job code to the node: its own cancellation (shutdown) and Ctrl-C."""
+
+
+def _fails_the_attempt(exc: BaseException) -> bool:
+    """Whether job code's (or a worker module's import's) ``exc`` fails its attempt: anything
+    but what stops the node (``_NODE_STOPS``, alone or in a group), so a SystemExit (an
+    argparse error), an asyncio.CancelledError or a BaseException subclass fails the job, not
+    the node."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(_NODE_STOPS) is None
+    return not isinstance(exc, _NODE_STOPS)
+
+
 # A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped. jsonb refuses it.
 _ESCAPED_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -58,7 +69,9 @@ async def resolve(name: str) -> Worker | None:
     module = name.rsplit(".", 1)[0]
     try:
         await trio.to_thread.run_sync(importlib.import_module, module)
-    except _JOB_ERRORS as exc:
+    except BaseException as exc:
+        if not _fails_the_attempt(exc):
+            raise
         log.warning("cannot import %s for worker %s: %r", module, name, exc)
         if not _is_missing(module, exc):
             raise
@@ -122,7 +135,9 @@ async def _run(running: Running) -> Ack:
     job = running.job
     try:
         worker = await resolve(job.worker)
-    except _JOB_ERRORS as exc:
+    except BaseException as exc:
+        if not _fails_the_attempt(exc):
+            raise
         # Retried (with the default backoff): a fixed deployment or configuration runs it.
         module = job.worker.rsplit(".", 1)[0]
         text = f"cannot import module {module!r} of worker {job.worker!r} on this node: "
@@ -149,8 +164,8 @@ async def _run(running: Running) -> Ack:
     try:
         with running.scope:
             result = running.returned = await worker.perform(prepared)
-    except _JOB_ERRORS as exc:
-        if running.reraise:
+    except BaseException as exc:
+        if running.reraise or not _fails_the_attempt(exc):
             raise
         job = running.job  # the latest claim (see Running.job)
         return failed(job, exception_text(exc), worker=worker)
@@ -178,8 +193,9 @@ def _outcome(job: Job, worker: Worker, result: Any) -> Ack:
         return build_ack(job, "scheduled", schedule_in=seconds, extra_attempts=granted(job))
     if job.meta.get(META_REF) is not None or worker.recorded:
         data, meta, problem = _stored_result(worker, result)
-        if problem is not None:  # the caller asked for the result: the job fails, saying why
-            return failed(job, f"the result of {worker.name} {problem}", worker=worker)
+        if problem is not None:  # the caller asked for the result: the job fails, saying why,
+            # for good: it did its work, and a run again would repeat it for the same result
+            return failed(job, f"the result of {worker.name} {problem}", final=True)
         return build_ack(job, "completed", meta=meta, result=data)
     if WORKFLOW_ID in job.meta:
         return _step_completed(job, worker, result)
@@ -206,11 +222,17 @@ def _step_completed(job: Job, worker: Worker, result: Any) -> Ack:
     return build_ack(job, "completed")
 
 
+_RESULT_WRAPPER: Final = len(_codec.dumps({META_RESULT: None})) - len("null")
+
+
 def _stored_result(worker: Worker, result: Any) -> tuple[Any, str | None, str | None]:
     """A return value as JSON-ready data and the meta JSON storing it, or why it can't be
     stored (the end of a sentence starting "the result of <worker>")."""
     try:
         data = worker.dump_result(result)
+    except Exception as exc:  # whatever the converter raises is a reason, not a crash
+        return None, None, f"doesn't fit its result class: {exc}"
+    try:
         meta = _codec.dumps({META_RESULT: data})
     except Exception as exc:  # whatever the encoder raises is a reason, not a crash
         return None, None, f"is not JSON-serialisable: {exc}"
@@ -221,7 +243,8 @@ def _stored_result(worker: Worker, result: Any) -> tuple[Any, str | None, str | 
             "back can't take; return a flatter value"
         )
     if problem is None and limit is not None:
-        size = len(meta) if meta.isascii() else len(meta.encode())  # bytes, as stored (UTF-8)
+        # The result's own JSON, in bytes as stored (UTF-8), without the meta key around it.
+        size = (len(meta) if meta.isascii() else len(meta.encode())) - _RESULT_WRAPPER
         if size > limit:
             problem = (
                 f"is {size} bytes of JSON, over its recorded limit of {limit}; "

@@ -3,7 +3,6 @@ holds up the others (nor gets its job rescued and run again on a live node)."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,16 @@ BACKOFF: dict[str, Callable[[int], Any]] = {}
 # Text PostgreSQL refuses: jsonb has no NUL, and UTF-8 has no lone surrogate.
 ERRORS = {"nul": "bad byte \x00 in input", "surrogate": f"no file {SURROGATE}"}
 RESULTS: dict[str, Any] = {"nul": {"text": "a\x00b"}, "surrogate": [SURROGATE], "key": {"\x00": 1}}
-RESULTS["deep"] = functools.reduce(lambda inner, _: [inner], range(300), 0)  # reads fail
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+RESULTS["deep"] = _nested(300)  # decoding it again, deeper in the stack, could fail
 
 
 @worker(queue="default", max_attempts=1)

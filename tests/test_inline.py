@@ -22,6 +22,7 @@ from .workers import (
     flow_step,
     place_order,
     record_text,
+    sleeper,
     steer,
 )
 
@@ -132,3 +133,9 @@ async def test_fetch_recorded_reads_the_result_an_inline_job_carries(
             await inline.fetch_recorded(await inline.insert(steer.new({"kind": "raise"})))
         with pytest.raises(NotRecorded, match=r"\(never inserted\) has no recorded result"):
             await inline.fetch_recorded(record_text.new({"text": "hi"}))
+
+
+async def test_a_relay_timeout_does_not_cut_off_the_job_it_runs(inline: trioban.Oban) -> None:
+    """The job runs inside the insert: a relay's timeout stops only waiting, never the job."""
+    with trio.fail_after(2):
+        assert await inline.relay(sleeper.new({"seconds": 0.2}), timeout=0.01) == "slept"

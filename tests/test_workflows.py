@@ -554,6 +554,12 @@ async def test_relay_workflow_checks_its_timeout_before_inserting(quiet: trioban
     assert await quiet.workflow_status("nightly") == {}
 
 
+async def test_relay_workflow_puts_its_insert_under_its_timeout(quiet: trioban.Oban) -> None:
+    """One deadline for the insert and the wait, as in relay(): it can cut the insert short."""
+    with pytest.raises(trioban.RelayTimeout, match="timed out inserting workflow nightly"):
+        await quiet.relay_workflow(_nightly("x"), timeout=1e-6)
+
+
 async def test_the_sweep_reaches_stranded_workflows_among_many_waiting(
     quiet: trioban.Oban, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,9 +14,10 @@ from . import _pg, _settle, _store
 from ._batch import BATCH_ID, Batch
 from ._checks import check_key, check_timeout, check_type, inline_refusal
 from ._config import Config
+from ._errors import RelayTimeout
 from ._executor import resolve
 from ._job import Job, JobState
-from ._relay import Registry, insert_relayed
+from ._relay import Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
 from ._sql import query
 from ._workflow import NAME, WORKFLOW_ID, Workflow
@@ -142,7 +143,13 @@ class WorkflowMethods:
         jobs, sinks = workflow.build(), set(workflow.sinks())
         insert = partial(self._insert_new_workflow, workflow.workflow_id)
         flags = [job.meta[NAME] in sinks for job in jobs]
-        _, relays = await insert_relayed(self._relays, insert, jobs, flags)
+        relays: list[Relay | None] | None = None
+        with trio.move_on_at(deadline):  # one deadline for both steps, as in relay()
+            _, relays = await insert_relayed(self._relays, insert, jobs, flags)
+        if relays is None:
+            raise RelayTimeout(
+                f"timed out inserting workflow {workflow.workflow_id} within {timeout}s"
+            )
         waiting = [relay for relay in relays if relay is not None]
         remaining = max(0.0, deadline - trio.current_time())
         outcomes = await _await_many(waiting, remaining)

@@ -119,6 +119,10 @@ def test_from_env() -> None:
         ({"TRIOBAN_QUEUES": "default:²"}, "TRIOBAN_QUEUES", "'default:²'"),
         ({"TRIOBAN_QUEUES": "a:" + "1" * 5000}, "TRIOBAN_QUEUES", "'name:limit'"),
         ({"TRIOBAN_POOL_SIZE": "²"}, "TRIOBAN_POOL_SIZE", "a number"),
+        ({"TRIOBAN_QUEUES": "a:\u0663"}, "TRIOBAN_QUEUES", "'name:limit'"),  # Arabic-Indic 3
+        ({"TRIOBAN_QUEUES": "a:1, a:2"}, "TRIOBAN_QUEUES", "'a' twice"),
+        # A template's unset variable: not "keep forever".
+        ({"TRIOBAN_PRUNE_MAX_AGE": ""}, "TRIOBAN_PRUNE_MAX_AGE", "a number"),
         ({"TRIOBAN_CRONTAB": "[" * 100_000}, "TRIOBAN_CRONTAB", "JSON list"),  # too deep
     ],
 )
@@ -271,6 +275,17 @@ def test_repr_masks_the_dsn_password(dsn: str, shown: str) -> None:
     assert f"dsn={shown!r}," in repr(conf)
     assert "s3" not in repr(conf)
     assert conf.dsn == dsn  # the real value, to connect with
+
+
+@pytest.mark.parametrize(
+    "dsn", ["not a dsn", "postgresql://app:s3/cret@host/db", "postgresql://app@host:5x/db"]
+)
+def test_a_dsn_libpq_cannot_read_is_refused_without_showing_it(dsn: str) -> None:
+    with pytest.raises(ConfigError, match="connection string") as raised:
+        Config(dsn=dsn)
+    assert raised.value.field == "dsn"
+    assert "s3" not in str(raised.value)
+    assert "not a" not in str(raised.value)
 
 
 @pytest.mark.parametrize("value", ['"none"', '"None"', "false"])

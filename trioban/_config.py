@@ -16,8 +16,9 @@ from . import _config_rules as rules
 from ._cron import CronEntry, parse_crontab
 from ._errors import ConfigError
 
-_FOREVER: Final = frozenset({"", "none", "off"})
-"""The text of ``prune_max_age`` (a variable, a TOML string) that means None: keep forever."""
+_FOREVER: Final = frozenset({"none", "off"})
+"""The text of ``prune_max_age`` (a variable, a TOML string) that means None: keep forever. Not
+an empty one: a template's unset variable must not switch pruning off."""
 
 
 @attrs.frozen(kw_only=True)
@@ -239,16 +240,19 @@ def parse_queues(text: str, field: str) -> dict[str, int]:
     """Parse ``"default:10,math:5"`` into ``{"default": 10, "math": 5}``."""
     queues: dict[str, int] = {}
     for item in text.split(","):
-        name, sep, limit = item.strip().partition(":")
+        name, sep, limit = (part.strip() for part in item.partition(":"))
         try:
-            # isdecimal(), not isdigit(): int() refuses digits like '²' (and 4,300+ of them).
-            if not name or not sep or not limit.strip().isdecimal():
+            # ASCII and isdecimal(): int() refuses digits like '²', and takes other scripts'.
+            if not name or not sep or not (limit.isascii() and limit.isdecimal()):
                 raise ValueError
-            queues[name.strip()] = int(limit)
+            value = int(limit)  # ValueError past 4,300 digits
         except ValueError:
             raise ConfigError(
                 field, f"expected 'name:limit' items like 'default:10', got {item[:80]!r}"
             ) from None
+        if name in queues:
+            raise ConfigError(field, f"expected each queue once, got {name[:80]!r} twice")
+        queues[name] = value
     return queues
 
 

@@ -139,8 +139,26 @@ def check(rule: Callable[[str, Any], object]) -> Callable[[Any, attrs.Attribute[
 
 
 def dsn(field: str, value: object) -> None:
-    if value is not None:
-        text(field, value, limit=10_000)
+    if value is None:
+        return
+    text(field, value, limit=10_000)
+    assert isinstance(value, str)
+    # libpq's own complaint is not repeated: it may quote part of a password.
+    params = _params(value)
+    if params is None:
+        raise ConfigError(
+            field,
+            "expected a PostgreSQL connection string (postgresql://user:password@host:port/"
+            "dbname, or key=value pairs such as 'host=db dbname=app'); libpq can't read this "
+            "one (percent-encode / @ : ? # in a URL's user or password)",
+        )
+    ports = str(params.get("port") or "").split(",")  # several hosts: one port each, or none
+    if not all(port == "" or (port.isascii() and port.isdigit()) for port in ports):
+        raise ConfigError(
+            field,
+            "expected the connection string's port to be a number; a / or : in a URL's "
+            "password must be percent-encoded (%2F, %3A), or libpq reads it as the port",
+        )
 
 
 _SECRETS: Final = ("password", "sslpassword")

@@ -139,3 +139,30 @@ async def test_a_relay_timeout_does_not_cut_off_the_job_it_runs(inline: trioban.
     """The job runs inside the insert: a relay's timeout stops only waiting, never the job."""
     with trio.fail_after(2):
         assert await inline.relay(sleeper.new({"seconds": 0.2}), timeout=0.01) == "slept"
+
+
+async def test_a_snoozed_or_retried_job_is_returned_as_a_node_writes_it(
+    inline: trioban.Oban, dsn: str
+) -> None:
+    """A snooze grants an attempt (max_attempts one more) and moves scheduled_at, as a retry's
+    backoff moves it."""
+    with trio.fail_after(5):
+        before = datetime.now(UTC)
+        snoozed = await inline.insert(steer.new({"kind": "snooze"}))
+        retried = await inline.insert(steer.new({"kind": "raise"}))
+        async with trioban.open(Config(dsn=dsn, testing="manual")) as manual:
+            saved = await manual.insert(steer.new({"kind": "snooze"}))
+            await drain_queue(manual, "default")
+            stored = await manual.get_job(saved.id or 0)
+    assert stored is not None
+    assert stored.max_attempts == saved.max_attempts + 1
+    assert (snoozed.state, snoozed.attempt, snoozed.max_attempts) == (
+        stored.state,
+        stored.attempt,
+        stored.max_attempts,
+    )
+    assert snoozed.scheduled_at is not None
+    assert retried.scheduled_at is not None
+    assert snoozed.scheduled_at >= before
+    assert retried.scheduled_at > before
+    assert retried.max_attempts == saved.max_attempts

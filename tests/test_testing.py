@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import Job, JobState, worker
+from trioban import Job, JobState, Snooze, Workflow, worker
 from trioban._codec import dumps
 from trioban._devserver import TempServer
 from trioban.testing import (
@@ -28,7 +28,7 @@ from trioban.testing import (
 )
 
 from .conftest import ExistingServer
-from .workers import Address, OrderArgs, Receipt, Size, place_order
+from .workers import Address, OrderArgs, Receipt, Size, flow_step, place_order, steer
 
 USER_TESTS = """
 import pytest
@@ -331,3 +331,66 @@ async def test_perform_job_gives_a_recorded_result_as_fetch_recorded_does() -> N
     )
     assert (bad.state, bad.result) == (JobState.DISCARDED, None)
     assert "the result of tests.workers.place_order" in (bad.error or "")
+
+
+async def test_a_step_waiting_on_its_deps_is_enqueued(oban: trioban.Oban) -> None:
+    """A suspended step will run: refute_enqueued must not pass while it waits."""
+    wf = Workflow().add("a", flow_step.new({"value": 1})).add("b", flow_step.new({}), deps=["a"])
+    await oban.insert_workflow(wf)
+    [held] = await assert_enqueued(oban, worker=flow_step, meta={"name": "b"})
+    assert held.state is JobState.SUSPENDED
+    with pytest.raises(AssertionError, match="expected no job enqueued"):
+        await refute_enqueued(oban, worker=flow_step, meta={"name": "b"})
+    await drain_queue(oban, "default", with_recursion=True)
+    await refute_enqueued(oban, worker=flow_step)
+
+
+async def test_perform_job_gives_the_reason_of_a_cancel_or_discard() -> None:
+    """As a node records it: in ``errors``, and here in ``error`` too."""
+    with trio.fail_after(10):
+        cancelled = await perform_job(steer, {"kind": "cancel"})
+        discarded = await perform_job(steer, {"kind": "discard"})
+    assert (cancelled.state, cancelled.error) == (JobState.CANCELLED, "told to cancel")
+    assert (discarded.state, discarded.error) == (JobState.DISCARDED, "told to discard")
+    assert [entry["error"] for entry in cancelled.job.errors] == ["told to cancel"]
+    assert (cancelled.job.state, cancelled.job.id) == (JobState.CANCELLED, None)
+
+
+@worker(queue="snooze")
+async def always_snoozes(job: Job) -> Snooze:
+    return Snooze(0)
+
+
+async def test_a_drain_runs_a_job_that_snoozed_no_more(oban: trioban.Oban) -> None:
+    """Made due again each round, it would keep a drain with_scheduled and with_recursion going
+    for ever: it stays scheduled for the next drain."""
+    job = await oban.insert(always_snoozes.new({}))
+    with trio.fail_after(10):
+        counts = await drain_queue(oban, "snooze", with_scheduled=True, with_recursion=True)
+        assert counts["scheduled"] == 1
+        assert (await drain_queue(oban, "snooze", with_scheduled=True))["scheduled"] == 1
+    [left] = await all_enqueued(oban, queue="snooze")
+    assert (left.id, left.state, left.attempt) == (job.id, JobState.SCHEDULED, 2)
+
+
+async def test_drain_queue_takes_one_queue_by_name(oban: trioban.Oban) -> None:
+    with pytest.raises(TypeError, match=r"got None; drain_queue drains one queue: call it once"):
+        await drain_queue(oban, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"a str\), got .*; pass the worker's queue, 'snooze'"):
+        await drain_queue(oban, always_snoozes)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected queue to be a queue name \(a str\), got 5"):
+        await drain_queue(oban, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected queue to be a name of 1 to 127"):
+        await drain_queue(oban, "")
+
+
+async def test_enqueued_filters_of_the_wrong_type_are_refused(oban: trioban.Oban) -> None:
+    """They would match nothing, so refute_enqueued would always pass, or fail in PostgreSQL."""
+    await oban.insert(always_snoozes.new({}, meta={"k": 1}))
+    for meta in ([1], "x"):
+        with pytest.raises(TypeError, match=r"expected meta to be a mapping .*, got"):
+            await refute_enqueued(oban, meta=meta)
+    with pytest.raises(TypeError, match=r"expected queue to be a queue name \(a str\), got 5"):
+        await all_enqueued(oban, queue=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected worker to be a worker"):
+        await assert_enqueued(oban, worker=5)

@@ -3,6 +3,8 @@ and is stored nowhere."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import attrs
 
 from . import _codec
@@ -23,21 +25,30 @@ async def run_inline(job: Job, relays: Registry) -> Job:
     ref = job.meta.get(META_REF)
     if ref is not None:
         relays.offer(str(ref), _final_notice(ack))
-    return _as_written(running.job, ack)
+    return as_written(running.job, ack)
 
 
-def _as_written(ran: Job, ack: Ack) -> Job:
-    """``ran`` as a node's write of ``ack`` would leave it (the error appended to ``errors``,
-    the recorded result merged into ``meta``), but unsaved: the inline mode stores nothing."""
+def as_written(ran: Job, ack: Ack) -> Job:
+    """``ran`` as a node's write of ``ack`` would leave it, but unsaved (no id): the error (a
+    failure's, or a ``Cancel``'s or ``Discard``'s reason) appended to ``errors``, the recorded
+    result merged into ``meta``, ``scheduled_at`` moved for a retry or snooze, and the attempt a
+    snooze grants added to ``max_attempts``."""
     written = _codec.loads(ack.json)
-    error, meta = written["error"], written["meta"]
+    error, meta, delay = written["error"], written["meta"], written["schedule_in"]
     return attrs.evolve(
         ran,
         id=None,
         state=JobState(ack.state),
         errors=ran.errors if error is None else (*ran.errors, error),
         meta=ran.meta if meta is None else {**ran.meta, **meta},
+        scheduled_at=ran.scheduled_at if delay is None else _after(delay),
+        max_attempts=ran.max_attempts + written["extra_attempts"],
     )
+
+
+def _after(seconds: float) -> datetime:
+    """Now plus ``seconds`` (at most ``MAX_DELAY``, 100 years: a valid datetime)."""
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def _final_notice(ack: Ack) -> Notice:

@@ -27,10 +27,12 @@ from ._ack import Ack, failure
 from ._acker import ack_json
 from ._crypto import FIELD as SEALED_FIELD
 from ._executor import Running, execute, resolve, run_here
+from ._inline import as_written
 from ._instance import Oban
 from ._job import Job, JobState
 from ._registry import lookup
 from ._sql import query
+from ._validate import check_queue
 from ._worker import CURRENT, Worker, WorkerNotFound
 
 if TYPE_CHECKING:
@@ -57,7 +59,9 @@ __all__ = [
 @final
 @attrs.frozen
 class Performed:
-    """What ``perform_job`` saw: the new state, the result (structured), the error text."""
+    """What ``perform_job`` saw: the new state, the result (structured), the error text (a
+    failure's, or the reason given to ``Cancel`` or ``Discard``) and the job as a node would
+    have written it."""
 
     state: JobState
     result: Any
@@ -73,6 +77,9 @@ async def perform_job(worker: Worker, args: Any = None, **opts: Any) -> Performe
     ``result`` is what a completed job returned: for a worker that records results, as
     ``fetch_recorded`` would give it (through JSON, structured again); otherwise as returned,
     unserialised, since a node keeps nothing of it (a relay's caller gets it through JSON).
+    ``error`` is a failure's text, or the reason given to ``Cancel`` or ``Discard``. ``job`` is
+    the job as a node's write of the attempt would leave it, but unsaved (no id): its new
+    state, the error appended to ``errors``, ``scheduled_at`` moved by a retry or snooze.
     """
     if not isinstance(worker, Worker):
         raise TypeError(f"perform_job expects a worker (from @worker), got {worker!r}")
@@ -83,7 +90,13 @@ async def perform_job(worker: Worker, args: Any = None, **opts: Any) -> Performe
         result = worker.load_result(ack.result)
     else:
         result = running.returned if ack.state == "completed" else None
-    return Performed(JobState(ack.state), result, ack.error, running.job)
+    job = as_written(running.job, ack)
+    # A Cancel's or Discard's reason is no failure (ack.error, for telemetry, is None), but a
+    # node records it in errors all the same.
+    error = ack.error
+    if error is None and len(job.errors) > len(running.job.errors):
+        error = str(job.errors[-1]["error"])
+    return Performed(JobState(ack.state), result, error, job)
 
 
 async def drain_queue(
@@ -98,11 +111,14 @@ async def drain_queue(
     their outcomes.
 
     ``with_scheduled`` runs scheduled (and retryable) jobs too, as if due now;
-    ``with_recursion`` also runs the jobs they enqueue, round after round, until none is left;
+    ``with_recursion`` also runs the jobs they enqueue, round after round, until none is left
+    (with both, a retried job runs again until it ends or runs out of attempts, but a job that
+    snoozed stays ``scheduled`` until the next drain, so a drain ends);
     ``with_safety=False`` lets a worker's exception out of ``drain_queue`` instead of recording
     it. Returns counts by new state (``completed``, ``retryable``, ``discarded``,
-    ``cancelled``, ``scheduled``).
+    ``cancelled``, ``scheduled``). ``queue`` names one queue (a str, else ``TypeError``).
     """
+    queue = _queue_name(queue)
     counts = dict.fromkeys(("completed", "retryable", "discarded", "cancelled", "scheduled"), 0)
     # Jobs see this instance as theirs (current_instance(), relays, inserts).
     token = CURRENT.set(oban)
@@ -111,6 +127,16 @@ async def drain_queue(
     finally:
         CURRENT.reset(token)
     return counts
+
+
+def _queue_name(queue: object) -> str:
+    """``queue``, checked: one queue's name (drain_queue drains one queue)."""
+    if isinstance(queue, str):
+        return check_queue(queue)
+    hint = "drain_queue drains one queue: call it once for each queue to drain"
+    if isinstance(queue, Worker):
+        hint = f"pass the worker's queue, {queue.queue!r}"
+    raise TypeError(f"expected queue to be a queue name (a str), got {queue!r}; {hint}")
 
 
 async def _drain(
@@ -123,18 +149,22 @@ async def _drain(
 ) -> None:
     prefix, pool = oban.config.prefix, oban._pool
     producer = str(uuid.uuid4())
+    # Jobs that snoozed in this drain are not run again in it: made due each round, a job that
+    # always snoozes would keep a drain with_scheduled and with_recursion going for ever.
+    snoozed: set[int] = set()
     while True:
         if with_scheduled:
             async with pool.connection() as conn:
-                await conn.execute(query("make_due", prefix), {"queue": queue})
+                params = {"queue": queue, "skip": sorted(snoozed)}
+                await conn.execute(query("make_due", prefix), params)
         # A round runs the jobs available now; those they enqueue wait for the next round
         # (recursion), even when they would be claimed first.
         async with pool.connection() as conn:
             cur = await conn.execute(
                 query("job_ids", prefix), {"state": "available", "queue": queue}
             )
-            due = {row[0] for row in await cur.fetchall()}
-        ran = await _round(pool, prefix, due, producer, counts, with_safety)
+            due = {row[0] for row in await cur.fetchall()} - snoozed
+        ran = await _round(pool, prefix, due, producer, counts, snoozed, with_safety)
         if not ran or not with_recursion:
             return
 
@@ -145,9 +175,11 @@ async def _round(
     due: set[int],
     producer: str,
     counts: dict[str, int],
+    snoozed: set[int],
     with_safety: bool,
 ) -> int:
-    """Run the jobs ``due`` (ids) that are still available; returns how many ran."""
+    """Run the jobs ``due`` (ids) that are still available, adding those that snooze to
+    ``snoozed``; returns how many ran."""
     ran = 0
     # One claim per job: a worker's exception or a cancelled drain leaves no claimed job
     # behind in 'executing' (the manual mode has no lifeline to rescue it).
@@ -156,7 +188,10 @@ async def _round(
         if job is None:
             break
         due.discard(job.id or 0)
-        counts[await _run_one(pool, prefix, job, with_safety)] += 1
+        state = await _run_one(pool, prefix, job, with_safety)
+        counts[state] += 1
+        if state == "scheduled":  # only a snooze leaves a job scheduled
+            snoozed.add(job.id or 0)
         ran += 1
     return ran
 
@@ -190,13 +225,16 @@ async def all_enqueued(
     args: Any = None,
     meta: Mapping[str, Any] | None = None,
 ) -> list[Job]:
-    """Jobs waiting to run (available, scheduled, retryable) that match every filter given.
+    """Jobs waiting to run (available, scheduled, retryable, or a workflow step suspended
+    until its deps finish) that match every filter given.
 
     ``args`` and ``meta`` match partially: the job's must contain the given keys and values
     (nested objects too). ``args`` is matched against the args the worker gets (decrypted for
     a worker with ``encrypted=``); for a worker with ``args=Cls`` given as ``worker=``, it may
-    be a ``Cls`` instance.
+    be a ``Cls`` instance. A filter of another type (``worker`` neither a worker nor a name,
+    ``queue`` not a str, ``meta`` not a mapping) is a ``TypeError``.
     """
+    _check_filters(worker, queue, meta)
     name = worker.name if isinstance(worker, Worker) else worker
     want = None if args is None else await _args_filter(args, worker)
     params = {"worker": name, "queue": queue, "args": "{}", "meta": _codec.dumps(meta or {})}
@@ -209,6 +247,17 @@ async def all_enqueued(
         return jobs
     # Matched here, not by the database: encrypted args are only readable here.
     return [job for job in jobs if _contains(await _worker_args(job), want)]
+
+
+def _check_filters(worker: object, queue: object, meta: object) -> None:
+    """Refuse filters of the wrong type, which would match nothing (so refute_enqueued would
+    always pass) or fail in the database."""
+    if worker is not None and not isinstance(worker, Worker | str):
+        raise TypeError(f"expected worker to be a worker (from @worker) or a name, got {worker!r}")
+    if queue is not None and not isinstance(queue, str):
+        raise TypeError(f"expected queue to be a queue name (a str), got {queue!r}")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(f"expected meta to be a mapping (matched partially), got {meta!r}")
 
 
 async def _args_filter(args: Any, worker: Worker | str | None) -> Any:

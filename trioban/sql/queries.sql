@@ -603,15 +603,17 @@ WHERE meta ? 'batch_id' AND meta->>'batch_id' = %(batch_id)s AND NOT meta ? 'cal
 GROUP BY 1
 
 -- name: make_due
--- Testing (drain_queue with_scheduled): a queue's scheduled and retryable jobs, due now.
+-- Testing (drain_queue with_scheduled): a queue's scheduled and retryable jobs, due now, but
+-- those to skip (that snoozed in this drain).
 UPDATE {prefix}.oban_jobs SET state = 'available', scheduled_at = timezone('UTC', now())
 WHERE queue = %(queue)s AND state IN ('scheduled', 'retryable')
+  AND NOT id = ANY(%(skip)s::bigint[])
 
 -- name: enqueued_jobs
--- Testing (assert_enqueued): jobs waiting to run that match the filters; args and meta match
--- by containment, so a partial object matches.
+-- Testing (assert_enqueued): jobs waiting to run (a workflow step waiting on its deps too) that
+-- match the filters; args and meta match by containment, so a partial object matches.
 SELECT {job} FROM {prefix}.oban_jobs AS j
-WHERE j.state IN ('available', 'scheduled', 'retryable')
+WHERE j.state IN ('available', 'scheduled', 'retryable', 'suspended')
   AND (%(worker)s::text IS NULL OR j.worker = %(worker)s)
   AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
   AND j.args @> %(args)s::jsonb AND coalesce(j.meta, '{}'::jsonb) @> %(meta)s::jsonb

@@ -211,3 +211,29 @@ async def test_cancel_reasons_postgresql_cant_store_are_refused(oban: trioban.Ob
     assert found is not None
     assert found.state is trioban.JobState.SCHEDULED
     assert await oban.cancel_job(job.id, reason="é, then \\x00 as text")
+
+
+async def test_odd_arguments_get_clear_errors(oban: trioban.Oban) -> None:
+    with trio.fail_after(5):
+        for flag in ("yes", None, 1):
+            with pytest.raises(TypeError, match="with_retries to be True or False"):
+                await oban.relay(echo.new({"value": 1}), with_retries=flag)  # type: ignore[arg-type]
+        relay = await oban.dispatch(echo.new({"value": 1}))
+        with pytest.raises(TypeError, match="with_retries to be True or False"):
+            await relay.result(with_retries="yes")  # type: ignore[arg-type]
+        for jobs in (None, "jobs", {"a": 1}):
+            with pytest.raises(TypeError, match="insert_all expects a list of jobs"):
+                await oban.insert_all(jobs)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="expected queue"):
+            oban.check_queue(None)  # type: ignore[arg-type]
+        assert await relay.result() == 1
+
+
+async def test_queue_methods_after_the_instance_closed_say_so(dsn: str) -> None:
+    async with trioban.open(Config(dsn=dsn, queues={"default": 1})) as oban:
+        pass
+    with pytest.raises(trioban.TriobanError, match="has closed"):
+        oban.check_queue("default")
+    for local_only in (True, False):
+        with pytest.raises(trioban.TriobanError, match="has closed"):
+            await oban.pause_queue("default", local_only=local_only)

@@ -100,6 +100,13 @@ async def test_bad_input_is_rejected_clearly(dsn: str) -> None:
             await oban.notify("Bad Channel", {})
         with pytest.raises(TypeError, match="dict"):
             await oban.notify("gossip", ["not a dict"])  # type: ignore[list-item]
+        # Checked as args are: a listener would get another key, or nothing could be sent.
+        with pytest.raises(TypeError, match="keys of the notifier payload to be str"):
+            await oban.notify("gossip", {1: 2})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match=r"notifier payload .* lone surrogate"):
+            await oban.notify("gossip", {"a": "\ud800"})
+        with pytest.raises(ValueError, match="notifier payload to be JSON-serialisable"):
+            await oban.notify("gossip", {"a": float("nan")})
         with pytest.raises(TypeError, match="list of channel names"):
             oban.listen("gossip")
         with pytest.raises(ValueError, match="channel name"):

@@ -123,6 +123,20 @@ async def test_queue_signals_with_a_bad_queue_or_limit_are_ignored(dsn: str) -> 
             assert worker.check_queue("default").limit == 1
 
 
+async def test_a_cancel_signal_skips_a_job_id_that_isnt_an_integer(dsn: str) -> None:
+    """A malformed id (from a bug, or a user's own signal) is skipped: the ids after it are
+    still cancelled."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(10):
+        async with trioban.open(_conf(dsn, queues={"default": 1})) as oban:
+            relay = await oban.dispatch(wait_gate.new({"gate": "never-opened"}))
+            await workers.wait_started(1)
+            signal = {"action": "pkill", "job_ids": [{"id": 1}, "2", relay.job.id]}
+            await oban.notify("signal", signal)
+            with pytest.raises(RelayCancelled):
+                await relay.result(timeout=5)
+
+
 async def test_a_queue_started_at_run_time_fetches_the_jobs_waiting(dsn: str) -> None:
     """No stager runs and nothing is inserted after the start: ``start_queue`` returns once
     the new producer has fetched, so the job already waiting is running by then."""

@@ -12,8 +12,8 @@ from ._batch import BATCH_ID, Batch
 from ._errors import TriobanError
 from ._job import Job
 from ._relay import check_timeout as check_timeout  # relays check theirs too
+from ._validate import check_json_object, valid_queue_limit
 from ._validate import check_queue as check_queue  # the queue methods check theirs too
-from ._validate import valid_queue_limit
 from ._workflow import WORKFLOW_ID, Workflow
 
 
@@ -26,7 +26,12 @@ def check_limit(limit: object) -> int:
 def check_jobs(jobs: Iterable[Job] | Workflow | Batch) -> list[Job]:
     if isinstance(jobs, Job):
         raise TypeError("insert_all expects a list of jobs; use insert(job) for one")
-    batch = jobs.build() if isinstance(jobs, Workflow | Batch) else list(jobs)
+    if isinstance(jobs, Workflow | Batch):
+        batch = jobs.build()
+    elif isinstance(jobs, Iterable) and not isinstance(jobs, str | bytes | Mapping):
+        batch = list(jobs)
+    else:
+        raise TypeError(f"insert_all expects a list of jobs, got {type(jobs).__name__}")
     for job in batch:
         if not isinstance(job, Job):
             raise TypeError(f"expected a Job built by Worker.new(), got {job!r}")
@@ -95,9 +100,10 @@ def check_id(job_id: int) -> int:
 
 
 def encode_message(item: Mapping[str, Any]) -> str:
+    """A notifier payload, checked as args are (str keys, JSON values), encoded to send."""
     if not isinstance(item, Mapping):
         raise TypeError(f"expected a notifier payload to be a dict, got {type(item).__name__}")
-    text = _codec.encode_payload(item)
+    text = _codec.pack_payload(check_json_object(item, "the notifier payload")[1])
     if len(text.encode()) >= _codec.NOTIFY_LIMIT:
         raise ValueError(
             f"notifier payload is {len(text.encode())} bytes even compressed; PostgreSQL's "

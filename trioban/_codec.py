@@ -122,7 +122,11 @@ def loads_stored(text: str) -> Any:
 
 def encode_payload(value: Any) -> str:
     """Encode a notifier payload: plain JSON, or Oban's ``Z:`` + base64(gzip) when large."""
-    text = dumps(value)
+    return pack_payload(dumps(value))
+
+
+def pack_payload(text: str) -> str:
+    """A notifier payload's JSON ``text`` as sent: as is, or ``Z:`` + base64(gzip) when large."""
     # Sizes in bytes, as NOTIFY's limit counts them: a non-ASCII char takes 2 to 4.
     raw = text.encode()
     if len(raw) > COMPRESS_ABOVE:

@@ -45,7 +45,7 @@ from ._queues import SIGNAL, Queues, settle_claims
 from ._registry import lookup, scheduled
 from ._relay import Registry, Relay, insert_relayed
 from ._relay import await_many as _await_many
-from ._validate import CRON_META, check_text
+from ._validate import CRON_META, check_flag, check_text
 from ._worker import CURRENT, Worker
 from ._workflow import Workflow
 from ._workflow_methods import WorkflowMethods
@@ -265,7 +265,7 @@ class Oban(WorkflowMethods, QueueMethods):
         inline testing mode the job runs inside the insert, to its end whatever the timeout.
         """
         relay: Relay | None = None
-        limit = check_timeout(timeout)
+        limit, with_retries = check_timeout(timeout), check_flag(with_retries, "with_retries")
         if self.config.testing == "inline":  # running the job is the insert: don't cut it off
             limit = math.inf
         with trio.move_on_after(limit):  # one deadline for both steps

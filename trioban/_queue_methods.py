@@ -38,7 +38,7 @@ class QueueMethods:
 
     def check_queue(self, queue: str) -> QueueInfo:
         """This node's view of ``queue``: limit, paused, running job ids."""
-        return self._queues.get(queue).info()
+        return self._queues.get(check_queue(queue)).info()
 
     async def check_all_queues(self) -> list[QueueInfo]:
         """Every queue on every live node, as of each node's last heartbeat.
@@ -120,6 +120,7 @@ class QueueMethods:
 
     async def _send(self, message: dict[str, Any], local_only: bool) -> None:
         """Apply a queue signal here, then send it to the other nodes unless ``local_only``."""
+        self._queues.check_open()
         self._queues.apply(message)
         if not local_only:
             await self._signal(message)

@@ -57,10 +57,20 @@ class Queues:
         self.producers = Producers()
         self._woken_by_inserts = False  # subscribed to the insert channel (runs a queue)
         self._nursery: trio.Nursery | None = None  # where producers run, while open
+        self._closed = False  # serve() has ended: the instance has closed
         self._grace = 0.0
+
+    def check_open(self) -> None:
+        """Raise ``TriobanError`` once the instance has closed (its queues are gone)."""
+        if self._closed:
+            raise TriobanError(
+                "this trioban instance has closed; use its queue methods inside "
+                "`async with trioban.open(conf) as oban:`"
+            )
 
     def get(self, queue: str) -> Producer:
         """The producer of ``queue``; ValueError naming the queues here if it doesn't run."""
+        self.check_open()
         producer = self.producers.get(queue)
         if producer is None:
             known = ", ".join(sorted(self.producers)) or "none (an insert-only instance)"
@@ -104,6 +114,7 @@ class Queues:
                 yield
             finally:
                 self._nursery = None
+                self._closed = True
                 # Shielded, and bounded by the grace: a cancelled exit too runs the whole stop,
                 # and the jobs it cut off (cancelled with it) are reported as left executing.
                 with trio.CancelScope(shield=True):
@@ -150,6 +161,9 @@ class Queues:
                 log.warning("ignored a cancel signal without a list of job ids: %.200r", message)
                 return
             for job_id, claimed_at in zip(job_ids, _claims(message, len(job_ids)), strict=True):
+                if type(job_id) is not int:  # from a bug, or a user's own signal: the rest go on
+                    log.warning("ignored a job id that isn't an integer: %.200r", job_id)
+                    continue
                 for producer in self.producers.beating():  # a stopped queue's jobs too
                     producer.cancel_job(job_id, reason, claimed_at)
             return

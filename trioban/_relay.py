@@ -24,6 +24,7 @@ from ._errors import RelayCancelled, RelayDiscard, RelayError, RelayTimeout
 from ._job import Job, evolve
 from ._notice import FINAL, META_REF, Notice, notice_from_row
 from ._registry import lookup
+from ._validate import check_flag
 
 if TYPE_CHECKING:
     from ._pg import Pool
@@ -286,12 +287,13 @@ class Relay:
         Raises ``RelayTimeout`` when ``timeout`` seconds pass, ``RelayCancelled`` or
         ``RelayDiscard`` when the job ends so. A timeout, or the caller's own cancel scope,
         stops only the waiting: the job goes on, and ``result()`` may be called again. An
-        outcome already received is returned even with ``timeout=0``, and again by later calls.
+        outcome already received is returned even with ``timeout=0``; a later call reads the
+        job's row again (a retried job gives its new outcome), which ``timeout=0`` cuts short.
         A relay of a unique job that joined an existing job follows that job; if that job
         completes without storing its result, ``RelayError`` says so. So it does, at once,
         when the instance that dispatched the relay closes before its outcome arrives.
         """
-        seconds = check_timeout(timeout)
+        seconds, with_retries = check_timeout(timeout), check_flag(with_retries, "with_retries")
         # The caller's cancellation only: an outcome already here beats our own deadline.
         await trio.lowlevel.checkpoint_if_cancelled()
         with trio.move_on_after(seconds):

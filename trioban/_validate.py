@@ -257,3 +257,10 @@ def _non_str_key(value: Any) -> tuple[list[Any], Any] | None:
                 found[0].insert(0, step)
                 return found
     return None
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a bool, else a ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"expected {name} to be True or False, got {value!r}")
+    return value

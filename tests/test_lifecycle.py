@@ -17,7 +17,18 @@ from trioban import Config, JobState, RelayCancelled, RelayDiscard, Unique, _ack
 
 from . import workers
 from .helpers import eventually
-from .workers import echo, exits, flaky, interrupted, record, sleeper, steer, too_slow, wait_gate
+from .workers import (
+    breaks_when_cancelled,
+    echo,
+    exits,
+    flaky,
+    interrupted,
+    record,
+    sleeper,
+    steer,
+    too_slow,
+    wait_gate,
+)
 
 
 @asynccontextmanager
@@ -354,6 +365,25 @@ async def test_worker_timeout_is_an_error_and_retried(dsn: str) -> None:
             job = await oban.get_job(relay.job.id)
             assert job is not None
             assert (job.state, job.attempt) == (JobState.DISCARDED, 2)
+
+
+async def test_a_job_raising_as_it_is_cancelled_ends_as_its_cancellation_says(
+    dsn: str,
+) -> None:
+    """Its timeout: a failure naming both the timeout and the error; cancel_job: cancelled
+    (not failed and retried)."""
+    workers.concurrency.update(now=0, max=0, started=0)
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            relay = await oban.dispatch(breaks_when_cancelled.new({}))
+            with pytest.raises(RelayDiscard, match=r"timeout of 0\.3s, then RuntimeError: cleanup"):
+                await relay.result(timeout=5)
+            relay = await oban.dispatch(breaks_when_cancelled.new({}))
+            await workers.wait_started(2)
+            assert relay.job.id is not None
+            await oban.cancel_job(relay.job.id, reason="not needed")
+            with pytest.raises(RelayCancelled, match="not needed"):
+                await relay.result(timeout=5)
 
 
 async def test_retry_job_runs_a_finished_job_again(dsn: str) -> None:

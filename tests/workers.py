@@ -95,6 +95,16 @@ async def too_slow(job: Job) -> str:
     return "never"
 
 
+@worker(queue="default", timeout=0.3, max_attempts=1)
+async def breaks_when_cancelled(job: Job) -> None:
+    """A job whose cleanup raises when it is cancelled (by its timeout, or cancel_job)."""
+    _note_start()
+    try:
+        await trio.sleep(10)
+    finally:
+        raise RuntimeError("cleanup failed")
+
+
 def _retry_soon(attempt: int) -> float:
     return 0.5
 

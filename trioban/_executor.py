@@ -168,18 +168,25 @@ async def _run(running: Running) -> Ack:
         if running.reraise or not _fails_the_attempt(exc):
             raise
         job = running.job  # the latest claim (see Running.job)
+        if running.scope.cancel_called:  # it raised as it was being cancelled
+            if running.cancel_reason is not None:  # by cancel_job: cancelled it is
+                return ended(job, "cancelled", running.cancel_reason)
+            return failed(job, f"{_timed_out(worker)}, then {exception_text(exc)}", worker=worker)
         return failed(job, exception_text(exc), worker=worker)
     job = running.job
     if running.scope.cancelled_caught:
         if running.cancel_reason is not None:
             return ended(job, "cancelled", running.cancel_reason)
-        text = f"TimeoutError: job exceeded its worker's timeout of {worker.timeout}s"
-        return failed(job, text, worker=worker)
+        return failed(job, _timed_out(worker), worker=worker)
     try:
         return _outcome(job, worker, result)
     except Exception as exc:  # a return value the ack can't be made of fails the job, not the node
         text = f"cannot record what {worker.name} returned ({type(result).__name__}): "
         return failed(job, text + exception_text(exc), worker=worker)
+
+
+def _timed_out(worker: Worker) -> str:
+    return f"TimeoutError: job exceeded its worker's timeout of {worker.timeout}s"
 
 
 def _outcome(job: Job, worker: Worker, result: Any) -> Ack:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import enum
 import hashlib
 import hmac
 import importlib
@@ -12,15 +13,17 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
 
 import attrs
 import pytest
 import trio
 
 import trioban
-from trioban import JobState, Unique, Workflow
+from trioban import JobState, Unique, Workflow, _structured
 from trioban._batch import JOB_KEYS
+from trioban._codec import dumps, loads
 from trioban._registry import _registry
 from trioban._validate import RESERVED_META
 from trioban._workflow import STEP_KEYS
@@ -173,6 +176,145 @@ def test_an_unsupported_field_type_found_in_new_is_named_without_cattrs_advice()
     with pytest.raises(ValueError, match=r"args\.ref is a _Reference, which trioban can't") as e:
         _book.new({"ref": "x"})
     assert "structure hook" not in str(e.value)
+
+
+@attrs.frozen
+class _Pin:
+    x: int
+
+
+@attrs.frozen
+class _Dot:  # the same fields as _Pin: cattrs can't tell which a {"x": 1} is
+    x: int
+
+
+@attrs.frozen
+class _Box:
+    width: int
+
+
+@attrs.frozen
+class _Circle:
+    kind: Literal["circle"]
+    size: int
+
+
+@attrs.frozen
+class _Square:
+    kind: Literal["square"]
+    size: int
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+def _holder(kind: Any) -> type[Any]:
+    """An attrs class with one field, ``value``, of type ``kind``."""
+    return attrs.make_class("Holder", {"value": attrs.field(type=kind)})
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [Size | _Colour, _Pin | _Dot, datetime | date, date | str, bytes | str, Size | str,
+     int | _Pin | _Dot, list[date | str]],
+)  # fmt: skip
+def test_unions_whose_members_json_cant_tell_apart_are_refused_at_decoration(
+    kind: object,
+) -> None:
+    """Before, @worker took them and every job failed (or read a date back as a str)."""
+    with pytest.raises(TypeError, match=r"args\.value is .*a union whose members trioban can't"):
+        _structured.check_class(_holder(kind), "args")
+
+
+@pytest.mark.parametrize(
+    ("kind", "values"),
+    [
+        (int | None, [None, 3]),
+        (int | str, [1, "1"]),
+        (float | str, [1.5, 2, "x"]),
+        (Literal["a", "b"], ["a", "b"]),
+        (Literal["a"] | date, ["a", date(2026, 11, 24)]),
+        (Size | int, [Size.LARGE, 3]),
+        (int | _Pin, [3, _Pin(1)]),
+        (_Pin | _Box, [_Pin(1), _Box(2)]),
+        (_Circle | _Square, [_Circle("circle", 1), _Square("square", 1)]),
+        (list[_Pin | None], [[_Pin(1), None]]),
+    ],
+)
+def test_unions_json_tells_apart_read_back_as_they_were(kind: object, values: list[Any]) -> None:
+    cls = _structured.check_class(_holder(kind), "args")
+    assert cls is not None
+    for value in values:
+        data = loads(dumps(_structured.unstructure(cls(value), cls, "args")))
+        back = _structured.structure(data, cls, "args").value
+        assert (back, type(back)) == (value, type(value))
+
+
+@attrs.frozen
+class _Typed:
+    count: int
+    ratio: float
+    name: str
+    flag: bool
+    tags: list[str]
+    ids: set[int]
+    key: int | str
+
+
+@trioban.worker(queue="default", args=_Typed, result=_Typed)
+async def _typed(job: trioban.Job) -> None:
+    pass
+
+
+TYPED = {"count": 1, "ratio": 2, "name": "n", "flag": False, "tags": ["a"], "ids": [1], "key": 3}
+
+
+def test_values_of_the_wrong_json_type_are_refused_not_coerced() -> None:
+    """Before, cattrs stored 1.9 as 1, 5 as "5", "abc" as ["a", "b", "c"], True as 1."""
+    assert _typed.new(TYPED).args["ratio"] == 2  # an int is a float
+    bad = {"count": 1.9, "ratio": True, "name": 5, "flag": 1, "tags": "abc", "ids": {"1": 1}}
+    with pytest.raises(ValueError, match="invalid args for _Typed") as raised:
+        _typed.new({**bad, "key": True})
+    for where, kinds in [
+        ("count", "int, got float"),
+        ("ratio", "float, got bool"),
+        ("name", "str, got int"),
+        ("flag", "bool, got int"),
+        ("tags", "a list, got str"),
+        ("ids", "a list, got dict"),
+        ("key", "int | str, got bool"),
+    ]:
+        assert f"expected {kinds} @ args.{where}" in str(raised.value)
+    for count in ("12", True, [1]):
+        with pytest.raises(ValueError, match=r"expected int, got \w+ @ args\.count"):
+            _typed.new({**TYPED, "count": count})
+
+
+def test_results_of_the_wrong_json_type_are_refused_not_coerced() -> None:
+    with pytest.raises(ValueError, match=r"expected str, got list @ result\.name"):
+        _typed.load_result({**TYPED, "name": ["n"]})
+    with pytest.raises(ValueError, match=r"expected int, got str @ result\.count"):
+        _typed.dump_result(_Typed(**{**TYPED, "count": "1"}))  # type: ignore[arg-type]
+
+
+def test_an_args_instance_is_checked_as_a_mapping_is() -> None:
+    """Before, an instance was stored as it was: a bad one failed at run time, or new() raised
+    an AttributeError from deep in cattrs."""
+    bad_id = OrderArgs("12x", Size.LARGE, PLACED, Address("Lyon"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"expected int, got str @ args\.order_id"):
+        place_order.new(bad_id)
+    no_address = OrderArgs(7, Size.LARGE, PLACED, "Lyon")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"expected Address, got str @ args\.ship_to"):
+        place_order.new(no_address)
+
+
+def test_args_of_another_class_say_what_was_expected() -> None:
+    expected = r"expected args to be an instance of OrderArgs or a mapping of its fields, got "
+    with pytest.raises(TypeError, match=expected + "Address"):
+        place_order.new(Address("Lyon"))
+    with pytest.raises(TypeError, match=expected + "list"):
+        place_order.new([1])
 
 
 async def test_worker_gets_an_instance_and_relay_returns_the_result_class(dsn: str) -> None:

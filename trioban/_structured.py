@@ -2,31 +2,131 @@
 
 Private converters (one rejecting unknown keys, one ignoring them) so an application's own
 cattrs hooks never change what trioban stores. Datetimes travel as ISO 8601 text, enums as
-their values, nested classes as objects. As users can't add hooks to them, a class with a field
-type they can't convert is refused when the worker is declared, naming the field.
+their values, nested classes as objects. The converters validate rather than coerce: a str,
+int, float or bool field takes only a value of that JSON type (an int for a float), and a list,
+tuple or set field no str or object. As users can't add hooks to them, a class with a field
+type they can't convert (or a union whose members they can't tell apart) is refused when the
+worker is declared, naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import threading
 import types
 import typing
+from collections.abc import Mapping
+from datetime import date, datetime
 from typing import Any, Final
 
 import attrs
 import cattrs
+from cattrs.cols import is_any_set, is_sequence
 from cattrs.fns import raise_error
-from cattrs.preconf.json import make_converter
+from cattrs.preconf.json import JsonConverter, make_converter
+from cattrs.v import format_exception
 
-_STRICT: Final = make_converter(forbid_extra_keys=True)
-_LENIENT: Final = make_converter()
+if typing.TYPE_CHECKING:
+    from cattrs.dispatch import StructureHook
+
 _COMBINATIONS: Final[frozenset[Any]] = frozenset({typing.Union, types.UnionType, typing.Annotated})
+_UNIONS: Final[frozenset[Any]] = frozenset({typing.Union, types.UnionType})
+_PLAIN: Final[frozenset[Any]] = frozenset({str, int, float, bool, type(None)})
+"""Types a union passes through as the JSON value they are (by exact class)."""
+_TEXT: Final = (datetime, date, bytes)
+"""Types sent as JSON strings."""
 Found = tuple[str, Any] | None
 """Where an unsupported type sits (a field path such as ``args.ship_to.city``), and the type."""
 SUPPORTED: Final = (
     "str, int, float, bool, None, datetime, date, bytes, enums, Literal, nested attrs classes "
     "or dataclasses, and list, tuple, set, dict, Optional or unions of these"
 )
+UNIONS: Final = (
+    "a union may join str, int, float, bool, None and Literal values with one other type that "
+    "JSON doesn't send as one of them (a datetime, date or bytes is sent as a str, an enum as "
+    "its values), or attrs classes or dataclasses told apart by a required field or a Literal "
+    "field of their own"
+)
+
+
+class _Mismatch(TypeError):
+    """A value of the wrong JSON type for its field (its message says what was expected)."""
+
+
+def _only(kind: type[Any], accepts: tuple[type[Any], ...], what: str) -> StructureHook:
+    """A hook taking only values of ``accepts`` (a bool only for a bool), never converting
+    one: cattrs' own would store ``int(1.9)`` or ``str([1])``."""
+
+    def hook(value: Any, cls: Any) -> Any:
+        if value.__class__ is cls:  # the common case, first: this runs per field per job
+            return value
+        if not isinstance(value, accepts) or (isinstance(value, bool) and kind is not bool):
+            raise _Mismatch(f"expected {what}, got {_kind(value)}")
+        return value if cls is kind else cls(value)  # a subclass: an enum of str or int values
+
+    return hook
+
+
+_BUILDING = threading.local()
+"""The types whose hook this thread is building, left to cattrs' own factories."""
+
+
+def _refused(kind: Any) -> tuple[type[Any], ...]:
+    """What cattrs' own hook for ``kind`` would wrongly take: a str or an object iterated into
+    a list, tuple or set (``"abc"`` as ``["a", "b", "c"]``, an object as its keys); a bool
+    passed through as a member of a union with int (as it is an int subclass)."""
+    if is_sequence(kind) or is_any_set(kind) or typing.get_origin(kind) is tuple:
+        return (str, bytes, Mapping)
+    if typing.get_origin(kind) not in _UNIONS:
+        return ()
+    members = typing.get_args(kind)
+    if len(members) == 2 and type(None) in members:  # Optional: the member's own hook checks
+        return ()
+    if int not in members or bool in members or any(_literal_bool(m) for m in members):
+        return ()
+    return (bool,)
+
+
+def _literal_bool(kind: Any) -> bool:
+    return typing.get_origin(kind) is typing.Literal and bool in map(type, typing.get_args(kind))
+
+
+def _refusing(kind: Any) -> bool:
+    return bool(_refused(kind)) and kind not in vars(_BUILDING).get("kinds", ())
+
+
+def _checked(kind: Any, converter: cattrs.Converter) -> StructureHook:
+    """cattrs' own hook for ``kind``, first refusing what it would wrongly take."""
+    building: set[Any] = vars(_BUILDING).setdefault("kinds", set())
+    building.add(kind)  # so the converter hands out the hook it would without this factory
+    try:
+        base = converter.get_structure_hook(kind, cache_result=False)
+    finally:
+        building.discard(kind)
+    refused = _refused(kind)
+    what = "a list" if Mapping in refused else _name(kind)
+
+    def hook(value: Any, cls: Any) -> Any:
+        if isinstance(value, refused):
+            raise _Mismatch(f"expected {what}, got {_kind(value)}")
+        return base(value, cls)
+
+    return hook
+
+
+def _converter(*, forbid_extra: bool) -> JsonConverter:
+    converter = make_converter(forbid_extra_keys=forbid_extra)
+    converter.register_structure_hook(int, _only(int, (int,), "int"))
+    converter.register_structure_hook(float, _only(float, (int, float), "float"))
+    converter.register_structure_hook(str, _only(str, (str,), "str"))
+    converter.register_structure_hook(bool, _only(bool, (bool,), "bool"))
+    converter.register_structure_hook_factory(_refusing, _checked)
+    return converter
+
+
+_STRICT: Final = _converter(forbid_extra=True)
+_LENIENT: Final = _converter(forbid_extra=False)
 
 
 def check_class(value: object, field: str) -> type[Any] | None:
@@ -60,13 +160,48 @@ def structure(data: Any, cls: type[Any], field: str, *, forbid_extra: bool = Tru
 
 
 def unstructure(value: Any, cls: type[Any], field: str, *, forbid_extra: bool = True) -> Any:
-    """``value`` (a ``cls`` instance, or data shaped like one) as JSON-ready data."""
-    if not isinstance(value, cls):
-        value = structure(value, cls, field, forbid_extra=forbid_extra)
-    return _STRICT.unstructure(value, unstructure_as=cls)
+    """``value`` (a ``cls`` instance, or a mapping of its fields) as JSON-ready data, checked
+    as ``structure`` checks JSON: a ``ValueError`` names every bad field."""
+    if isinstance(value, cls):  # built in code, unchecked: its data must read back
+        data = _dump(value, cls, field)
+        structure(data, cls, field)
+        return data
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"expected {field} to be an instance of {cls.__qualname__} or a mapping of its "
+            f"fields, got {_kind(value)}"
+        )
+    instance = structure(value, cls, field, forbid_extra=forbid_extra)
+    return _STRICT.unstructure(instance, unstructure_as=cls)
+
+
+def _dump(value: Any, cls: type[Any], field: str) -> Any:
+    try:
+        return _STRICT.unstructure(value, unstructure_as=cls)
+    except Exception as exc:  # a field holds a value its type's hook can't read
+        parts = [(name, kind, getattr(value, name)) for name, kind in _field_types(cls)]
+        bad = [
+            f"expected {_describe(kind)}, got {_kind(part)} @ {field}.{name}"
+            for name, kind, part in parts
+            if not _dumps(part, kind)
+        ] or [f"{type(exc).__name__}: {exc}"]
+        raise ValueError(f"invalid {field} for {cls.__qualname__}: {'; '.join(bad)}") from None
+
+
+def _dumps(value: Any, kind: Any) -> bool:
+    try:
+        _STRICT.unstructure(value, unstructure_as=kind)
+    except Exception:
+        return False
+    return True
 
 
 def _advice(where: str, kind: Any) -> str:
+    if typing.get_origin(kind) in _UNIONS:
+        return (
+            f"{where} is {_name(kind)}, a union whose members trioban can't tell apart in JSON; "
+            f"{UNIONS} (e.g. use one type and convert it in your code)"
+        )
     name = getattr(kind, "__qualname__", None) or repr(kind)
     return (
         f"{where} is a {name}, which trioban can't convert to and from JSON; use {SUPPORTED} "
@@ -94,6 +229,8 @@ def _walk(kind: Any, where: str, seen: set[type[Any]], *, containers: bool) -> F
         return None
     args = typing.get_args(kind)[:1] if origin is typing.Annotated else typing.get_args(kind)
     found = _first([(where, arg) for arg in args], seen, containers)
+    if found is None and origin in _UNIONS and not containers and not _told_apart(kind):
+        return (where, kind)
     if found is not None or origin in _COMBINATIONS or (origin is not None and not containers):
         return found
     return None if _handled(kind) else (where, kind)
@@ -121,10 +258,41 @@ def _field_types(cls: type[Any]) -> list[tuple[str, Any]]:
     return [(field.name, hints.get(field.name, field.type)) for field in fields]
 
 
-def _handled(kind: Any) -> bool:
+def _told_apart(union: Any) -> bool:
+    """Whether the converter can tell ``union``'s members apart in JSON: it passes str, int,
+    float, bool and None through by class, so a ``date | str`` would read a date as a str."""
+    members = typing.get_args(union)
+    if any(isinstance(member, str | typing.ForwardRef) for member in members):
+        return True  # unresolved annotations: can't tell yet
+    plain = _PLAIN.intersection(members)
+    others = [m for m in members if m not in plain and typing.get_origin(m) is not typing.Literal]
+    if any(_sent_as(member) & plain for member in others):
+        return False
+    # The converter builds the hook for the members it doesn't pass through (a P | Q of
+    # classes it can't tell apart) only once a value needs it: build it now.
+    rest = [union] if len(others) < 2 else [union, typing.Union[tuple(others)]]  # noqa: UP007
+    return all(
+        _handled(part, failing=(cattrs.StructureHandlerNotFoundError, TypeError)) for part in rest
+    )
+
+
+def _sent_as(kind: Any) -> set[Any]:
+    """The JSON values ``kind`` is sent as, among those a union passes through."""
+    if not isinstance(kind, type):
+        return set()
+    if issubclass(kind, enum.Enum):
+        sent = {type(member.value) for member in kind}
+    else:
+        sent = {str} if issubclass(kind, _TEXT) else set()
+    return (sent | {float}) if int in sent else sent  # a float passes an int through
+
+
+def _handled(
+    kind: Any, *, failing: tuple[type[Exception], ...] = (cattrs.StructureHandlerNotFoundError,)
+) -> bool:
     try:
         hook = _STRICT.get_structure_hook(kind)
-    except cattrs.StructureHandlerNotFoundError:
+    except failing:
         return False
     except Exception:  # not a type the converter would look up on its own
         return True
@@ -133,5 +301,25 @@ def _handled(kind: Any) -> bool:
 
 def _explain(exc: BaseException, field: str) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc, path=field))
+        return "; ".join(cattrs.transform_error(exc, path=field, format_exception=_format))
     return f"{type(exc).__name__}: {exc}"
+
+
+def _format(exc: BaseException, kind: Any) -> str:
+    return str(exc) if isinstance(exc, _Mismatch) else format_exception(exc, kind)
+
+
+def _kind(value: Any) -> str:
+    """The type of ``value``, never the value: args may be secret (encrypted)."""
+    return type(value).__qualname__
+
+
+def _name(kind: Any) -> str:
+    return " | ".join(map(_describe, typing.get_args(kind)))
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) in _UNIONS:
+        return _name(kind)
+    plain = isinstance(kind, type) and typing.get_origin(kind) is None  # not a list[int]
+    return kind.__qualname__ if plain else repr(kind)

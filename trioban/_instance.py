@@ -161,9 +161,10 @@ class Oban(WorkflowMethods, QueueMethods):
     async def fetch_recorded(self, job: Job | int) -> Any:
         """The recorded result of a completed job (``@worker(recorded=True)``).
 
-        Structured with the worker's ``result`` class when it declares one. Raises
-        ``NotRecorded`` when the job doesn't exist, hasn't completed or recorded nothing. An
-        unsaved job is read as given: one the inline testing mode ran carries its result.
+        Structured with the worker's ``result`` class when it declares one (``ValueError``,
+        naming the fields, when the stored result no longer fits it). Raises ``NotRecorded``
+        when the job doesn't exist, hasn't completed or recorded nothing. An unsaved job is
+        read as given: one the inline testing mode ran carries its result.
         """
         if isinstance(job, Job) and job.id is None:
             never = "" if job.attempt else " (never inserted)"

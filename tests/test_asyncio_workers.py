@@ -18,7 +18,7 @@ from trioban._registry import lookup
 
 from . import workers
 from .helpers import eventually
-from .workers import aio_fails, aio_fetch, aio_slow, has_asyncio_loop
+from .workers import aio_fails, aio_fetch, aio_reports, aio_slow, has_asyncio_loop
 
 
 async def _echo_server(stream: trio.SocketStream) -> None:
@@ -143,3 +143,22 @@ def test_an_asyncio_worker_with_a_broken_trio_asyncio_names_the_cause(
     assert "AttributeError: module 'asyncio' has no attribute 'AbstractChildWatcher'" in message
     assert "make the worker Trio-flavored" in message
     assert lookup(f"{__name__}._noop") is None
+
+
+async def test_errors_asyncio_hands_its_loop_are_logged_not_raised(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncio logs them (an unclosed aiohttp session, a failed task nobody awaited); raised
+    into the loop's nursery, they stopped the instance."""
+    conf = trioban.Config(dsn=dsn, queues={"aio": 2})
+    with trio.fail_after(10):
+        async with trioban.open(conf) as oban:
+            assert await oban.relay(aio_reports.new({"kind": "handler"})) == "done"
+            assert await oban.relay(aio_reports.new({"kind": "task"})) == "done"
+
+            async def logged() -> bool:
+                return "background task failed" in caplog.text
+
+            await eventually(logged)
+            assert "Unclosed client session" in caplog.text
+            assert await oban.relay(aio_reports.new({"kind": "handler"})) == "done"

@@ -26,6 +26,7 @@ from .workers import (
     record,
     sleeper,
     steer,
+    swallows_cancel,
     too_slow,
     wait_gate,
 )
@@ -384,6 +385,14 @@ async def test_a_job_raising_as_it_is_cancelled_ends_as_its_cancellation_says(
             await oban.cancel_job(relay.job.id, reason="not needed")
             with pytest.raises(RelayCancelled, match="not needed"):
                 await relay.result(timeout=5)
+
+
+async def test_a_job_that_swallows_its_timeout_still_timed_out(dsn: str) -> None:
+    """It caught the Cancelled and returned: it ran past its timeout all the same."""
+    with trio.fail_after(10):
+        async with running(dsn) as oban:
+            with pytest.raises(RelayDiscard, match=r"exceeded its worker's timeout of 0\.2s"):
+                await oban.relay(swallows_cancel.new({}), timeout=5)
 
 
 async def test_retry_job_runs_a_finished_job_again(dsn: str) -> None:

@@ -62,12 +62,20 @@ async def test_job_events_carry_durations_and_outcomes(dsn: str, events: list[Ev
     assert fetches[0] == 1
 
 
-def test_a_failing_handler_is_detached(caplog: pytest.LogCaptureFixture) -> None:
+class _Unusual(BaseException):
+    """A library's own BaseException subclass."""
+
+
+@pytest.mark.parametrize("error", [RuntimeError("handler bug"), SystemExit(2), _Unusual()])
+def test_a_failing_handler_is_detached(
+    caplog: pytest.LogCaptureFixture, error: BaseException
+) -> None:
+    """A BaseException too: it stopped the instance, leaving the job it was told of behind."""
     calls: list[str] = []
 
     def broken(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
         calls.append(event)
-        raise RuntimeError("handler bug")
+        raise error
 
     telemetry.attach("broken", ["stager.stage"], broken)
     with caplog.at_level(logging.ERROR, "trioban.telemetry"):
@@ -81,6 +89,8 @@ def test_a_failing_handler_is_detached(caplog: pytest.LogCaptureFixture) -> None
 def test_attach_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="unknown telemetry events"):
         telemetry.attach("x", ["job.begin"], lambda *a: None)
+    with pytest.raises(ValueError, match="no events given; choose from"):
+        telemetry.attach("x", [], lambda *a: None)
     telemetry.attach("twice", ["job.stop"], lambda *a: None)
     try:
         with pytest.raises(ValueError, match="already attached"):
@@ -136,3 +146,21 @@ def test_a_handler_returning_a_coroutine_is_detached(caplog: pytest.LogCaptureFi
         telemetry.emit("stager.stage", {"count": 1}, {})
     assert "returned a coroutine; detaching it" in caplog.text
     assert not telemetry.detach("disguised")
+
+
+async def test_leadership_changes_are_emitted_both_ways(dsn: str) -> None:
+    """Won at open, given up at close: a leader closing reported nothing before."""
+    changes: list[tuple[str, bool]] = []
+    telemetry.attach(
+        "leader",
+        ["leader.change"],
+        lambda _, __, meta: changes.append((meta["peer"], meta["leader"])),
+    )
+    try:
+        with trio.fail_after(10):
+            async with trioban.open(trioban.Config(dsn=dsn, queues={})) as oban:
+                assert oban.is_leader
+                peer = oban._leadership.peer
+    finally:
+        telemetry.detach("leader")
+    assert changes == [(peer, True), (peer, False)]

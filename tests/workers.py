@@ -382,6 +382,33 @@ async def aio_fails(job: Job) -> None:
     raise ValueError("boom")
 
 
+@worker(queue="aio", flavor="asyncio")
+async def aio_reports(job: Job) -> str:
+    """Hands asyncio's exception handler an error: directly, as aiohttp does for an unclosed
+    session, or through a fire-and-forget task that fails after the job returned."""
+    loop = asyncio.get_running_loop()
+    if job.args["kind"] == "handler":
+        loop.call_exception_handler({"message": "Unclosed client session"})
+    else:
+
+        async def fail_later() -> None:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("background task failed")
+
+        asyncio.ensure_future(fail_later())  # noqa: RUF006 (nobody awaits it, on purpose)
+    return "done"
+
+
+@worker(queue="default", timeout=0.2, max_attempts=1)
+async def swallows_cancel(job: Job) -> str:
+    """Catches its cancellation (as some libraries do) and returns."""
+    try:
+        await trio.sleep(10)
+    except trio.Cancelled:
+        return "swallowed"
+    return "slept"
+
+
 @worker(queue="default")
 async def has_asyncio_loop(job: Job) -> bool:
     """Whether a trio-asyncio loop is open around this (Trio) job."""

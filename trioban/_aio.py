@@ -50,7 +50,7 @@ async def run(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     try:
         if trio_asyncio.current_loop.get() is None:
             try:
-                async with trio_asyncio.open_loop():
+                async with _open_loop():
                     result = await trio_asyncio.aio_as_trio(_guarded)(function, *args)
             except BaseExceptionGroup as group:  # the loop's nursery wraps the job's error
                 raise sole_error(group) from None
@@ -95,7 +95,23 @@ async def loop_if(needed: bool) -> AsyncIterator[None]:
     if not needed:
         yield
         return
+    async with _open_loop():
+        yield
+
+
+@asynccontextmanager
+async def _open_loop() -> AsyncIterator[None]:
+    """A trio-asyncio loop that logs the errors asyncio hands its exception handler (a
+    fire-and-forget task that failed, an unclosed aiohttp session) as asyncio's own loop does:
+    trio-asyncio's handler raises them into the loop's nursery, stopping the instance."""
     import trio_asyncio
 
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_error)
         yield
+
+
+def _log_error(loop: Any, context: dict[str, Any]) -> None:
+    import asyncio
+
+    asyncio.BaseEventLoop.default_exception_handler(loop, context)

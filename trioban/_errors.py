@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 
 class TriobanError(Exception):
     """Base class of every exception trioban raises on purpose."""
@@ -60,3 +62,14 @@ def sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
     return error
+
+
+def stops_the_node(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by user code (a job, a telemetry handler), passes through to
+    the node: its own cancellation or Ctrl-C, alone or in a group. Anything else (a
+    SystemExit from an argparse error, an asyncio.CancelledError of the code's own, a
+    library's BaseException subclass) is that code's failure, not the node's."""
+    stops = (trio.Cancelled, KeyboardInterrupt)
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(stops) is not None
+    return isinstance(exc, stops)

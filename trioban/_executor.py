@@ -15,6 +15,7 @@ import trio
 from . import _codec, telemetry
 from ._ack import MAX_DELAY, Ack, build_ack, ended, exception_text, failed, granted
 from ._crypto import DecryptionError
+from ._errors import stops_the_node
 from ._job import Cancel, Discard, Job, JobState, Snooze
 from ._notice import META_REF, META_RESULT
 from ._registry import lookup
@@ -23,19 +24,6 @@ from ._worker import Worker, args_json
 from ._workflow import NAME, WORKFLOW_ID
 
 log = logging.getLogger("trioban.executor")
-
-_NODE_STOPS: Final = (trio.Cancelled, KeyboardInterrupt)
-"""What passes through job code to the node: its own cancellation (shutdown) and Ctrl-C."""
-
-
-def _fails_the_attempt(exc: BaseException) -> bool:
-    """Whether job code's (or a worker module's import's) ``exc`` fails its attempt: anything
-    but what stops the node (``_NODE_STOPS``, alone or in a group), so a SystemExit (an
-    argparse error), an asyncio.CancelledError or a BaseException subclass fails the job, not
-    the node."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(_NODE_STOPS) is None
-    return not isinstance(exc, _NODE_STOPS)
 
 
 # A NUL in JSON text: ``\u0000`` whose backslash is not itself escaped. jsonb refuses it.
@@ -70,7 +58,7 @@ async def resolve(name: str) -> Worker | None:
     try:
         await trio.to_thread.run_sync(importlib.import_module, module)
     except BaseException as exc:
-        if not _fails_the_attempt(exc):
+        if stops_the_node(exc):
             raise
         log.warning("cannot import %s for worker %s: %r", module, name, exc)
         if not _is_missing(module, exc):
@@ -136,7 +124,7 @@ async def _run(running: Running) -> Ack:
     try:
         worker = await resolve(job.worker)
     except BaseException as exc:
-        if not _fails_the_attempt(exc):
+        if stops_the_node(exc):
             raise
         # Retried (with the default backoff): a fixed deployment or configuration runs it.
         module = job.worker.rsplit(".", 1)[0]
@@ -165,7 +153,7 @@ async def _run(running: Running) -> Ack:
         with running.scope:
             result = running.returned = await worker.perform(prepared)
     except BaseException as exc:
-        if running.reraise or not _fails_the_attempt(exc):
+        if running.reraise or stops_the_node(exc):
             raise
         job = running.job  # the latest claim (see Running.job)
         if running.scope.cancel_called:  # it raised as it was being cancelled
@@ -174,7 +162,9 @@ async def _run(running: Running) -> Ack:
             return failed(job, f"{_timed_out(worker)}, then {exception_text(exc)}", worker=worker)
         return failed(job, exception_text(exc), worker=worker)
     job = running.job
-    if running.scope.cancelled_caught:
+    # cancel_called, not cancelled_caught: code that swallowed the Cancelled (asyncio code
+    # catching its CancelledError, say) and returned still timed out, or was cancelled.
+    if running.scope.cancel_called:
         if running.cancel_reason is not None:
             return ended(job, "cancelled", running.cancel_reason)
         return failed(job, _timed_out(worker), worker=worker)

@@ -41,6 +41,7 @@ class Leadership:
         self.peer = peer
         self._interval = interval
         self._until = float("-inf")  # trio clock time the lease we hold runs out, locally
+        self._reported = False  # the leadership last logged and emitted (leader.change)
         self._steady_since: float | None = None  # when our calls last began to succeed
         self._wake = trio.Event()
 
@@ -73,7 +74,7 @@ class Leadership:
                 self._wake = trio.Event()
                 await self._elect()
         finally:
-            if self.is_leader:
+            if self._reported:  # the lease may have lapsed here, not yet in the database
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
                     await self._resign()
 
@@ -93,16 +94,23 @@ class Leadership:
         else:
             if self._steady_since is None:  # now, not "asked": it may have waited for PostgreSQL
                 self._steady_since = trio.current_time()
-        was_leader = self.is_leader
         # Trust the lease one interval less than the database does.
         self._until = asked + ttl - self._interval if won else float("-inf")
-        if won != was_leader:
-            verb = "is now" if won else "is no longer"
-            log.info("%s %s leader of %r", self.peer, verb, self._name)
-            telemetry.emit("leader.change", {}, {"peer": self.peer, "leader": won})
+        self._report(won)
+
+    def _report(self, leading: bool) -> None:
+        """Log and emit a change of leadership, against the last one reported: a lease that
+        lapsed here between elections is reported when the next one doesn't renew it."""
+        if leading == self._reported:
+            return
+        self._reported = leading
+        verb = "is now" if leading else "is no longer"
+        log.info("%s %s leader of %r", self.peer, verb, self._name)
+        telemetry.emit("leader.change", {}, {"peer": self.peer, "leader": leading})
 
     async def _resign(self) -> None:
         self._until = float("-inf")
+        self._report(False)
         try:
             async with self._pool.connection() as conn:
                 await conn.execute(

@@ -3,8 +3,8 @@
 ``attach(handler_id, events, handler)`` calls ``handler(event, measurements, metadata)`` for
 each event named in ``events``. Handlers are plain functions (``attach`` rejects an
 ``async def`` one, which would never run) called inline on the event loop, so keep them quick
-and non-blocking (hand slow work to a channel). A handler that raises is logged and detached,
-so a broken handler never breaks job processing.
+and non-blocking (hand slow work to a channel). A handler that raises (any exception, a
+``SystemExit`` too) is logged and detached, so a broken handler never breaks job processing.
 
 Events (measurements; metadata)::
 
@@ -21,6 +21,10 @@ Events (measurements; metadata)::
   notifier.status  -                                                       status
 
 ``state`` is the job's new state (completed, retryable, discarded, cancelled, scheduled).
+Each attempt that starts gets one ``job.stop`` or ``job.exception`` when it ends, except one
+still running when the shutdown grace ends: it is left ``executing`` for the lifeline to
+rescue, with no event. ``leader.change`` reports winning the lease, and giving it up or
+losing it (``leader`` False).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
+
+from ._errors import stops_the_node
 
 Handler = Callable[[str, Mapping[str, float], Mapping[str, Any]], None]
 
@@ -68,7 +74,8 @@ def attach(handler_id: str, events: Iterable[str], handler: Handler) -> None:
     names = [events] if isinstance(events, str) else list(events)
     unknown = sorted(set(names) - EVENTS)
     if unknown or not names:
-        raise ValueError(f"unknown telemetry events {unknown}; choose from {sorted(EVENTS)}")
+        problem = f"unknown telemetry events {unknown}" if unknown else "no events given"
+        raise ValueError(f"{problem}; choose from {sorted(EVENTS)}")
     if any(handler_id in _handlers.get(name, {}) for name in EVENTS):
         raise ValueError(f"a telemetry handler {handler_id!r} is already attached; detach it first")
     for name in names:
@@ -99,7 +106,9 @@ def emit(event: str, measurements: Mapping[str, float], metadata: Mapping[str, A
     for handler_id, handler in list(handlers.items()):
         try:
             returned = handler(event, measurements, metadata)
-        except Exception:
+        except BaseException as exc:  # a SystemExit too: a handler's failure, not the node's
+            if stops_the_node(exc):
+                raise
             log.exception("telemetry handler %r failed on %s; detaching it", handler_id, event)
             detach(handler_id)
             continue

@@ -237,3 +237,21 @@ async def test_queue_methods_after_the_instance_closed_say_so(dsn: str) -> None:
     for local_only in (True, False):
         with pytest.raises(trioban.TriobanError, match="has closed"):
             await oban.pause_queue("default", local_only=local_only)
+
+
+async def test_a_rollback_keeps_the_statements_trioban_prepared(dsn: str) -> None:
+    """psycopg prepares a query it runs often by itself, and then deallocates every prepared
+    statement at a rollback: the insert's too, which failed the next insert in a transaction."""
+    with trio.fail_after(10):
+        async with trioban.open(Config(dsn=dsn, queues={}, pool_size=1)) as oban:
+            saved = await oban.insert(echo.new({"value": 0}))  # prepares the insert statement
+            assert saved.id is not None
+            for _ in range(8):
+                await oban.get_job(saved.id)
+            with pytest.raises(RuntimeError, match="rolled back"):
+                async with oban.transaction():
+                    raise RuntimeError("rolled back")
+            async with oban.transaction() as conn:
+                await conn.execute("SELECT 1")  # in a transaction: no second try possible
+                again = await oban.insert(echo.new({"value": 1}), conn=conn)
+            assert again.id is not None

@@ -139,6 +139,9 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
 
     def __init__(self, pgconn: pq.abc.PGconn, **kwargs: Any) -> None:
         super().__init__(pgconn, **kwargs)
+        # psycopg's own preparing off: having prepared a query itself, psycopg sends DEALLOCATE
+        # ALL at each rollback, which drops run()'s statements too, under a transaction.
+        self.prepare_threshold = None
         self._trio_lock = trio.Lock()
         self.lock = self._trio_lock  # type: ignore[assignment]
         self.created_at = trio.current_time()

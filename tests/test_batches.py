@@ -142,6 +142,21 @@ async def test_the_sweep_pages_through_every_recently_finished_batch(
     assert [await sweep() for _ in range(4)] == [60, 60, 15, 0]
 
 
+async def test_a_sweep_looks_back_to_before_its_previous_cycle(oban: trioban.Oban) -> None:
+    """The node that acked a batch's last job died before its callbacks, and no sweep ran for
+    longer than the window (the cluster or PostgreSQL was down): a leader's first cycle looks
+    at every batch, and each later one back to the window before the previous one began."""
+    batch = Batch([echo.new({})], callback=MailBatch)
+    (job,) = await oban.insert_all(batch)
+    await _finish(oban, "completed", [job.id or 0], ago=2 * settle.SWEEP_WINDOW)
+    sweep = settle.Sweep(oban._pool, "public")
+    assert await sweep() == 3  # attempted, exhausted, completed
+    later = Batch([echo.new({})], callback=MailBatch)
+    (job,) = await oban.insert_all(later)
+    await _finish(oban, "completed", [job.id or 0], ago=settle.SWEEP_WINDOW - 60)
+    assert await sweep() == 3
+
+
 async def test_callback_jobs_have_the_callback_workers_options(oban: trioban.Oban) -> None:
     batch = Batch([echo.new({})], callback=MailBatch)
     (job,) = await oban.insert_all(batch)

@@ -15,9 +15,9 @@ import trioban
 import trioban.testing
 from trioban import Batch, JobState, Workflow, _lifeline, _pruner, _settle, _store
 
-from .helpers import eventually
+from .helpers import eventually, reaches
 from .nodes import node_processes
-from .workers import MailBatch, echo, flow_step, steer, unique_echo
+from .workers import MailBatch, echo, flow_step, gates, steer, unique_echo, wait_gate
 
 
 def config(dsn: str, **settings: object) -> trioban.Config:
@@ -619,6 +619,24 @@ async def test_a_pruned_dep_counts_as_finished(quiet: trioban.Oban) -> None:
     assert await quiet.workflow_status(wf.workflow_id) == {"c": JobState.AVAILABLE}
 
 
+async def test_a_batch_holding_a_step_stays_until_its_workflow_could_go(
+    quiet: trioban.Oban,
+) -> None:
+    """A job in both goes with its batch, but a step still to run reads its result."""
+    (a,) = Batch([step()], callback=MailBatch).build()
+    wf = Workflow().add("a", a).add("b", later(), deps=["a"])
+    jobs = await quiet.insert_workflow(wf)
+    finish = (
+        "UPDATE oban_jobs SET state = 'completed', completed_at = timezone('UTC', now()) "
+        "WHERE id = %s RETURNING id"
+    )
+    await _rows(quiet, finish, jobs[0].id)
+    assert await _pruner.prune(quiet._pool, "public", max_age=0, limit=100) == 0
+    assert set(await quiet.workflow_status(wf.workflow_id)) == {"a", "b"}
+    await _rows(quiet, finish, jobs[1].id)
+    assert await _pruner.prune(quiet._pool, "public", max_age=0, limit=100) == 2
+
+
 async def test_the_pruner_leaves_the_steps_of_a_workflow_being_appended_to(
     quiet: trioban.Oban, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -671,6 +689,22 @@ async def test_batch_callbacks_when_everything_completes(oban: trioban.Oban) -> 
         oban, "SELECT DISTINCT args FROM oban_jobs WHERE meta->>'callback' IS NOT NULL"
     )
     assert args == [({"campaign": 1},)]
+
+
+async def test_handle_attempted_waits_for_a_first_attempt_still_running(
+    oban: trioban.Oban,
+) -> None:
+    """A job executing its first attempt hasn't been attempted yet (it counted as attempted)."""
+    gate = gates["batch-attempt"] = trio.Event()
+    batch = Batch([wait_gate.new({"gate": "batch-attempt"}), MailBatch.new({})], callback=MailBatch)
+    _, quick = await oban.insert_all(batch)
+    with trio.fail_after(20):
+        await reaches(oban, quick.id, JobState.COMPLETED)
+        await trio.sleep(0.3)  # a callback that shouldn't fire has had its chance
+        assert await _calls(oban, batch.batch_id) == []
+        gate.set()
+        await eventually(partial(_has_calls, oban, batch.batch_id, 3))
+    assert await _calls(oban, batch.batch_id) == ["attempted", "completed", "exhausted"]
 
 
 async def _has_calls(oban: trioban.Oban, batch_id: str, count: int) -> bool:

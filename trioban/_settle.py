@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
+import trio
 
 from . import _store
 from ._batch import (
@@ -42,7 +43,9 @@ SWEEP_BATCHES: Final = 100
 SWEEP_WORKFLOWS: Final = 500
 """Workflows with held jobs the leader's sweep settles per tick: a page, the next tick the next."""
 SWEEP_WINDOW: Final = 600.0
-"""Seconds back the sweep looks for finished batch jobs."""
+"""Seconds back, before the previous cycle began, the sweep looks for finished batch jobs."""
+_EVER: Final = 3e9
+"""A window of about 95 years: the first cycle's, which looks at every batch kept."""
 
 
 async def after_acks(pool: Pool, prefix: str, acks: Sequence[Ack]) -> None:
@@ -102,17 +105,27 @@ class Sweep:
         self._prefix = prefix
         # Where each paging query's previous page ended ("" starts over).
         self.after = {"held_workflows": "", "recent_batches": ""}
+        # How far back this batch cycle looks: to SWEEP_WINDOW before the previous cycle
+        # began, so no batch falls between cycles however long they were apart (an outage,
+        # leadership elsewhere); the first cycle looks at every batch (a node died unswept).
+        self._window = _EVER
+        self._cycle_began: float | None = None
 
     async def __call__(self) -> int:
         """One tick; returns how many jobs it released, cancelled or enqueued."""
+        began, new_cycle = trio.current_time(), not self.after["recent_batches"]
+        if new_cycle and self._cycle_began is not None:
+            self._window = SWEEP_WINDOW + began - self._cycle_began
         async with self._pool.connection() as conn:
             workflows = await self._page(conn, "held_workflows", SWEEP_WORKFLOWS)
             batches = await self._page(conn, "recent_batches", SWEEP_BATCHES)
+        if new_cycle:  # its first page was read
+            self._cycle_began = began
         settled = await release(self._pool, self._prefix, workflows) if workflows else 0
         return settled + (await run_callbacks(self._pool, self._prefix, batches) if batches else 0)
 
     async def _page(self, conn: Connection, name: str, limit: int) -> list[str]:
-        params = {"after": self.after[name], "limit": limit, "window": SWEEP_WINDOW}
+        params = {"after": self.after[name], "limit": limit, "window": self._window}
         cur = await conn.execute(query(name, self._prefix), params)
         ids = [row[0] for row in await cur.fetchall()]
         # A short page ends the cycle: the next tick starts again from the first id.

@@ -376,7 +376,9 @@ WHERE updated_at < timezone('UTC', now())
 -- callbacks are decided by counting its rows, and its callback rows hold the keys that enqueue
 -- each callback once, so pruning part of a batch would change which callbacks fire.
 -- A workflow goes the same way: a step still to run reads its deps' results, and new steps
--- may be appended with deps on finished ones. A job in both goes with its batch.
+-- may be appended with deps on finished ones. A job in both goes with its batch, once its
+-- workflow could go too. The workflows of the buckets not in %(workflow_buckets)s (being
+-- appended to) stay.
 -- A cron job goes only past %(cron_max_age)s: its row holds the key that lets its slot run
 -- once, and a clock change repeating the slot, or a catch-up, must still find it.
 -- Returns how many rows went, and where the batch page and the workflow page ended.
@@ -412,7 +414,21 @@ WITH cutoff AS (
            OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at) >= c.at)
     LIMIT 1
   ) AS unfinished ON true
-  WHERE unfinished.found IS NULL
+  LEFT JOIN LATERAL (
+    -- A step of a workflow still running, or being appended to (its bucket held), keeps its
+    -- batch: the steps to come read its result.
+    SELECT 1 AS found FROM {prefix}.oban_jobs AS s
+    WHERE s.meta ? 'batch_id' AND s.meta->>'batch_id' = b.batch_id AND s.meta ? 'workflow_id'
+      AND (NOT hashtext(s.meta->>'workflow_id') & 15 = ANY(%(workflow_buckets)s::int[])
+           OR EXISTS (
+             SELECT 1 FROM {prefix}.oban_jobs AS r
+             WHERE r.meta ? 'workflow_id' AND r.meta->>'workflow_id' = s.meta->>'workflow_id'
+               AND (r.state NOT IN ('completed', 'cancelled', 'discarded')
+                    OR coalesce(r.completed_at, r.cancelled_at, r.discarded_at, r.scheduled_at)
+                       >= c.at)))
+    LIMIT 1
+  ) AS running_workflow ON true
+  WHERE unfinished.found IS NULL AND running_workflow.found IS NULL
 ), workflow_page AS (
   -- The next %(limit)s workflow rows in id order after %(workflow_after)s (read along the
   -- workflow index): a run costs a page, not a pass over every workflow, and each cycle of
@@ -585,7 +601,8 @@ WITH progress AS (
     count(*) FILTER (WHERE j.state = 'completed') AS completed,
     count(*) FILTER (WHERE j.state = 'cancelled') AS cancelled,
     count(*) FILTER (WHERE j.state = 'discarded') AS discarded,
-    count(*) FILTER (WHERE j.attempt > 0
+    -- Attempted: a first attempt has ended (one still executing hasn't), or it finished.
+    count(*) FILTER (WHERE (j.attempt > 0 AND j.state <> 'executing') OR j.attempt > 1
                      OR j.state IN ('completed', 'cancelled', 'discarded')) AS attempted,
     min(j.id) AS first_id
   FROM {prefix}.oban_jobs AS j

@@ -268,13 +268,22 @@ async def test_connecting_to_a_silent_server_gives_up_after_the_default_timeout(
         silent.listen(1)  # the kernel completes the handshake; nobody ever answers
         port = silent.getsockname()[1]
         start = trio.current_time()
-        with pytest.raises(psycopg.OperationalError):
+        said = rf"no answer from 127\.0\.0\.1:{port} within 10s \(connect_timeout\)"
+        with pytest.raises(psycopg.OperationalError, match=said):
             await _pg.connect(f"postgresql://nobody@127.0.0.1:{port}/x")
         assert trio.current_time() - start == pytest.approx(_pg.CONNECT_TIMEOUT, abs=1)
         start = trio.current_time()
         with pytest.raises(psycopg.OperationalError):  # the DSN's own setting wins
             await _pg.connect(f"postgresql://nobody@127.0.0.1:{port}/x?connect_timeout=3")
         assert trio.current_time() - start == pytest.approx(3, abs=1)
+        # A checkout starts no try after 4 s: four of 1 s, not seven.
+        start = trio.current_time()
+        silent_dsn = f"postgresql://nobody@127.0.0.1:{port}/x?connect_timeout=1"
+        async with _pg.open_pool(silent_dsn, size=1) as pool:
+            with pytest.raises(_pg.DatabaseUnavailable, match="no answer"):
+                async with pool.connection():
+                    pass
+        assert trio.current_time() - start == pytest.approx(4.4, abs=0.5)
 
 
 def test_with_options_keeps_existing_options() -> None:

@@ -283,7 +283,11 @@ class Connection(psycopg.AsyncConnection[tuple[Any, ...]]):
             try:
                 with trio.fail_after(timeout if timeout else math.inf):
                     conn = await _drive_conn(cls._connect_gen(make_conninfo("", **attempt)))
-            except (e.Error, trio.TooSlowError) as exc:
+            except trio.TooSlowError:
+                host, port = attempt.get("host") or "the default host", attempt.get("port") or 5432
+                errors.append(f"no answer from {host}:{port} within {timeout:g}s (connect_timeout)")
+                continue
+            except e.Error as exc:
                 errors.append(str(exc) or type(exc).__name__)
                 continue
             conn._autocommit = bool(autocommit)

@@ -21,6 +21,9 @@ log = logging.getLogger("trioban.pg")
 
 _IDLE: Final = pq.TransactionStatus.IDLE
 _ROLLBACK_TIMEOUT: Final = 5.0
+_RETRY_FOR: Final = 4.0
+"""Seconds after its first try that a checkout starts no new try to connect (its backoff,
+0.05 s doubling, makes seven tries in about 3 s against a server that refuses at once)."""
 CHECKOUT_TIMEOUT: Final = 30.0
 """Seconds a checkout waits for a connection to come free before raising ``PoolTimeout``."""
 TICK_TIMEOUT: Final = 5.0
@@ -126,10 +129,12 @@ class Pool:
             self._slots.release()
 
     async def _checkout(self) -> Connection:
-        """An idle connection, else a new one. Connecting is retried with backoff for about
-        3 s, and a connection returned meanwhile is taken instead: at the server's connection
-        limit, the pool works with the connections it has."""
-        delay = 0.05
+        """An idle connection, else a new one. Connecting is tried seven times with backoff,
+        in about 3 s, but none is started after ``_RETRY_FOR`` (a server that doesn't answer
+        holds a try for its ``connect_timeout``, 10 s by default, so that one is the last);
+        a connection returned meanwhile is taken instead: at the server's connection limit,
+        the pool works with the connections it has."""
+        delay, give_up = 0.05, trio.current_time() + _RETRY_FOR
         while True:
             while self._idle:
                 conn = self._idle.pop()
@@ -139,7 +144,7 @@ class Pool:
             try:
                 return await connect(self._conninfo)
             except (psycopg.Error, OSError) as exc:
-                if delay > 2:
+                if delay > 2 or trio.current_time() + delay > give_up:
                     raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
                 log.warning("connecting failed (%s); retrying in %.2fs", exc, delay)
                 await trio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311

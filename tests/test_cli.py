@@ -277,6 +277,23 @@ async def test_start_imports_modules_from_the_current_directory(dsn: str, tmp_pa
             "trioban: error: --import: cannot import 'no_such_app.workers': "
             "No module named 'no_such_app'"
         ]
+        # A module whose own code raises: one line, saying what and where.
+        (tmp_path / "cli_needs_a_setting.py").write_text(
+            'import os\n\nSETTING = os.environ["CLI_NO_SUCH_SETTING"]\n'
+        )
+        (tmp_path / "cli_bad_syntax.py").write_text("def broken(:\n")
+        expected = {
+            "cli_needs_a_setting": "KeyError: 'CLI_NO_SUCH_SETTING' (",
+            "cli_bad_syntax": "SyntaxError: ",
+        }
+        for module, words in expected.items():
+            failed = await cli("start", "--dsn", dsn, "--import", module, check=False,
+                               env={"PYTHONPATH": str(tmp_path)})  # fmt: skip
+            assert failed.returncode == 1
+            (line,) = failed.stderr.decode().splitlines()
+            assert line.startswith(f"trioban: error: --import: importing '{module}' failed: ")
+            assert words in line
+            assert line.endswith((f"{module}.py:3)", f"{module}.py:1)")), line
 
 
 async def test_uninstall_creates_nothing_and_says_when_there_is_nothing(empty_dsn: str) -> None:

@@ -15,6 +15,8 @@ import math
 import os
 import signal
 import sys
+import sysconfig
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn
@@ -208,11 +210,28 @@ async def _connection(conf: Config) -> AsyncIterator[_pg.Connection]:
 
 
 def _import(module: str) -> None:
-    """Import a ``--import`` module; failing to is the user's one-line error."""
+    """Import a ``--import`` module; failing to is the user's one-line error, which says
+    where the module's code raised (a missing setting, a syntax error)."""
     try:
         importlib.import_module(module)
     except ImportError as exc:
         raise ConfigError("--import", f"cannot import {module!r}: {exc}") from exc
+    except Exception as exc:
+        text = f"importing {module!r} failed: {type(exc).__name__}: {exc}{_where(exc)}"
+        raise ConfigError("--import", text) from exc
+
+
+def _where(exc: Exception) -> str:
+    """Where the project's own code raised ``exc``: its innermost frame outside Python's and
+    the installed packages' files (an ``os.environ[...]`` raises inside ``os``)."""
+    if isinstance(exc, SyntaxError):
+        return f" ({exc.filename}:{exc.lineno})"
+    installed = {
+        sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")
+    }
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if not f.filename.startswith(("<", *installed))] or frames
+    return f" ({own[-1].filename}:{own[-1].lineno})" if own else ""
 
 
 async def _start(args: argparse.Namespace) -> int:

@@ -132,7 +132,9 @@ async def test_every_writer_task_takes_requests(dsn: str) -> None:
     with trio.fail_after(20):
         async with trioban.open(Config(dsn=dsn, queues={}, pool_size=2 * writers)) as oban:
             with psycopg.connect(dsn) as lock:
-                lock.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")
+                # In a thread: a task of this process may hold a lock the LOCK waits for.
+                exclusive = "LOCK TABLE oban_jobs IN EXCLUSIVE MODE"
+                await trio.to_thread.run_sync(lock.execute, exclusive)
                 async with trio.open_nursery() as nursery:
                     for value in range(1 + writers):
                         nursery.start_soon(oban.insert, echo.new({"value": value}))

@@ -195,7 +195,10 @@ async def test_a_fetch_in_flight_when_the_queue_stops_hands_its_jobs_back(dsn: s
             waiting = await oban.insert(echo.new({"value": 1}))
             assert waiting.id is not None
             with psycopg.connect(dsn) as lock:
-                lock.execute("LOCK TABLE oban_jobs IN EXCLUSIVE MODE")  # the fetch waits
+                # In a thread: the loop must go on (the pruner's transaction may hold a lock
+                # that the LOCK waits for, and needs the loop to commit).
+                exclusive = "LOCK TABLE oban_jobs IN EXCLUSIVE MODE"  # the fetch waits
+                await trio.to_thread.run_sync(lock.execute, exclusive)
                 await oban.resume_queue("default", local_only=True)
 
                 async def fetch_in_flight() -> bool:

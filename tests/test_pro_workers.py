@@ -227,6 +227,19 @@ def test_unions_whose_members_json_cant_tell_apart_are_refused_at_decoration(
         _structured.check_class(_holder(kind), "args")
 
 
+@pytest.mark.parametrize("kind", [dict[int, str], dict[str, dict[date, int]]])
+def test_mappings_whose_keys_json_turns_into_text_are_refused_at_decoration(
+    kind: object,
+) -> None:
+    """An int key comes back a str, which the int field then refuses: every job would fail."""
+    with pytest.raises(TypeError, match=r"args\.value is a .*whose keys JSON would turn"):
+        _structured.check_class(_holder(kind), "args")
+    for keyed_by_text in (dict[str, int], dict[Size, int], dict[Literal["a"], int]):
+        _structured.check_class(_holder(keyed_by_text), "args")
+    round_trip = _structured.structure({"value": {"large": 1}}, _holder(dict[Size, int]), "args")
+    assert round_trip.value == {Size.LARGE: 1}
+
+
 @pytest.mark.parametrize(
     ("kind", "values"),
     [

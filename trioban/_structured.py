@@ -197,6 +197,11 @@ def _dumps(value: Any, kind: Any) -> bool:
 
 
 def _advice(where: str, kind: Any) -> str:
+    if _is_mapping(typing.get_origin(kind)):
+        return (
+            f"{where} is a {kind!r}, whose keys JSON would turn into text; use str keys (or a "
+            "Literal or enum of str values) and convert them in your code"
+        )
     if typing.get_origin(kind) in _UNIONS:
         return (
             f"{where} is {_name(kind)}, a union whose members trioban can't tell apart in JSON; "
@@ -228,12 +233,28 @@ def _walk(kind: Any, where: str, seen: set[type[Any]], *, containers: bool) -> F
     if kind is Any or kind is type(None) or origin is typing.Literal:  # as they are
         return None
     args = typing.get_args(kind)[:1] if origin is typing.Annotated else typing.get_args(kind)
+    if _is_mapping(origin) and args and not _text_keys(args[0]):
+        return (where, kind)  # JSON keys are text: an int key comes back a str
     found = _first([(where, arg) for arg in args], seen, containers)
     if found is None and origin in _UNIONS and not containers and not _told_apart(kind):
         return (where, kind)
     if found is not None or origin in _COMBINATIONS or (origin is not None and not containers):
         return found
     return None if _handled(kind) else (where, kind)
+
+
+def _is_mapping(origin: Any) -> bool:
+    return isinstance(origin, type) and issubclass(origin, Mapping)
+
+
+def _text_keys(kind: Any) -> bool:
+    """Whether mapping keys of ``kind`` survive JSON, whose object keys are text: a str, or a
+    Literal or enum of str values."""
+    if kind is str or kind is Any:
+        return True
+    if typing.get_origin(kind) is typing.Literal:
+        return all(isinstance(value, str) for value in typing.get_args(kind))
+    return isinstance(kind, type) and issubclass(kind, enum.Enum) and _sent_as(kind) == {str}
 
 
 def _first(parts: list[tuple[str, Any]], seen: set[type[Any]], containers: bool) -> Found:

@@ -15,7 +15,7 @@ import trioban
 import trioban.testing
 from trioban import Batch, JobState, Workflow, _lifeline, _pruner, _settle, _store
 
-from .helpers import eventually, reaches
+from .helpers import eventually, reaches, waiting_on_a_lock
 from .nodes import node_processes
 from .workers import MailBatch, echo, flow_step, gates, steer, unique_echo, wait_gate
 
@@ -635,6 +635,32 @@ async def test_a_batch_holding_a_step_stays_until_its_workflow_could_go(
     assert set(await quiet.workflow_status(wf.workflow_id)) == {"a", "b"}
     await _rows(quiet, finish, jobs[1].id)
     assert await _pruner.prune(quiet._pool, "public", max_age=0, limit=100) == 2
+
+
+async def test_a_pruner_run_waits_on_a_held_row_only_so_long(quiet: trioban.Oban) -> None:
+    """It holds the workflow buckets while it deletes: waiting on a row that a transaction
+    holds (here, the one appending), it held every append up, this one for good."""
+    (done,) = await quiet.insert_all(Batch([step()], callback=MailBatch))
+    finish = "UPDATE oban_jobs SET state = 'completed', completed_at = now() WHERE id = %s"
+    await _rows(quiet, finish + " RETURNING id", done.id)
+    (a,) = await quiet.insert_workflow(Workflow().add("a", later()))
+    timed_out: list[bool] = []
+
+    async def prune() -> None:
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await _pruner.prune(quiet._pool, "public", max_age=0, limit=100)
+        timed_out.append(True)
+
+    async def pruner_waits() -> bool:
+        return await waiting_on_a_lock(quiet, "%Delete finished jobs%") == 1
+
+    with trio.fail_after(_pruner.LOCK_TIMEOUT_MS / 1000 + 5):
+        async with trio.open_nursery() as nursery, quiet.transaction() as holder:
+            await holder.execute("SELECT id FROM oban_jobs WHERE id = %s FOR UPDATE", [done.id])
+            nursery.start_soon(prune)
+            await eventually(pruner_waits)
+            await quiet.append_workflow(a.meta["workflow_id"], lambda wf: wf.add("b", step()))
+    assert timed_out == [True]
 
 
 async def test_the_pruner_leaves_the_steps_of_a_workflow_being_appended_to(

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioban.pruner")
 
+LOCK_TIMEOUT_MS: Final = 2000
+"""How long a run waits for a row lock: an append to a workflow waits for the run."""
+
 CRON_MIN_AGE: Final = 3 * 3600.0
 """Seconds a finished cron job is kept at least: longer than a clock change repeats a slot
 (2 hours at most, Antarctica/Troll) plus the scheduler's catch-up window."""
@@ -54,6 +57,9 @@ class Pruner:
             "workflow_after": self.workflow_after,
         }
         async with self._pool.connection() as conn, conn.transaction():
+            # Holding the buckets, it must not wait long for a row a transaction holds (appends
+            # would wait on it in turn): past the timeout the run fails, and the next one tries.
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'")
             # The buckets of workflows being appended to are skipped (see the module doc).
             lock = {"prefix": self._prefix}
             cur = await conn.execute(query("lock_prunable_workflows", self._prefix), lock)

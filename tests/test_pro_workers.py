@@ -304,6 +304,41 @@ def test_values_of_the_wrong_json_type_are_refused_not_coerced() -> None:
             _typed.new({**TYPED, "count": count})
 
 
+def test_an_int_for_a_float_is_that_float_and_refusals_never_quote_values() -> None:
+    """JSON doesn't tell 3 from 3.0, so the worker gets a float. A refusal names the field and
+    what it takes, not the value: the args may be encrypted, and errors are stored in plain."""
+    assert type(_structured.structure({"amount": 3, "plan": "a"}, _Price, "args").amount) is float
+    with pytest.raises(ValueError, match="invalid args for _Price") as raised:
+        _structured.structure({"amount": 2**1100, "plan": "card-4111"}, _Price, "args")
+    assert "expected one of ['a', 'b'] @ args.plan" in str(raised.value)
+    assert "expected float, got an int too large for it @ args.amount" in str(raised.value)
+    assert "4111" not in str(raised.value)
+
+
+def test_a_recursive_class_checks_its_own_fields_too() -> None:
+    """Its hook was built while its list's was: it took the unchecked list hook ("" as [])."""
+    for data in ({"v": 1, "children": ""}, {"v": 1, "children": [{"v": 2, "children": {}}]}):
+        with pytest.raises(ValueError, match=r"expected a list, got (str|dict) @ args\.children"):
+            _structured.structure(data, _Node, "args")
+    tree = _structured.structure({"v": 1, "children": [{"v": 2}]}, _Node, "args")
+    assert tree == _Node(1, [_Node(2)])
+
+
+@attrs.define
+class _Price:
+    amount: float
+    plan: Literal["a", "b"]
+
+
+@attrs.define
+class _Node:
+    v: int
+    children: list[_Node] = attrs.Factory(list)
+
+
+_structured.check_class(_Node, "args")  # as @worker does, before any data
+
+
 def test_results_of_the_wrong_json_type_are_refused_not_coerced() -> None:
     with pytest.raises(ValueError, match=r"expected str, got list @ result\.name"):
         _typed.load_result({**TYPED, "name": ["n"]})

@@ -11,6 +11,7 @@ worker is declared, naming the field.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import threading
@@ -22,7 +23,7 @@ from typing import Any, Final
 
 import attrs
 import cattrs
-from cattrs.cols import is_any_set, is_sequence
+from cattrs.cols import is_any_set, is_sequence, list_structure_factory
 from cattrs.fns import raise_error
 from cattrs.preconf.json import JsonConverter, make_converter
 from cattrs.v import format_exception
@@ -56,17 +57,24 @@ class _Mismatch(TypeError):
 
 def _only(kind: type[Any], accepts: tuple[type[Any], ...], what: str) -> StructureHook:
     """A hook taking only values of ``accepts`` (a bool only for a bool), never converting
-    one: cattrs' own would store ``int(1.9)`` or ``str([1])``."""
+    one: cattrs' own would store ``int(1.9)`` or ``str([1])``. An int for a float becomes
+    the float it stands for (JSON doesn't tell 3 from 3.0)."""
 
     def hook(value: Any, cls: Any) -> Any:
         if value.__class__ is cls:  # the common case, first: this runs per field per job
             return value
         if not isinstance(value, accepts) or (isinstance(value, bool) and kind is not bool):
             raise _Mismatch(f"expected {what}, got {_kind(value)}")
-        return value if cls is kind else cls(value)  # a subclass: an enum of str or int values
+        try:
+            return cls(value)  # a float from an int, or a subclass: an enum's str or int value
+        except OverflowError:
+            raise _Mismatch(f"expected {what}, got an int too large for it") from None
 
     return hook
 
+
+_LISTS: Final = frozenset({list, collections.abc.Sequence, collections.abc.MutableSequence})
+"""The containers cattrs structures as lists."""
 
 _BUILDING = threading.local()
 """The types whose hook this thread is building, left to cattrs' own factories."""
@@ -98,12 +106,18 @@ def _refusing(kind: Any) -> bool:
 
 def _checked(kind: Any, converter: cattrs.Converter) -> StructureHook:
     """cattrs' own hook for ``kind``, first refusing what it would wrongly take."""
-    building: set[Any] = vars(_BUILDING).setdefault("kinds", set())
-    building.add(kind)  # so the converter hands out the hook it would without this factory
-    try:
-        base = converter.get_structure_hook(kind, cache_result=False)
-    finally:
-        building.discard(kind)
+    if typing.get_origin(kind) in _LISTS:
+        # cattrs' list factory itself: its elements' hooks are then looked up as usual, so a
+        # recursive class's own list field gets this check too (the dispatch below would
+        # hand it, while building, the unchecked hook).
+        base = list_structure_factory(kind, converter)
+    else:
+        building: set[Any] = vars(_BUILDING).setdefault("kinds", set())
+        building.add(kind)  # so the converter hands out the hook it would without this factory
+        try:
+            base = converter.get_structure_hook(kind, cache_result=False)
+        finally:
+            building.discard(kind)
     refused = _refused(kind)
     what = "a list" if Mapping in refused else _name(kind)
 
@@ -184,7 +198,7 @@ def _dump(value: Any, cls: type[Any], field: str) -> Any:
             f"expected {_describe(kind)}, got {_kind(part)} @ {field}.{name}"
             for name, kind, part in parts
             if not _dumps(part, kind)
-        ] or [f"{type(exc).__name__}: {exc}"]
+        ] or [_format(exc, None)]
         raise ValueError(f"invalid {field} for {cls.__qualname__}: {'; '.join(bad)}") from None
 
 
@@ -250,7 +264,9 @@ def _is_mapping(origin: Any) -> bool:
 def _text_keys(kind: Any) -> bool:
     """Whether mapping keys of ``kind`` survive JSON, whose object keys are text: a str, or a
     Literal or enum of str values."""
-    if kind is str or kind is Any:
+    while hasattr(kind, "__supertype__") or typing.get_origin(kind) is typing.Annotated:
+        kind = getattr(kind, "__supertype__", None) or typing.get_args(kind)[0]  # NewType
+    if kind is Any or (isinstance(kind, type) and issubclass(kind, str)):
         return True
     if typing.get_origin(kind) is typing.Literal:
         return all(isinstance(value, str) for value in typing.get_args(kind))
@@ -323,11 +339,21 @@ def _handled(
 def _explain(exc: BaseException, field: str) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
         return "; ".join(cattrs.transform_error(exc, path=field, format_exception=_format))
-    return f"{type(exc).__name__}: {exc}"
+    return _format(exc, None)
 
 
 def _format(exc: BaseException, kind: Any) -> str:
-    return str(exc) if isinstance(exc, _Mismatch) else format_exception(exc, kind)
+    """A message naming what was expected, never the value (args may be secret): cattrs'
+    own quotes the error, value and all, where it has no words of its own."""
+    if isinstance(exc, _Mismatch):
+        return str(exc)
+    if typing.get_origin(kind) is typing.Literal:
+        return f"expected one of {list(typing.get_args(kind))!r}"
+    text = format_exception(exc, kind)
+    if text.startswith(("unknown error", "invalid type (")):
+        expected = "" if kind is None else f", expected {_describe(kind)}"
+        return f"invalid value ({type(exc).__name__}){expected}"
+    return text
 
 
 def _kind(value: Any) -> str:

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 import trioban
-from trioban import JobState, Unique, Workflow, _structured
+from trioban import Encrypted, JobState, Unique, Workflow, _structured
 from trioban._batch import JOB_KEYS
 from trioban._codec import dumps, loads
 from trioban._registry import _registry
@@ -337,6 +337,34 @@ class _Node:
 
 
 _structured.check_class(_Node, "args")  # as @worker does, before any data
+
+
+@attrs.define
+class _Ledger:
+    balances: dict[str, int]
+
+
+_LEDGER_KEY = b"l" * 32
+
+
+@trioban.worker(queue="default", args=_Ledger, encrypted=Encrypted(key=_LEDGER_KEY))
+async def _ledger(job: trioban.Job) -> None:
+    pass
+
+
+def test_an_encrypted_jobs_refusal_names_none_of_its_keys() -> None:
+    """The error is stored with the job in plain text: a dict field's keys, or extra keys, of
+    encrypted args are as secret as their values."""
+    job = _ledger.new({"balances": {"a": 1}})
+    sealed = Encrypted(key=_LEDGER_KEY).encrypt(
+        json.dumps({"balances": {"acct-SECRET-99": "x"}, "extra_secret": 1}), _ledger.name
+    )
+    with pytest.raises(
+        ValueError, match=r"expected int, got str @ args\.balances\[\.\.\.\]"
+    ) as raised:
+        _ledger.prepare(attrs.evolve(job, args=sealed))
+    assert "SECRET" not in str(raised.value)
+    assert "extra_secret" not in str(raised.value)
 
 
 def test_results_of_the_wrong_json_type_are_refused_not_coerced() -> None:

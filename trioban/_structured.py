@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import enum
+import re
 import threading
 import types
 import typing
@@ -354,6 +355,16 @@ def _format(exc: BaseException, kind: Any) -> str:
         expected = "" if kind is None else f", expected {_describe(kind)}"
         return f"invalid value ({type(exc).__name__}){expected}"
     return text
+
+
+_KEY_IN_PATH: Final = re.compile(r"\[(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")\]")
+_EXTRA_KEYS: Final = re.compile(r"extra fields found \([^)]*\)")
+
+
+def without_keys(message: str) -> str:
+    """``message`` (a ``structure`` error) without the data's keys: those in the paths of a
+    dict field's values, and the extra keys it names."""
+    return _EXTRA_KEYS.sub("extra fields found", _KEY_IN_PATH.sub("[...]", message))
 
 
 def _kind(value: Any) -> str:

@@ -226,9 +226,15 @@ class Worker:
         if self.encrypted is not None:
             args = _codec.loads(self.encrypted.decrypt(args, self.name))
         if self.args_type is not None:
-            args = _structured.structure(
-                args, self.args_type, "args", forbid_extra=self.strict_args
-            )
+            try:
+                args = _structured.structure(
+                    args, self.args_type, "args", forbid_extra=self.strict_args
+                )
+            except ValueError as exc:
+                if self.encrypted is None:
+                    raise
+                # The error is stored with the job, in plain text: the args' keys are secret too.
+                raise ValueError(_structured.without_keys(str(exc))) from None
         return job if args is job.args else evolve(job, args=args)
 
     def dump_result(self, value: Any) -> Any:

@@ -324,6 +324,22 @@ def test_a_recursive_class_checks_its_own_fields_too() -> None:
     assert tree == _Node(1, [_Node(2)])
 
 
+def test_a_bad_field_of_a_nested_instance_is_named_where_it_is() -> None:
+    """It was named at the outer field: "expected _Stamp, got _Stamp @ result.stamp"."""
+    with pytest.raises(ValueError, match=r"expected datetime, got str @ result\.stamp\.at$"):
+        _structured.unstructure(_Report(_Stamp("noon")), _Report, "result")  # type: ignore[arg-type]
+
+
+@attrs.define
+class _Stamp:
+    at: datetime
+
+
+@attrs.define
+class _Report:
+    stamp: _Stamp
+
+
 @attrs.define
 class _Price:
     amount: float

@@ -194,13 +194,22 @@ def _dump(value: Any, cls: type[Any], field: str) -> Any:
     try:
         return _STRICT.unstructure(value, unstructure_as=cls)
     except Exception as exc:  # a field holds a value its type's hook can't read
-        parts = [(name, kind, getattr(value, name)) for name, kind in _field_types(cls)]
-        bad = [
-            f"expected {_describe(kind)}, got {_kind(part)} @ {field}.{name}"
-            for name, kind, part in parts
-            if not _dumps(part, kind)
-        ] or [_format(exc, None)]
+        bad = _bad_fields(value, cls, field) or [_format(exc, None)]
         raise ValueError(f"invalid {field} for {cls.__qualname__}: {'; '.join(bad)}") from None
+
+
+def _bad_fields(value: Any, cls: type[Any], where: str) -> list[str]:
+    """The fields of the instance ``value`` that can't be written, down into nested ones."""
+    bad: list[str] = []
+    for name, kind in _field_types(cls):
+        part = getattr(value, name)
+        if _dumps(part, kind):
+            continue
+        if isinstance(kind, type) and _is_class(kind) and isinstance(part, kind):
+            bad += _bad_fields(part, kind, f"{where}.{name}") or [f"invalid @ {where}.{name}"]
+        else:
+            bad.append(f"expected {_describe(kind)}, got {_kind(part)} @ {where}.{name}")
+    return bad
 
 
 def _dumps(value: Any, kind: Any) -> bool:

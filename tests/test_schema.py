@@ -43,7 +43,8 @@ async def test_install_is_idempotent_and_verifiable(empty_dsn: str) -> None:
 
 
 async def test_open_installs_unless_told_not_to(empty_dsn: str) -> None:
-    with pytest.raises(trioban.SchemaError, match=r"oban\.install"):
+    run_install = r"run `trioban install --prefix public` \(with --dsn\)"  # no instance to call
+    with pytest.raises(trioban.SchemaError, match=run_install):
         async with trioban.open(Config(dsn=empty_dsn, install=False)):
             pass
     async with trioban.open(Config(dsn=empty_dsn, queues={})) as oban:

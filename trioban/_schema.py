@@ -121,6 +121,6 @@ async def verify(conn: Connection, prefix: str) -> None:
     if version is None or version < SCHEMA_VERSION:
         raise SchemaError(
             f"the trioban schema in prefix {prefix!r} is missing or out of date "
-            f"(found version {version}, need {SCHEMA_VERSION}); run `await oban.install()` "
-            "or open with Config(install=True)"
+            f"(found version {version}, need {SCHEMA_VERSION}); run `trioban install --prefix "
+            f"{prefix}` (with --dsn) or open with Config(install=True)"
         )

@@ -315,6 +315,21 @@ def test_an_int_for_a_float_is_that_float_and_refusals_never_quote_values() -> N
     assert "4111" not in str(raised.value)
 
 
+def test_a_str_enum_member_given_for_a_str_field_is_stored_as_its_value() -> None:
+    """Not converted with str(), which gives "Size.LARGE" for a (str, Enum) member on 3.11."""
+    data = _structured.unstructure({"name": _Tone.LOUD}, _Named, "args")
+    assert json.loads(json.dumps(data)) == {"name": "loud"}
+
+
+class _Tone(str, enum.Enum):  # noqa: UP042 (str() of a StrEnum member is its value)
+    LOUD = "loud"
+
+
+@attrs.define
+class _Named:
+    name: str
+
+
 def test_a_recursive_class_checks_its_own_fields_too() -> None:
     """Its hook was built while its list's was: it took the unchecked list hook ("" as [])."""
     for data in ({"v": 1, "children": ""}, {"v": 1, "children": [{"v": 2, "children": {}}]}):

@@ -66,8 +66,12 @@ def _only(kind: type[Any], accepts: tuple[type[Any], ...], what: str) -> Structu
             return value
         if not isinstance(value, accepts) or (isinstance(value, bool) and kind is not bool):
             raise _Mismatch(f"expected {what}, got {_kind(value)}")
+        if cls is not kind:
+            return cls(value)  # a subclass: an enum of str or int values
+        if kind is not float:
+            return value  # a str or int subclass (an enum's member) kept as it is
         try:
-            return cls(value)  # a float from an int, or a subclass: an enum's str or int value
+            return float(value)
         except OverflowError:
             raise _Mismatch(f"expected {what}, got an int too large for it") from None
 

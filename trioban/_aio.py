@@ -104,14 +104,10 @@ async def _open_loop() -> AsyncIterator[None]:
     """A trio-asyncio loop that logs the errors asyncio hands its exception handler (a
     fire-and-forget task that failed, an unclosed aiohttp session) as asyncio's own loop does:
     trio-asyncio's handler raises them into the loop's nursery, stopping the instance."""
+    import asyncio
+
     import trio_asyncio
 
     async with trio_asyncio.open_loop() as loop:
-        loop.set_exception_handler(_log_error)
+        loop.set_exception_handler(asyncio.BaseEventLoop.default_exception_handler)
         yield
-
-
-def _log_error(loop: Any, context: dict[str, Any]) -> None:
-    import asyncio
-
-    asyncio.BaseEventLoop.default_exception_handler(loop, context)

@@ -19,6 +19,7 @@ from ._unique import Unique
 from ._validate import (
     MAX_ATTEMPTS,
     MAX_PRIORITY,
+    check_flag,
     check_int,
     check_json_object,
     check_meta,
@@ -103,9 +104,7 @@ class Worker:
         self.timeout = None if timeout is None else check_seconds(timeout, "timeout")
         self.args_type = _structured.check_class(args, "args")
         self.result_type = _structured.check_class(result, "result")
-        if not isinstance(strict_args, bool):
-            raise TypeError(f"expected strict_args to be True or False, got {strict_args!r}")
-        self.strict_args = strict_args
+        self.strict_args = check_flag(strict_args, "strict_args")
         self.recorded_limit = _check_recorded(recorded)
         if encrypted is not None and not isinstance(encrypted, Encrypted):
             raise TypeError(

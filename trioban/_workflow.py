@@ -17,7 +17,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._job import Job, JobState, evolve
-from ._validate import check_own_keys
+from ._validate import check_flag, check_own_keys
 
 WORKFLOW_ID: Final = "workflow_id"
 NAME: Final = "name"
@@ -65,8 +65,8 @@ class Workflow:
         if workflow_id is not None and (not isinstance(workflow_id, str) or not workflow_id):
             raise TypeError(f"expected workflow_id to be a non-empty str, got {workflow_id!r}")
         self.workflow_id = workflow_id or uuid.uuid4().hex
-        self.ignore_cancelled = _flag(ignore_cancelled, "ignore_cancelled")
-        self.ignore_discarded = _flag(ignore_discarded, "ignore_discarded")
+        self.ignore_cancelled = check_flag(ignore_cancelled, "ignore_cancelled")
+        self.ignore_discarded = check_flag(ignore_discarded, "ignore_discarded")
         self._steps: dict[str, _Step] = {}
         self._existing: frozenset[str] = frozenset()  # names already inserted (appending)
 
@@ -119,10 +119,10 @@ class Workflow:
             dep_names,
             self.ignore_cancelled
             if ignore_cancelled is None
-            else _flag(ignore_cancelled, "ignore_cancelled"),
+            else check_flag(ignore_cancelled, "ignore_cancelled"),
             self.ignore_discarded
             if ignore_discarded is None
-            else _flag(ignore_discarded, "ignore_discarded"),
+            else check_flag(ignore_discarded, "ignore_discarded"),
         )
         return self
 
@@ -181,14 +181,8 @@ class Workflow:
         return appended
 
 
-def _flag(value: object, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected {field} to be True or False, got {value!r}")
-    return value
-
-
 def _option(value: bool | None, default: bool, field: str) -> bool:
-    return default if value is None else _flag(value, field)
+    return default if value is None else check_flag(value, field)
 
 
 def _check_acyclic(graph: Mapping[str, tuple[str, ...]]) -> None:
